@@ -1,0 +1,157 @@
+"""The Illustration2Vec networks: a conv-only VGG11 tagger and its feature-extracting sibling.
+
+Architecture only, plus the renaming of foreign checkpoints' keys into this module's own (as in timm's
+``models/vgg.py``). Reading files is the job of :mod:`i2v_cli.weights`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import CONV_LAYERS, CONV_NAMES, FEATURE, FINAL_MAP_SIZE, NUM_TAGS, TAG
+from .errors import WeightsError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What varies between Illustration2Vec models: the kind, the conv widths, the feature length."""
+
+    kind: str  # TAG or FEATURE
+    widths: tuple[int, ...]  # output channels of conv1_1 ... conv6_3
+    feature_dim: int = 0  # encode1 outputs (feature models only)
+    num_tags: int = NUM_TAGS
+
+    def __post_init__(self) -> None:
+        if self.kind not in (TAG, FEATURE):
+            raise ValueError(f"unknown model kind {self.kind!r}")
+        if len(self.widths) != len(CONV_NAMES):
+            raise ValueError(f"expected {len(CONV_NAMES)} widths, got {len(self.widths)}")
+
+
+class Illust2VecNet(nn.Module):
+    """VGG11-style trunk (conv1_1 ... conv6_3) with a tag head (conv6_4 + global average) or a feature head.
+
+    ``forward_features`` gives conv6_3's map; ``forward_head`` turns it into tag logits (tag model) or the
+    ``encode1`` feature (feature model); ``forward`` gives tag probabilities or ``encode1``.
+    """
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.arch = arch
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        in_ch, widths, pool = 3, iter(arch.widths), 0
+        for name in CONV_LAYERS:
+            if name is None:
+                pool += 1
+                layers[f"pool{pool}"] = nn.MaxPool2d(kernel_size=2, stride=2)
+                continue
+            out_ch = next(widths)
+            layers[name] = nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1)
+            layers["relu" + name[4:]] = nn.ReLU(inplace=True)
+            in_ch = out_ch
+        self.features = nn.Sequential(layers)
+        if arch.kind == TAG:
+            self.conv6_4 = nn.Conv2d(in_ch, arch.num_tags, kernel_size=3, padding=1)
+        else:
+            self.encode1 = nn.Linear(in_ch * FINAL_MAP_SIZE * FINAL_MAP_SIZE, arch.feature_dim)
+            self.encode2 = nn.Linear(arch.feature_dim, arch.num_tags)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """conv6_3's ReLU output, (N, C, 7, 7) for a 224x224 input."""
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Tag logits (N, 1539) for a tag model, ``encode1`` (N, feature_dim) for a feature model."""
+        if self.arch.kind == TAG:
+            return self.conv6_4(x).mean(dim=(2, 3))
+        # Caffe's InnerProduct flattens C x H x W in that order, as torch.flatten does on NCHW.
+        return self.encode1(torch.flatten(x.contiguous(), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tag probabilities (tag model) or the ``encode1`` semantic feature (feature model)."""
+        out = self.forward_head(self.forward_features(x))
+        return torch.sigmoid(out) if self.arch.kind == TAG else out
+
+
+def layer_key(layer: str, param: str) -> str:
+    """This module's state-dict key for a Caffe layer name (``conv3_2``, ``encode1``) and ``weight``/``bias``."""
+    if layer in CONV_NAMES:
+        return f"features.{layer}.{param}"
+    return f"{layer}.{param}"
+
+
+def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> Architecture:
+    """Work out kind, widths and feature length from a state dict in this module's naming."""
+    widths = []
+    for name in CONV_NAMES:
+        w = state_dict.get(layer_key(name, "weight"))
+        if w is None:
+            raise WeightsError(f"layer {name} is missing")
+        widths.append(int(w.shape[0]))
+    has_tag = layer_key("conv6_4", "weight") in state_dict
+    has_feature = layer_key("encode1", "weight") in state_dict
+    if has_tag and not has_feature:
+        return Architecture(TAG, tuple(widths), 0, int(state_dict[layer_key("conv6_4", "weight")].shape[0]))
+    if has_feature and not has_tag:
+        dim = int(state_dict[layer_key("encode1", "weight")].shape[0])
+        enc2 = state_dict.get(layer_key("encode2", "weight"))
+        return Architecture(FEATURE, tuple(widths), dim, NUM_TAGS if enc2 is None else int(enc2.shape[0]))
+    if has_tag and has_feature:
+        raise WeightsError("holds both conv6_4 (tag head) and encode1 (feature head): not a known model")
+    raise WeightsError("layer conv6_4 (tag model) or encode1 (feature model) is missing")
+
+
+def build_model(state_dict: Mapping[str, torch.Tensor]) -> Illust2VecNet:
+    """Build the network that ``state_dict`` describes and load it, with a clear error on any mismatch."""
+    arch = infer_architecture(state_dict)
+    model = Illust2VecNet(arch)
+    expected = model.state_dict()
+    if arch.kind == FEATURE and layer_key("encode2", "weight") not in state_dict:
+        # encode2 (feature -> tags) is not needed to extract features; keep the module but leave it unset.
+        state_dict = {**state_dict, **{k: v for k, v in expected.items() if k.startswith("encode2.")}}
+    missing = sorted(set(expected) - set(state_dict))
+    if missing:
+        raise WeightsError(f"missing {', '.join(missing)}")
+    unexpected = sorted(set(state_dict) - set(expected))
+    if unexpected:
+        raise WeightsError(f"unexpected {', '.join(unexpected)}")
+    for key, tensor in expected.items():
+        got = tuple(state_dict[key].shape)
+        if got != tuple(tensor.shape):
+            raise WeightsError(f"{key} has shape {got}, expected {tuple(tensor.shape)}")
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
+    return model.eval()
+
+
+_INDEXED = re.compile(r"^(net|features)\.(\d+)\.(weight|bias)$")
+
+
+def remap_legacy_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an earlier PyTorch port's keys (``net.N.*`` of TagI2V, ``features.N.*`` / ``encode1.0.*`` of
+    FeatureI2V) into this module's naming, assigning the numbered conv layers to conv1_1 ... in order."""
+    convs: dict[int, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        m = _INDEXED.match(key)
+        if m:
+            convs.setdefault(int(m.group(2)), {})[m.group(3)] = value
+            continue
+        m = re.match(r"^(encode[12])(?:\.\d+)?\.(weight|bias)$", key)
+        if m:
+            out[layer_key(m.group(1), m.group(2))] = value.reshape(value.shape[0], -1) if m.group(2) == "weight" else value.reshape(-1)
+            continue
+        raise WeightsError(f"unexpected key {key!r} for an Illustration2Vec state dict")
+    names: Sequence[str] = CONV_NAMES + (("conv6_4",) if not out else ())
+    ordered = [convs[i] for i in sorted(convs)]
+    if len(ordered) != len(names):
+        raise WeightsError(f"holds {len(ordered)} convolution layers, expected {len(names)}")
+    for name, params in zip(names, ordered):
+        for param, value in params.items():
+            out[layer_key(name, param)] = value
+    return out
