@@ -144,7 +144,9 @@ def remap_legacy_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
             continue
         m = re.match(r"^(encode[12])(?:\.\d+)?\.(weight|bias)$", key)
         if m:
-            out[layer_key(m.group(1), m.group(2))] = value.reshape(value.shape[0], -1) if m.group(2) == "weight" else value.reshape(-1)
+            out[layer_key(m.group(1), m.group(2))] = (
+                value.reshape(value.shape[0], -1) if m.group(2) == "weight" else value.reshape(-1)
+            )
             continue
         raise WeightsError(f"unexpected key {key!r} for an Illustration2Vec state dict")
     names: Sequence[str] = CONV_NAMES + (("conv6_4",) if not out else ())

@@ -1,0 +1,95 @@
+"""``i2v weights``: get the release's weights and turn any supported format into safetensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..download import RELEASE_BASE_URL, fetch_release
+from ..weights import convert, default_weights_dir, load_weights
+from .common import CONTEXT_SETTINGS, I2VGroup, progress_bar, progress_option
+
+
+@click.group(cls=I2VGroup, context_settings=CONTEXT_SETTINGS)
+def weights() -> None:
+    """Download, convert and inspect weight files."""
+
+
+@weights.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The .safetensors file to write.",
+)
+def convert_cmd(model: Path, output: Path) -> None:
+    """Convert a .caffemodel (Caffe V1 or V2 layers) or an earlier port's .pth into safetensors.
+
+    \b
+    Example:
+      i2v weights convert illust2vec_tag_ver200.caffemodel -o illust2vec_tag_ver200.safetensors
+    """
+    info = convert(model, output)
+    click.echo(
+        f"{output}: {info.kind} model, widths {'/'.join(map(str, info.widths))}"
+        + (f", feature {info.feature_dim}" if info.feature_dim else "")
+        + f", from {info.source} (sha256 {info.sha256[:12]}…)",
+        err=True,
+    )
+
+
+convert_cmd.name = "convert"
+
+
+@weights.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--dir",
+    "dest",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where to put the weights. Default: the per-user cache that i2v looks in.",
+)
+@click.option(
+    "--only",
+    type=click.Choice(["tag", "feature"]),
+    multiple=True,
+    help="Fetch only this model (repeatable). Default: both.",
+)
+@click.option(
+    "--base-url",
+    envvar="I2V_BASE_URL",
+    default=RELEASE_BASE_URL,
+    show_default=True,
+    help="Where the release files are served ($I2V_BASE_URL).",
+)
+@progress_option
+def download(dest: Path | None, only: tuple[str, ...], base_url: str, progress: bool | None) -> None:
+    """Fetch the original release's caffemodels and tag list, then convert them to safetensors.
+
+    A partial download resumes where it stopped. The caffemodels are large (the feature model is about
+    1 GB); once converted, i2v finds them without --weights.
+
+    \b
+    Example:
+      i2v weights download --only tag
+    """
+    dest = dest or default_weights_dir()
+
+    def bar(name: str, total: int | None):  # type: ignore[no-untyped-def]
+        return progress_bar(total, progress, unit="B", desc=name)
+
+    written = fetch_release(dest, base_url=base_url, which=only or ("tag", "feature"), progress_factory=bar)
+    for path in written:
+        click.echo(str(path))
+
+
+@weights.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def info(file: Path) -> None:
+    """Print what a weight file holds (kind, widths, source and its SHA-256) as JSON."""
+    _, meta = load_weights(file)
+    click.echo(json.dumps(meta.as_dict(), indent=2))

@@ -1,0 +1,87 @@
+"""Decoding and preprocessing images in DataLoader workers, with a failure as a per-image error, not a dead batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import I2VError
+from .preprocess import load_and_preprocess
+
+
+@dataclass
+class Sample:
+    """One decoded input: its position in the run, and either the network input or why there is none."""
+
+    index: int
+    tensor: torch.Tensor | None
+    error: str | None
+
+
+@dataclass
+class Batch:
+    """A batch as the network sees it: the stacked inputs of the images that decoded, and the errors of
+    those that did not, each keyed by its position in the run."""
+
+    ok: list[int]
+    inputs: torch.Tensor
+    errors: dict[int, str]
+
+    def pin_memory(self) -> Batch:
+        """Let DataLoader(pin_memory=True) pin the input tensor for fast, non-blocking copies to a GPU."""
+        self.inputs = self.inputs.pin_memory()
+        return self
+
+
+def decode_error(exc: BaseException) -> str:
+    """The message recorded for an image that could not be decoded."""
+    if isinstance(exc, I2VError):
+        return str(exc)
+    return f"cannot read image: {type(exc).__name__}: {exc}"
+
+
+class ImageDataset(Dataset[Sample]):
+    """Paths to network inputs; never raises for a bad file, it returns a Sample with the error instead."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Sample:
+        try:
+            return Sample(index, load_and_preprocess(self.paths[index]), None)
+        except Exception as exc:  # any failure of one file is that file's record, never the run's end
+            return Sample(index, None, decode_error(exc))
+
+
+def collate(samples: list[Sample]) -> Batch:
+    """Stack the decoded inputs and set the errors aside."""
+    ok = [s for s in samples if s.tensor is not None]
+    inputs = torch.stack([s.tensor for s in ok]) if ok else torch.empty(0)
+    return Batch([s.index for s in ok], inputs, {s.index: s.error or "" for s in samples if s.tensor is None})
+
+
+def _init_worker(_: int) -> None:
+    # Each worker preprocesses one image at a time; one thread each keeps workers from fighting over cores.
+    torch.set_num_threads(1)
+
+
+def make_loader(
+    paths: Sequence[str], *, batch_size: int = 16, workers: int = 0, pin_memory: bool = False
+) -> DataLoader[Sample]:
+    """An ordered DataLoader over ``paths`` whose batches are :class:`Batch` objects."""
+    return DataLoader(
+        ImageDataset(paths),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        worker_init_fn=_init_worker if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,41 @@
+"""Shared fixtures: the golden synthetic models and images (tests/data/golden, copied from shared/golden)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    """The golden folder: models/, images/, expected/ (see its README.md)."""
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_order() -> list[Path]:
+    """The golden images in the row order of every expected array."""
+    return [GOLDEN / line for line in (GOLDEN / "expected" / "order.txt").read_text().split()]
+
+
+@pytest.fixture(scope="session")
+def tag_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The golden tag model converted to safetensors once per session."""
+    from i2v_cli.weights import convert
+
+    out = tmp_path_factory.mktemp("weights") / "tag.safetensors"
+    convert(GOLDEN / "models" / "tag_v2.caffemodel", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def feature_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The golden feature model converted to safetensors once per session."""
+    from i2v_cli.weights import convert
+
+    out = tmp_path_factory.mktemp("weights") / "feature.safetensors"
+    convert(GOLDEN / "models" / "feature_v1.caffemodel", out)
+    return out

@@ -1,0 +1,85 @@
+"""Output writers: exact JSON/JSONL/CSV text, atomic JSON files, streaming."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from i2v_cli.writers import open_writer
+
+RECORDS = [
+    {
+        "path": "a.png",
+        "general": {"1girl": 0.75, "solo": 0.5},
+        "character": {},
+        "copyright": {},
+        "rating": {"safe": 0.9, "questionable": 0.25, "explicit": 0.125},
+    },
+    {"path": 'b, "odd".png', "error": "truncated file"},
+]
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_file_formats_round_trip(tmp_path, fmt):
+    out = tmp_path / f"out.{fmt}"
+    with open_writer(fmt, str(out)) as w:
+        w.write(RECORDS[:1])
+        w.write(RECORDS[1:])
+    text = out.read_text()
+    if fmt == "json":
+        assert json.loads(text) == RECORDS
+    elif fmt == "jsonl":
+        assert [json.loads(line) for line in text.splitlines()] == RECORDS
+    else:
+        rows = list(csv.DictReader(text.splitlines()))
+        assert [(r["path"], r["category"], r["tag"], r["score"], r["error"]) for r in rows] == [
+            ("a.png", "general", "1girl", "0.75", ""),
+            ("a.png", "general", "solo", "0.5", ""),
+            ("a.png", "rating", "safe", "0.9", ""),
+            ("a.png", "rating", "questionable", "0.25", ""),
+            ("a.png", "rating", "explicit", "0.125", ""),
+            ('b, "odd".png', "", "", "", "truncated file"),
+        ]
+
+
+def test_json_file_appears_only_when_complete(tmp_path):
+    out = tmp_path / "out.json"
+    w = open_writer("json", str(out))
+    w.write(RECORDS)
+    assert not out.exists()
+    w.close()
+    assert json.loads(out.read_text()) == RECORDS
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_aborted_json_leaves_nothing(tmp_path):
+    out = tmp_path / "out.json"
+    with pytest.raises(RuntimeError), open_writer("json", str(out)) as w:
+        w.write(RECORDS)
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_jsonl_is_flushed_batch_by_batch(tmp_path):
+    out = tmp_path / "out.jsonl"
+    w = open_writer("jsonl", str(out))
+    w.write(RECORDS[:1])
+    assert json.loads(out.read_text()) == RECORDS[0]
+    w.close()
+
+
+def test_empty_json_is_an_empty_list(tmp_path):
+    out = tmp_path / "out.json"
+    open_writer("json", str(out)).close()
+    assert json.loads(out.read_text()) == []
+
+
+def test_csv_append_writes_no_second_header(tmp_path):
+    out = tmp_path / "out.csv"
+    with open_writer("csv", str(out)) as w:
+        w.write(RECORDS[1:])
+    with open_writer("csv", str(out), append=True) as w:
+        w.write(RECORDS[1:])
+    assert out.read_text().count("path,category") == 1
