@@ -29,3 +29,7 @@ class InputError(I2VError):
 
 class DownloadError(I2VError):
     """A release file could not be fetched."""
+
+
+class ImageDecodeError(I2VError):
+    """An image file cannot be read or decoded; the message says why (empty, truncated, not an image, ...)."""
