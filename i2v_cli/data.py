@@ -72,13 +72,19 @@ def _init_worker(_: int) -> None:
 
 
 def make_loader(
-    paths: Sequence[str], *, batch_size: int = 16, workers: int = 0, pin_memory: bool = False
+    paths: Sequence[str],
+    *,
+    batch_size: int = 16,
+    workers: int = 0,
+    pin_memory: bool = False,
+    indices: Sequence[int] | None = None,
 ) -> DataLoader[Sample]:
-    """An ordered DataLoader over ``paths`` whose batches are :class:`Batch` objects."""
+    """An ordered DataLoader over ``paths`` (or over the positions ``indices`` of it) whose batches are
+    :class:`Batch` objects."""
     return DataLoader(
         ImageDataset(paths),
         batch_size=batch_size,
-        shuffle=False,
+        sampler=range(len(paths)) if indices is None else indices,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,

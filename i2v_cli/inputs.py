@@ -35,7 +35,8 @@ def walk_folder(folder: str, recursive: bool = False) -> list[str]:
             found.extend(os.path.join(root, f) for f in files if is_image_name(f))
     else:
         with os.scandir(folder) as entries:
-            found.extend(e.path for e in entries if is_image_name(e.name) and not e.is_dir())
+            # A sub-folder named like an image is kept, so that it gets an error record rather than vanishing.
+            found.extend(e.path for e in entries if is_image_name(e.name))
     return sorted(found, key=natural_key)
 
 

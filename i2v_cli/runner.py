@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import make_loader
+from .data import Batch, make_loader
 from .errors import I2VError
 from .model import Illust2VecNet
 
@@ -50,18 +50,61 @@ def run_model(
 ) -> Iterator[list[Result]]:
     """Run ``model`` over ``paths``; yield each batch's results in input order as soon as it is done.
 
-    Images that fail to decode get a Result with an error and no output; the others are unaffected.
+    Images that fail to decode get a Result with an error and no output; the others are unaffected. If a
+    decoding worker dies (a decoder crash, the out-of-memory killer), the batch in hand is retried one image
+    per process, the image that kills its process gets an error, and the run goes on.
     """
     device = next(model.parameters()).device
-    loader = make_loader(paths, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
-    with torch.inference_mode():
-        for batch in loader:
-            outputs: dict[int, np.ndarray] = {}
-            if batch.ok:
-                x = batch.inputs.to(device, non_blocking=True)
-                y = model(x).float().cpu().numpy()
-                outputs = dict(zip(batch.ok, y, strict=True))
-            indices = sorted([*batch.ok, *batch.errors])
-            yield [Result(paths[i], outputs.get(i), batch.errors.get(i)) for i in indices]
+    pin = device.type == "cuda"
+    done = 0
+    while done < len(paths):
+        loader = make_loader(
+            paths, batch_size=batch_size, workers=workers, pin_memory=pin, indices=range(done, len(paths))
+        )
+        try:
+            for batch in loader:
+                results = _infer(model, paths, batch, device)
+                done += len(results)
+                yield results
+                if on_progress is not None:
+                    on_progress(len(results))
+        except RuntimeError as exc:
+            if workers == 0 or "DataLoader worker" not in str(exc):
+                raise
+            del loader
+            results = _isolate(model, paths, range(done, min(done + batch_size, len(paths))), device)
+            done += len(results)
+            yield results
             if on_progress is not None:
-                on_progress(len(indices))
+                on_progress(len(results))
+
+
+def _infer(model: Illust2VecNet, paths: Sequence[str], batch: Batch, device: torch.device) -> list[Result]:
+    """Network outputs for a batch's decoded images, merged in order with the errors of the others."""
+    outputs: dict[int, np.ndarray] = {}
+    if batch.ok:
+        x = batch.inputs.to(device, non_blocking=True)
+        with torch.inference_mode():
+            y = model(x).float().cpu().numpy()
+        outputs = dict(zip(batch.ok, y, strict=True))
+    return [Result(paths[i], outputs.get(i), batch.errors.get(i)) for i in sorted([*batch.ok, *batch.errors])]
+
+
+def _isolate(model: Illust2VecNet, paths: Sequence[str], indices: range, device: torch.device) -> list[Result]:
+    """Decode each image in a process of its own, so that one that kills its decoder is told apart."""
+    ok: list[int] = []
+    inputs: list[torch.Tensor] = []
+    errors: dict[int, str] = {}
+    for i in indices:
+        try:
+            (batch,) = list(make_loader(paths, batch_size=1, workers=1, indices=[i]))
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            errors[i] = "the image decoder crashed on this file (its worker process died)"
+            continue
+        if batch.ok:
+            ok.append(i)
+            inputs.append(batch.inputs[0])
+        errors.update(batch.errors)
+    return _infer(model, paths, Batch(ok, torch.stack(inputs) if inputs else torch.empty(0), errors), device)

@@ -40,7 +40,7 @@ def _dumps(record: Record) -> str:
 
 class Writer:
     """Base sink: ``write`` a batch of records, ``close`` when done (``abort`` to give up without a partial
-    JSON file). Usable as a context manager, which aborts on an exception."""
+    JSON file). Usable as a context manager, which closes on Ctrl-C and aborts on any other exception."""
 
     def __init__(self, path: str | None, append: bool = False) -> None:
         self.path = path
@@ -96,8 +96,9 @@ class Writer:
     def __enter__(self) -> Writer:
         return self
 
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        # Ctrl-C keeps what was done (a JSON file gets the records so far); any other error leaves no file.
+        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
             self.close()
         else:
             self.abort()

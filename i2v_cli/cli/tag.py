@@ -9,6 +9,7 @@ import click
 
 from ..config import TAG
 from ..inputs import expand_inputs
+from ..resume import completed_paths
 from ..runner import resolve_device, run_model
 from ..tags import Selection, load_tag_list, tag_record
 from ..weights import load_model, resolve_weights
@@ -57,6 +58,11 @@ def output_format(fmt: str | None, output: str | None) -> str:
     help="Output format. Default: from -o's extension, else jsonl.",
 )
 @click.option("--output", "-o", metavar="FILE", help="Write here instead of stdout.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="With -o FILE (jsonl or csv): skip the images FILE already has and append the rest.",
+)
 @click.option("--tags", "tag_list", metavar="FILE", help="Tag list (JSON list of 1,539 tags). Default: the release's.")
 @model_options
 @progress_option
@@ -71,6 +77,7 @@ def tag(
     top_k: int | None,
     fmt: str | None,
     output: str | None,
+    resume: bool,
     tag_list: str | None,
     weights: str | None,
     device: str,
@@ -101,8 +108,13 @@ def tag(
     model, _ = load_model(resolve_weights(weights, TAG), kind=TAG, device=str(dev))
     tags = load_tag_list(tag_list)
     fmt = output_format(fmt, output)
+    if resume:
+        if output is None:
+            raise UsageFailure("--resume needs -o FILE: the output of the run to resume")
+        done = completed_paths(output, fmt)
+        inputs = [p for p in inputs if p not in done]
     try:
-        writer = open_writer(fmt, output)
+        writer = open_writer(fmt, output, append=resume)
     except OSError as exc:
         raise UsageFailure(f"cannot write {output}: {exc.strerror}") from None
 

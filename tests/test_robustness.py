@@ -1,0 +1,235 @@
+"""Batch runs that never lose work: awkward and broken inputs, worker crashes, kills, Ctrl-C and --resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from i2v_cli.cli import cli
+from i2v_cli.resume import completed_paths
+from i2v_cli.runner import run_model
+from i2v_cli.weights import load_model
+
+
+def _picture(size=(64, 48), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def awkward(tmp_path) -> tuple[Path, list[str], list[str]]:
+    """A folder of awkward-but-valid images and of broken files: (folder, valid names, broken names)."""
+    d = tmp_path / "mix"
+    d.mkdir()
+    base = _picture()
+    base.convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20).save(d / "deep16.png")
+    base.convert("LA").save(d / "la.png")
+    base.convert("1").save(d / "onebit.png")
+    pal = base.convert("P")
+    pal.info["transparency"] = 0
+    pal.save(d / "palette_transparent.png", transparency=0)
+    frames = [_picture(seed=i) for i in range(3)]
+    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=50)
+    _picture((1, 1)).save(d / "one_pixel.png")
+    base.save(d / "lossless.webp", lossless=True)
+    base.save(d / "UPPER.JPG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.save(d / "rotated.jpg", exif=exif)
+    base.save(d / "caf\xe9 latin1.png")
+    base.save(d / "イラスト.png")
+    valid = sorted(p.name for p in d.iterdir())
+
+    (d / "empty.png").write_bytes(b"")
+    good = io.BytesIO()
+    base.save(good, "JPEG")
+    (d / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (d / "noise.png").write_bytes(np.random.default_rng(1).bytes(500))
+    (d / "text.jpg").write_text("this is not an image\n")
+    (d / "folder.png").mkdir()
+    (d / "dangling.png").symlink_to(d / "does-not-exist.png")
+    bomb = io.BytesIO()
+    Image.new("L", (1, 1)).save(bomb, "PNG")
+    raw = bytearray(bomb.getvalue())
+    raw[16:24] = (100_000).to_bytes(4, "big") + (100_000).to_bytes(4, "big")  # IHDR claims 100000 x 100000
+    raw[29:33] = zlib.crc32(bytes(raw[12:29])).to_bytes(4, "big")
+    (d / "bomb.png").write_bytes(bytes(raw))
+    broken = ["empty.png", "truncated.jpg", "noise.png", "text.jpg", "folder.png", "dangling.png", "bomb.png"]
+    return d, valid, broken
+
+
+def test_awkward_and_broken_folder(awkward, tag_weights):
+    folder, valid, broken = awkward
+    result = CliRunner().invoke(
+        cli, ["tag", str(folder), "--weights", str(tag_weights), "--workers", "2", "-b", "4", "-t", "0.9"]
+    )
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    records = {os.path.basename(r["path"]): r for r in map(json.loads, result.stdout.splitlines())}
+    assert set(records) == set(valid) | set(broken)
+    for name in valid:
+        assert "rating" in records[name], (name, records[name])
+    for name in broken:
+        assert set(records[name]) == {"path", "error"}
+        assert name in result.stderr
+    assert "empty" in records["empty.png"]["error"]
+    assert "folder" in records["folder.png"]["error"]
+    assert "truncated" in records["truncated.jpg"]["error"]
+    assert "decompression bomb" in records["bomb.png"]["error"]
+    assert "10000000000" in records["bomb.png"]["error"].replace(",", "")
+
+
+def test_named_folder_and_missing_file_get_records(awkward, tag_weights):
+    folder, _, _ = awkward
+    result = CliRunner().invoke(
+        cli,
+        ["tag", str(folder / "dangling.png"), str(folder / "nope.png"), str(folder / "la.png"), "--workers", "0",
+         "--weights", str(tag_weights)],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [set(r) for r in records] == [{"path", "error"}, {"path", "error"}, set(records[2])]
+    assert "link" in records[0]["error"] and ("no such file" in records[1]["error"].lower())
+    assert "general" in records[2]
+
+
+def test_non_utf8_name_is_reported_faithfully(tmp_path, tag_weights):
+    name = os.fsdecode(b"bad\xff\xfename.png")
+    _picture().save(tmp_path / name)
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(
+        cli, ["tag", str(tmp_path), "-o", str(out), "--workers", "0", "--weights", str(tag_weights)]
+    )
+    assert result.exit_code == 0, result.output
+    assert os.fsencode(str(tmp_path / name)) in out.read_bytes()
+    assert completed_paths(str(out), "jsonl") == {str(tmp_path / name)}
+
+
+def _crash_on(pattern: str):
+    """A load_and_preprocess that kills its own process for paths containing ``pattern``."""
+    from i2v_cli import data
+
+    original = data.load_and_preprocess
+
+    def load(path):
+        if pattern in os.path.basename(os.fspath(path)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(path)
+
+    return load
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="relies on fork carrying the monkeypatch into workers")
+def test_a_crashing_worker_becomes_that_images_error(tmp_path, tag_weights, monkeypatch):
+    paths = []
+    for i in range(7):
+        name = f"{i}-BOOM.png" if i == 4 else f"{i}.png"
+        _picture(seed=i).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    monkeypatch.setattr("i2v_cli.data.load_and_preprocess", _crash_on("BOOM"))
+    model, _ = load_model(tag_weights)
+    results = [r for batch in run_model(model, paths, batch_size=2, workers=2) for r in batch]
+    assert [r.path for r in results] == paths
+    assert [r.error is None for r in results] == [True] * 4 + [False] + [True] * 2
+    assert "crashed" in results[4].error
+    reference = [r for batch in run_model(model, [p for p in paths if "BOOM" not in p], batch_size=3) for r in batch]
+    np.testing.assert_allclose(
+        np.stack([r.output for r in results if r.output is not None]),
+        np.stack([r.output for r in reference]),
+        atol=1e-5,
+    )
+
+
+def _images(folder: Path, n: int, size=(640, 480)) -> None:
+    folder.mkdir()
+    for i in range(n):
+        _picture(size, seed=i).save(folder / f"img{i:03d}.png")
+
+
+def _i2v(*args: str) -> list[str]:
+    return [sys.executable, "-m", "i2v_cli", *args]
+
+
+def _kill_when(path: Path, proc: subprocess.Popen, lines: int, sig: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= lines:
+            proc.send_signal(sig)
+            return
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail("the run did not produce output in time")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_resume_after_a_real_kill_equals_an_uninterrupted_run(tmp_path, tag_weights, fmt):
+    folder = tmp_path / "imgs"
+    _images(folder, 24, (320, 240))
+    common = ["tag", str(folder), "--weights", str(tag_weights), "-b", "1", "--workers", "0", "-t", "0.2"]
+    full, partial = tmp_path / f"full.{fmt}", tmp_path / f"partial.{fmt}"
+    subprocess.run(_i2v(*common, "-o", str(full)), check=True, capture_output=True)
+
+    proc = subprocess.Popen(_i2v(*common, "-o", str(partial)), stderr=subprocess.PIPE)
+    _kill_when(partial, proc, full.read_text().count("\n") // 3, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert 0 < len(completed_paths(str(partial), fmt)) < 24
+
+    done = subprocess.run(_i2v(*common, "-o", str(partial), "--resume"), capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert partial.read_text() == full.read_text()
+    again = subprocess.run(_i2v(*common, "-o", str(partial), "--resume"), capture_output=True)
+    assert again.returncode == 0 and partial.read_text() == full.read_text()
+
+
+def test_resume_repairs_a_cut_off_tail(tmp_path):
+    jl = tmp_path / "a.jsonl"
+    jl.write_text('{"path": "a.png", "error": "x"}\n{"path": "b.p')
+    assert completed_paths(str(jl), "jsonl") == {"a.png"}
+    assert jl.read_text() == '{"path": "a.png", "error": "x"}\n'
+    c = tmp_path / "a.csv"
+    c.write_text("path,category,tag,score,error\na.png,general,x,0.5,\nb.png,general,x,0.5,\nb.png,rating,sa")
+    assert completed_paths(str(c), "csv") == {"a.png"}
+    assert list(csv.reader(c.read_text().splitlines())) == [
+        ["path", "category", "tag", "score", "error"],
+        ["a.png", "general", "x", "0.5", ""],
+    ]
+
+
+def test_resume_needs_a_streamable_output(tmp_path, tag_weights, golden):
+    runner = CliRunner()
+    args = ["tag", str(golden / "images" / "sq"), "--weights", str(tag_weights), "--resume"]
+    assert "needs -o FILE" in runner.invoke(cli, args).stderr
+    result = runner.invoke(cli, [*args, "-o", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "jsonl or csv" in result.stderr
+
+
+def test_ctrl_c_stops_keeps_what_was_written_and_exits_130(tmp_path, tag_weights):
+    folder = tmp_path / "imgs"
+    _images(folder, 40)
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        _i2v("tag", str(folder), "--weights", str(tag_weights), "-b", "1", "--workers", "2", "-o", str(out)),
+        stderr=subprocess.PIPE,
+    )
+    _kill_when(out, proc, 3, signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert b"Traceback" not in err
+    lines = out.read_text().splitlines()
+    assert 3 <= len(lines) < 40
+    assert all("general" in json.loads(line) for line in lines)
