@@ -129,31 +129,50 @@ def build_model(state_dict: Mapping[str, torch.Tensor]) -> Illust2VecNet:
     return model.eval()
 
 
-_INDEXED = re.compile(r"^(net|features)\.(\d+)\.(weight|bias)$")
+_INDEXED = re.compile(r"^(?:module\.)?(net|features)\.(\d+)\.(weight|bias)$")
+_NAMED = re.compile(r"^(?:\w+\.)*?(conv\d_\d|encode[12])(?:\.0)?\.(weight|bias)$")
 
 
 def remap_legacy_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an earlier PyTorch port's keys (``net.N.*`` of TagI2V, ``features.N.*`` / ``encode1.0.*`` of
-    FeatureI2V) into this module's naming, assigning the numbered conv layers to conv1_1 ... in order."""
+    """Rename earlier PyTorch ports' keys into this module's naming, so their ``.pth`` files load.
+
+    Known layouts: numbered ``nn.Sequential`` (``net.N.*`` of TagI2V, ``features.N.*`` + ``encode1.0.*`` of
+    FeatureI2V; numbered convolutions are assigned to conv1_1 ... in order), and Caffe layer names with or
+    without a module prefix (``conv1_1.*`` ... ``conv6_4.*``; ``block.conv1_1.*``, ``tag_classifier.conv6_4.*``,
+    ``encode1.*``). A ``module.`` prefix (DataParallel) is ignored.
+    """
     convs: dict[int, dict[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
+    named_convs = False
     for key, value in state_dict.items():
         m = _INDEXED.match(key)
         if m:
             convs.setdefault(int(m.group(2)), {})[m.group(3)] = value
             continue
-        m = re.match(r"^(encode[12])(?:\.\d+)?\.(weight|bias)$", key)
-        if m:
-            out[layer_key(m.group(1), m.group(2))] = (
-                value.reshape(value.shape[0], -1) if m.group(2) == "weight" else value.reshape(-1)
-            )
+        m = _NAMED.match(key)
+        if m and (m.group(1) in CONV_NAMES or m.group(1) in ("conv6_4", "encode1", "encode2")):
+            layer, param = m.group(1), m.group(2)
+            if layer.startswith("encode"):
+                if value.dim() == 0:
+                    raise WeightsError(f"{key} is a scalar, not a {param} tensor")
+                value = value.reshape(value.shape[0], -1) if param == "weight" else value.reshape(-1)
+            else:
+                named_convs = True
+            new_key = layer_key(layer, param)
+            if new_key in out:
+                raise WeightsError(f"holds {layer}.{param} twice (key {key!r})")
+            out[new_key] = value
             continue
         raise WeightsError(f"unexpected key {key!r} for an Illustration2Vec state dict")
+    if not convs:
+        return out
+    if named_convs:
+        raise WeightsError("mixes numbered and named convolution layers: not a known Illustration2Vec layout")
     names: Sequence[str] = CONV_NAMES + (("conv6_4",) if not out else ())
     ordered = [convs[i] for i in sorted(convs)]
     if len(ordered) != len(names):
         raise WeightsError(f"holds {len(ordered)} convolution layers, expected {len(names)}")
-    for name, params in zip(names, ordered):
+    for name, params in zip(names, ordered, strict=True):
         for param, value in params.items():
             out[layer_key(name, param)] = value
     return out

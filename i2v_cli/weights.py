@@ -1,0 +1,571 @@
+"""Weight files: Caffe ``.caffemodel`` (V1 and V2), PyTorch ``.pth`` state dicts and safetensors, in one place.
+
+Everything is read into the model's own naming (``features.conv1_1.weight`` ... ``conv6_4.*`` / ``encode1.*``,
+see :func:`i2v_cli.model.layer_key`), checked against the architecture it describes, and converted to
+safetensors with a record of where it came from. Every failure is a :class:`~i2v_cli.errors.WeightsError`
+(or a subclass) whose one-line message names the file; the library never prints.
+
+The Caffe schema is read at run time from ``proto/caffe.desc`` through protobuf's public descriptor API (no
+generated ``_pb2`` module, which would pin a protobuf runtime). Blob values are taken as whole arrays, never
+as Python floats: with protobuf's upb backend through its ``__array__`` support, elsewhere through a view of
+the same schema in which the packed ``data`` field reads as raw bytes (a packed repeated float is one
+length-delimited record on the wire), so a 1 GB caffemodel converts in seconds on any backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import pickle
+import re
+import stat
+import threading
+import uuid
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
+
+from .config import CONV_NAMES, FEATURE, TAG
+from .errors import ModelKindError, WeightsError, WeightsNotFoundError
+from .model import Architecture, Illust2VecNet, build_model, infer_architecture, layer_key, remap_legacy_state_dict
+
+PathLike = str | os.PathLike[str]
+
+#: Converted weight files, as ``i2v weights download`` names them in the cache folder.
+WEIGHT_FILES = {TAG: "illust2vec_tag_ver200.safetensors", FEATURE: "illust2vec_ver200.safetensors"}
+#: The original release's caffemodels, by kind.
+CAFFEMODEL_FILES = {TAG: "illust2vec_tag_ver200.caffemodel", FEATURE: "illust2vec_ver200.caffemodel"}
+
+#: Caffe layers that carry the parameters of an Illustration2Vec network.
+PARAM_LAYERS = (*CONV_NAMES, "conv6_4", "encode1", "encode2")
+_OWN_KEYS = frozenset(layer_key(name, p) for name in PARAM_LAYERS for p in ("weight", "bias"))
+_HEAD = {TAG: "conv6_4", FEATURE: "encode1"}
+
+# safetensors metadata keys (values are strings).
+_META_PREFIX = "i2v."
+_SNIFF_BYTES = 1024
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What a weight file holds and where it came from (stored as safetensors metadata by :func:`convert`)."""
+
+    kind: str  # "tag" or "feature"
+    widths: tuple[int, ...]  # output channels of conv1_1 ... conv6_3
+    feature_dim: int  # encode1 outputs (0 for a tag model)
+    num_tags: int  # outputs of conv6_4 / encode2
+    source: str  # file name of the original weights (the caffemodel a safetensors file was made from)
+    sha256: str  # SHA-256 of that source file, hex
+    source_format: str  # "caffemodel-v1", "caffemodel-v2", "pth" or "safetensors"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (widths as a list), for ``i2v weights info``."""
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    def to_metadata(self) -> dict[str, str]:
+        """The fields as safetensors metadata (strings only)."""
+        return {
+            _META_PREFIX + "kind": self.kind,
+            _META_PREFIX + "widths": ",".join(map(str, self.widths)),
+            _META_PREFIX + "feature_dim": str(self.feature_dim),
+            _META_PREFIX + "num_tags": str(self.num_tags),
+            _META_PREFIX + "source": self.source,
+            _META_PREFIX + "source_sha256": self.sha256,
+            _META_PREFIX + "source_format": self.source_format,
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Caffe schema
+
+
+@functools.cache
+def _caffe_classes(raw_blobs: bool) -> dict[str, type[Message]]:
+    """Message classes of the caffe.desc schema; with ``raw_blobs``, BlobProto's packed value fields read as bytes."""
+    try:
+        data = resources.files("i2v_cli.proto").joinpath("caffe.desc").read_bytes()
+    except OSError as exc:  # a broken installation, not a user's file
+        raise WeightsError(f"cannot read the packaged Caffe schema (i2v_cli/proto/caffe.desc): {exc}") from None
+    fds = descriptor_pb2.FileDescriptorSet.FromString(data)
+    pool = descriptor_pool.DescriptorPool()
+    for fdp in fds.file:
+        if raw_blobs:
+            for msg in fdp.message_type:
+                if msg.name == "BlobProto":
+                    for field in msg.field:
+                        if field.name in ("data", "double_data"):
+                            field.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+                            field.ClearField("options")
+        pool.AddSerializedFile(fdp.SerializeToString())
+    package = fds.file[0].package
+    names = ("NetParameter", "LayerParameter", "V1LayerParameter", "BlobProto", "BlobShape")
+    return {n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{n}")) for n in names}
+
+
+def caffe_message(name: str) -> type[Message]:
+    """The Caffe schema's message class ``name`` (``NetParameter``, ``BlobProto``, ...), to write caffemodels."""
+    return _caffe_classes(False)[name]
+
+
+#: None: decide from the protobuf runtime; True/False force the array path or the raw-bytes path.
+_USE_ARRAY_PROTOCOL: bool | None = None
+
+
+def _array_protocol() -> bool:
+    """Whether repeated float fields convert to numpy in one copy (upb's ``__array__``), not float by float."""
+    if _USE_ARRAY_PROTOCOL is not None:
+        return _USE_ARRAY_PROTOCOL
+    # Only upb's container copies its C array in one go; the pure-Python backend's __array__ (where present)
+    # still goes float by float. Anything else takes the raw-bytes path, which is fast everywhere.
+    container = type(caffe_message("BlobProto")().data)
+    return container.__module__.startswith("google._upb") and hasattr(container, "__array__")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Caffemodel
+
+
+def read_caffemodel(path: PathLike) -> dict[str, torch.Tensor]:
+    """Read the parameters of a Caffe V1 or V2 caffemodel into this package's state-dict naming."""
+    state_dict, _, _ = _read_caffemodel(Path(path))
+    return state_dict
+
+
+def _read_caffemodel(path: Path) -> tuple[dict[str, torch.Tensor], int, str]:
+    """Parameters, Caffe format version (1 or 2) and the file's SHA-256."""
+    raw = not _array_protocol()
+    net_cls = _caffe_classes(raw)["NetParameter"]
+    data = _read_bytes(path)
+    kind_of_file = _sniff(data[:_SNIFF_BYTES])
+    # Hash while parsing: hashlib releases the GIL on large buffers, so the two overlap on a second core.
+    hasher = hashlib.sha256()
+    hashing = threading.Thread(target=hasher.update, args=(data,), daemon=True)
+    hashing.start()
+    net = net_cls()
+    try:
+        net.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        if kind_of_file != "caffemodel":
+            raise WeightsError(f"{path} is not a weight file: it looks like {kind_of_file}") from None
+        raise WeightsError(f"{path} is not a valid caffemodel (truncated or corrupt: {_first_line(exc)})") from None
+    finally:
+        hashing.join()
+    sha256 = hasher.hexdigest()
+    del data  # the parsed message holds its own copy; free the file's before converting blobs
+    if len(net.layer) and len(net.layers):
+        raise WeightsError(f"{path} holds both V1 'layers' and V2 'layer' definitions: not a valid caffemodel")
+    version = 2 if len(net.layer) else 1
+    layers = net.layer if version == 2 else net.layers
+    if not len(layers):
+        if kind_of_file != "caffemodel":
+            raise WeightsError(f"{path} is not a weight file: it looks like {kind_of_file}")
+        raise WeightsError(f"{path} is not a caffemodel: it holds no layers")
+    state_dict: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        if layer.name not in PARAM_LAYERS or not len(layer.blobs):
+            continue
+        if layer_key(layer.name, "weight") in state_dict:
+            raise WeightsError(f"{path} holds layer {layer.name} twice")
+        if len(layer.blobs) != 2:
+            raise WeightsError(f"{path}: layer {layer.name} has {len(layer.blobs)} blobs, expected 2 (weight, bias)")
+        ndim = 4 if layer.name.startswith("conv") else 2
+        for blob, param, want in zip(layer.blobs, ("weight", "bias"), (ndim, 1), strict=True):
+            state_dict[layer_key(layer.name, param)] = _blob_tensor(blob, want, raw, f"{path}: {layer.name} {param}")
+    if not state_dict:
+        raise WeightsError(f"{path} holds none of Illustration2Vec's layers (conv1_1 ... conv6_4, encode1)")
+    return state_dict, version, sha256
+
+
+def _blob_shape(blob: Message, where: str) -> tuple[int, ...]:
+    """A blob's declared shape: ``shape.dim`` (V2), else the legacy num/channels/height/width (V1)."""
+    if blob.HasField("shape"):
+        shape = tuple(int(d) for d in blob.shape.dim)
+    elif any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    else:
+        raise WeightsError(f"{where} has no shape")
+    if any(d < 0 for d in shape):
+        raise WeightsError(f"{where} has a negative dimension in its shape {shape}")
+    return shape
+
+
+def _blob_values(blob: Message, count: int, raw: bool) -> np.ndarray:
+    """A blob's values as a flat float32 array (``data``, else ``double_data``), without Python floats."""
+    if not raw:
+        values = np.asarray(blob.data if len(blob.data) else blob.double_data)
+        return values.astype(np.float32, copy=False)
+    chunks, dtype = (blob.data, "<f4") if len(blob.data) else (blob.double_data, "<f8")
+    buf = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if len(buf) % np.dtype(dtype).itemsize == 0 and len(buf) // np.dtype(dtype).itemsize == count:
+        return np.frombuffer(buf, dtype).astype(np.float32)  # astype copies: the tensor owns writable memory
+    # Values stored unpacked (legal on the wire, never written by Caffe) are unknown fields to the raw view:
+    # read this blob again with the real schema.
+    real = _caffe_classes(False)["BlobProto"].FromString(blob.SerializeToString())
+    return np.fromiter(real.data if len(real.data) else real.double_data, np.float32)
+
+
+def _blob_tensor(blob: Message, ndim: int, raw: bool, where: str) -> torch.Tensor:
+    """A blob as a float32 tensor of ``ndim`` dimensions, after checking its size against its declared shape."""
+    shape = _blob_shape(blob, where)
+    count = math.prod(shape)
+    values = _blob_values(blob, count, raw)
+    if values.size != count:
+        raise WeightsError(f"{where} holds {values.size} values but its shape {shape} needs {count}")
+    # V1 pads to 4-D with leading ones (an InnerProduct weight is 1x1xOUTxIN, a bias 1x1x1xOUT).
+    while len(shape) > ndim and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != ndim:
+        raise WeightsError(f"{where} has shape {shape}, expected {ndim} dimensions")
+    return torch.from_numpy(np.ascontiguousarray(values.reshape(shape)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PyTorch state dicts
+
+
+def read_state_dict_pth(path: PathLike) -> dict[str, torch.Tensor]:
+    """Read a PyTorch state dict (this package's naming or an earlier port's) with ``weights_only`` loading."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the library never prints
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        if refused:
+            raise WeightsError(
+                f"{path} holds pickled Python objects ({refused.group(1)}), not only tensors (a whole saved model?); "
+                "i2v loads plain state dicts only (torch.load weights_only): re-save it with "
+                "torch.save(model.state_dict(), ...)"
+            ) from None
+        raise WeightsError(
+            f"{path} is not a readable PyTorch file (a pickle that torch.load(weights_only=True) refuses)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise WeightsError(
+            f"{path} is not a readable PyTorch file (truncated or corrupt: {_first_line(exc)})"
+        ) from None
+    state_dict = _find_state_dict(obj)
+    if state_dict is None:
+        raise WeightsError(f"{path} holds no state dict (expected a dict of tensors)")
+    return _to_own_naming(state_dict, path)
+
+
+def _find_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
+    """The dict of tensors in ``obj``: ``obj`` itself, or a checkpoint's ``state_dict`` / ``model`` entry."""
+    if not isinstance(obj, Mapping):
+        return None
+    if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return obj
+    for key in ("state_dict", "model", "model_state_dict", "net"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping):
+            found = _find_state_dict(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _to_own_naming(state_dict: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """``state_dict`` in this package's naming, as float32 tensors (an earlier port's keys are renamed)."""
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() and value.dim() > 0):
+            raise WeightsError(f"{path}: {key} is not a floating-point tensor")
+    if not set(state_dict) <= _OWN_KEYS:
+        try:
+            state_dict = remap_legacy_state_dict(state_dict)
+        except WeightsError as exc:
+            raise WeightsError(f"{path} {exc}" if str(exc).startswith("holds") else f"{path}: {exc}") from None
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# safetensors
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str]) -> None:
+    """Write ``state_dict`` with string ``metadata`` to a safetensors file, atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    meta = {"format": "pt", **{str(k): str(v) for k, v in metadata.items()}}
+    # A unique name beside the target (same file system, so the rename is atomic). safetensors writes files
+    # readable by their owner only: give the result the permissions a plain new file gets (umask applied).
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "xb"):
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except Exception as exc:  # OSError, or safetensors' own error on tensors it cannot store
+        raise WeightsError(f"cannot write {path}: {getattr(exc, 'strerror', None) or _first_line(exc)}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with any failure as a WeightsError naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError or ValueError
+        raise WeightsError(
+            f"{path} is not a valid safetensors file (truncated or corrupt: {_first_line(exc)})"
+        ) from None
+    return tensors, meta
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Any format
+
+
+def load_weights(path: PathLike) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
+    """Read a .safetensors, .caffemodel or .pth file (told apart by content) into a checked state dict and its info."""
+    path = Path(path)
+    head = _read_head(path)
+    fmt = _sniff(head)
+    source, sha256 = path.name, ""
+    if fmt == "safetensors":
+        tensors, meta = _read_safetensors(path)
+        state_dict = _to_own_naming(tensors, path)
+        source = meta.get(_META_PREFIX + "source", "")
+        sha256 = meta.get(_META_PREFIX + "source_sha256", "")
+        source_format = meta.get(_META_PREFIX + "source_format", "safetensors")
+        if not (source and sha256):
+            source, sha256, source_format = path.name, _sha256_file(path), "safetensors"
+    elif fmt == "torch":
+        state_dict = read_state_dict_pth(path)
+        sha256, source_format = _sha256_file(path), "pth"
+    else:  # caffemodel, or something that is not a weight file: the caffemodel reader tells which
+        state_dict, version, sha256 = _read_caffemodel(path)
+        source_format = f"caffemodel-v{version}"
+    arch = _check_state_dict(state_dict, path)
+    info = WeightsInfo(arch.kind, arch.widths, arch.feature_dim, arch.num_tags, source, sha256, source_format)
+    if fmt == "safetensors":
+        _check_metadata(meta, info, path)
+    return state_dict, info
+
+
+def _check_state_dict(state_dict: Mapping[str, torch.Tensor], path: Path) -> Architecture:
+    """The architecture ``state_dict`` describes, after checking every key and shape against it."""
+    try:
+        arch = infer_architecture(state_dict)
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
+    with torch.device("meta"):  # shapes only: no memory for a 1 GB model
+        expected = {k: tuple(v.shape) for k, v in Illust2VecNet(arch).state_dict().items()}
+    if arch.kind == FEATURE and layer_key("encode2", "weight") not in state_dict:
+        expected = {k: v for k, v in expected.items() if not k.startswith("encode2.")}
+    missing = sorted(set(expected) - set(state_dict))
+    if missing:
+        raise WeightsError(f"{path}: {', '.join(missing)} missing")
+    unexpected = sorted(set(state_dict) - set(expected))
+    if unexpected:
+        raise WeightsError(f"{path}: unexpected {', '.join(unexpected)} in a {arch.kind} model")
+    for key, shape in expected.items():
+        got = tuple(state_dict[key].shape)
+        if got != shape:
+            raise WeightsError(f"{path}: {key} has shape {got}, expected {shape}")
+    return arch
+
+
+def _check_metadata(meta: Mapping[str, str], info: WeightsInfo, path: Path) -> None:
+    """Refuse a safetensors file whose i2v metadata disagrees with its tensors (an edited or mixed-up file)."""
+    kind = meta.get(_META_PREFIX + "kind")
+    widths = meta.get(_META_PREFIX + "widths")
+    if kind is not None and kind != info.kind:
+        raise WeightsError(f"{path}: its metadata says {kind} model but its tensors make a {info.kind} model")
+    if widths is not None and widths != ",".join(map(str, info.widths)):
+        raise WeightsError(f"{path}: its metadata says widths {widths} but its tensors have {info.widths}")
+
+
+def convert(src: PathLike, dst: PathLike) -> WeightsInfo:
+    """Convert any supported weight file to safetensors at ``dst`` (written atomically), with its provenance."""
+    state_dict, info = load_weights(src)
+    save_safetensors(state_dict, dst, info.to_metadata())
+    return info
+
+
+def load_model(
+    path: PathLike, kind: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[Illust2VecNet, WeightsInfo]:
+    """Build the network a weight file describes, refusing a tag model where a feature model is needed and back."""
+    if kind not in (None, TAG, FEATURE):
+        raise ValueError(f"kind must be {TAG!r}, {FEATURE!r} or None, not {kind!r}")
+    state_dict, info = load_weights(path)
+    if kind is not None and info.kind != kind:
+        raise ModelKindError(_kind_message(Path(path), info.kind, kind))
+    try:
+        model = build_model(state_dict)
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
+    return model.to(device), info
+
+
+def _kind_message(path: Path, have: str, need: str) -> str:
+    """One line saying which model a file is and which one the task needs."""
+    use = "`i2v tag`" if need == TAG else "feature extraction"
+    return (
+        f"{path} is a {have} model ({_HEAD[have]}); {use} needs the {need} model "
+        f"({CAFFEMODEL_FILES[need]} or {WEIGHT_FILES[need]})"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where weights are found
+
+
+def default_weights_dir() -> Path:
+    """The per-user folder ``i2v weights download`` fills: ``$I2V_HOME``, else ``$XDG_CACHE_HOME/i2v``, else
+    ``~/.cache/i2v``."""
+    home = os.environ.get("I2V_HOME")
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore a relative path
+        return Path(xdg) / "i2v"
+    return Path.home() / ".cache" / "i2v"
+
+
+def resolve_weights(explicit: str | None, kind: str) -> Path:
+    """The weight file to use for ``kind``: ``--weights``, then ``$I2V_WEIGHTS`` (file or folder), then the cache."""
+    if kind not in WEIGHT_FILES:
+        raise ValueError(f"kind must be {TAG!r} or {FEATURE!r}, not {kind!r}")
+    if explicit:
+        return _pick(Path(explicit).expanduser(), kind, "--weights")
+    env = os.environ.get("I2V_WEIGHTS")
+    if env:
+        return _pick(Path(env).expanduser(), kind, "$I2V_WEIGHTS")
+    cache = default_weights_dir()
+    found = _in_folder(cache, kind)
+    if found is not None:
+        return found
+    target = cache / WEIGHT_FILES[kind]
+    raise WeightsNotFoundError(
+        f"no {kind} model weights found (no --weights, no $I2V_WEIGHTS, no {target}): run `i2v weights download`, "
+        f"or `i2v weights convert FILE.caffemodel -o {target}`"
+    )
+
+
+def _in_folder(folder: Path, kind: str) -> Path | None:
+    """The kind's converted file in ``folder``, else the release's caffemodel there, else None."""
+    for name in (WEIGHT_FILES[kind], CAFFEMODEL_FILES[kind]):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _pick(path: Path, kind: str, origin: str) -> Path:
+    """``path`` itself when it is a file, the kind's file inside it when it is a folder."""
+    if path.is_dir():
+        found = _in_folder(path, kind)
+        if found is None:
+            raise WeightsNotFoundError(
+                f"{origin} folder {path} holds no {WEIGHT_FILES[kind]} (nor {CAFFEMODEL_FILES[kind]})"
+            )
+        return found
+    if not path.exists():
+        raise WeightsNotFoundError(f"{origin}: {path} does not exist")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _sniff(head: bytes) -> str:
+    """Tell a file's format from its first bytes: ``safetensors``, ``torch``, ``caffemodel`` or what else it is."""
+    if not head:
+        return "an empty file"
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 1 << 30:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "torch"  # a zip (torch >= 1.6) or a pickle (older torch.save)
+    for magic, what in (
+        (b"\xff\xd8\xff", "a JPEG image"),
+        (b"\x89PNG", "a PNG image"),
+        (b"GIF8", "a GIF image"),
+        (b"\x1f\x8b", "a gzip file (decompress it first)"),
+        (b"\x93NUMPY", "a numpy .npy file"),
+        (b"\x89HDF", "an HDF5 file"),
+    ):
+        if head.startswith(magic):
+            return what
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if _is_text(head):
+        return "a text file (a .prototxt, or an error page saved instead of the download?)"
+    return "caffemodel"
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether ``head`` is UTF-8 text without control characters (a cut multi-byte character is allowed)."""
+    for cut in range(4):
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return all(c.isprintable() or c in "\t\n\r\f" for c in text)
+    return False
+
+
+def _read_head(path: Path) -> bytes:
+    """The first bytes of a file, with a missing or unreadable file as a WeightsError."""
+    try:
+        with path.open("rb") as f:
+            return f.read(_SNIFF_BYTES)
+    except FileNotFoundError:
+        raise WeightsNotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise WeightsError(f"{path} is a folder, not a weight file") from None
+    except OSError as exc:
+        raise WeightsError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    """A whole file, with a missing or unreadable file as a WeightsError."""
+    _read_head(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    except OSError as exc:
+        raise WeightsError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (and first sentence when long), for one-line errors."""
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    return text.split(". ")[0] if len(text) > 120 else text

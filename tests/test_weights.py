@@ -1,0 +1,640 @@
+"""Weight files: caffemodels (V1, V2), earlier ports' .pth, safetensors; errors; where weights are found."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import Message
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from i2v_cli import weights
+from i2v_cli.config import CONV_NAMES, FEATURE, TAG
+from i2v_cli.errors import ModelKindError, WeightsError, WeightsNotFoundError
+from i2v_cli.model import Architecture, Illust2VecNet, layer_key
+from i2v_cli.weights import (
+    caffe_message,
+    convert,
+    default_weights_dir,
+    load_model,
+    load_weights,
+    read_caffemodel,
+    read_state_dict_pth,
+    resolve_weights,
+    save_safetensors,
+)
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+MODELS = GOLDEN / "models"
+WIDTHS = (2, 4, 8, 8, 16, 16, 16, 16, 32, 32, 32)
+# Positions of the convolutions in the earlier port's nn.Sequential (TagI2V.net, FeatureI2V.features):
+# conv, relu (, pool) for each layer, as in its illust2vec_pytorch.py.
+SEQUENTIAL_INDICES = (0, 3, 6, 8, 11, 13, 16, 18, 21, 23, 25, 27)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Helpers: parse, edit and write caffemodels with the package's own schema
+
+
+def parse(path: Path) -> Message:
+    return caffe_message("NetParameter").FromString(path.read_bytes())
+
+
+def write(net: Message, path: Path) -> Path:
+    path.write_bytes(net.SerializeToString())
+    return path
+
+
+def layers_of(net: Message):
+    return net.layer if len(net.layer) else net.layers
+
+
+def reformat(net: Message, version: int) -> Message:
+    """The same parameters in Caffe's V1 (``layers``, 4-D num/channels/height/width) or V2 format."""
+    out = caffe_message("NetParameter")(name=net.name)
+    for layer in layers_of(net):
+        new = out.layer.add(name=layer.name) if version == 2 else out.layers.add(name=layer.name)
+        ndims = (4 if layer.name.startswith("conv") else 2, 1)
+        for blob, ndim in zip(layer.blobs, ndims, strict=False):
+            shape = weights._blob_shape(blob, "")
+            while len(shape) > ndim and shape[0] == 1:
+                shape = shape[1:]
+            b = new.blobs.add()
+            b.data.extend(np.asarray(blob.data, dtype=np.float32))
+            if version == 2:
+                b.shape.dim.extend(shape)
+            else:
+                b.num, b.channels, b.height, b.width = (1,) * (4 - len(shape)) + shape
+    return out
+
+
+def find_layer(net: Message, name: str):
+    return next(layer for layer in layers_of(net) if layer.name == name)
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype == torch.float32, key
+        assert torch.equal(a[key], b[key]), key
+
+
+def one_line_error(exc: pytest.ExceptionInfo[BaseException], path: Path) -> str:
+    message = str(exc.value)
+    assert "\n" not in message
+    assert str(path) in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def golden_sd() -> dict[str, dict[str, torch.Tensor]]:
+    return {name: read_caffemodel(MODELS / f"{name}.caffemodel") for name in ("tag_v1", "tag_v2", "feature_v1")}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Caffemodels
+
+
+@pytest.mark.parametrize("name", ["tag_v1", "tag_v2", "feature_v1"])
+def test_golden_caffemodels_compute_the_original_outputs(name: str) -> None:
+    """The weights land where the network reads them: the original pipeline's outputs on its own inputs."""
+    model, info = load_model(MODELS / f"{name}.caffemodel")
+    inputs = torch.from_numpy(np.load(GOLDEN / "expected" / "inputs.npz")["inputs"])
+    with torch.inference_mode():
+        out = model(inputs).numpy()
+    expected = np.load(GOLDEN / "expected" / f"{name}.npy")
+    np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-4)
+    assert info.widths == WIDTHS
+    assert info.kind == (FEATURE if name.startswith("feature") else TAG)
+
+
+def test_caffemodel_shapes(golden_sd: dict[str, dict[str, torch.Tensor]]) -> None:
+    tag, feature = golden_sd["tag_v1"], golden_sd["feature_v1"]
+    assert sorted(tag) == sorted([layer_key(n, p) for n in (*CONV_NAMES, "conv6_4") for p in ("weight", "bias")])
+    assert tuple(tag["features.conv1_1.weight"].shape) == (2, 3, 3, 3)
+    assert tuple(tag["features.conv6_3.bias"].shape) == (32,)
+    assert tuple(tag["conv6_4.weight"].shape) == (1539, 32, 3, 3)
+    assert tuple(feature["encode1.weight"].shape) == (128, 32 * 7 * 7)  # V1: stored as 1x1x128x1568
+    assert tuple(feature["encode1.bias"].shape) == (128,)
+    assert tuple(feature["encode2.weight"].shape) == (1539, 128)
+    assert "conv6_4.weight" not in feature
+
+
+@pytest.mark.parametrize(("name", "version"), [("tag_v1", 2), ("tag_v2", 1), ("feature_v1", 2)])
+def test_v1_and_v2_give_identical_tensors(tmp_path: Path, golden_sd: dict, name: str, version: int) -> None:
+    other = write(
+        reformat(parse(MODELS / f"{name}.caffemodel"), version), tmp_path / f"{name}_as_v{version}.caffemodel"
+    )
+    assert len(parse(other).layer if version == 2 else parse(other).layers) > 0
+    assert_same(read_caffemodel(other), golden_sd[name])
+    assert load_weights(other)[1].source_format == f"caffemodel-v{version}"
+
+
+@pytest.mark.parametrize("array_protocol", [True, False])
+def test_both_blob_readers_agree(monkeypatch: pytest.MonkeyPatch, golden_sd: dict, array_protocol: bool) -> None:
+    """upb's ``__array__`` path and the raw-bytes view of the schema (any protobuf backend) read the same."""
+    monkeypatch.setattr(weights, "_USE_ARRAY_PROTOCOL", array_protocol)
+    for name in ("tag_v1", "tag_v2", "feature_v1"):
+        assert_same(read_caffemodel(MODELS / f"{name}.caffemodel"), golden_sd[name])
+
+
+def _unpacked_classes() -> dict[str, type[Message]]:
+    """The schema with ``data``/``double_data`` not packed: a legal encoding that Caffe never writes."""
+    fds = descriptor_pb2.FileDescriptorSet.FromString(
+        (Path(weights.__file__).parent / "proto" / "caffe.desc").read_bytes()
+    )
+    pool = descriptor_pool.DescriptorPool()
+    for fdp in fds.file:
+        for msg in fdp.message_type:
+            for field in msg.field:
+                if msg.name == "BlobProto" and field.name in ("data", "double_data"):
+                    field.ClearField("options")
+        pool.Add(fdp)
+    return {"NetParameter": message_factory.GetMessageClass(pool.FindMessageTypeByName("i2v_caffe.NetParameter"))}
+
+
+@pytest.mark.parametrize("array_protocol", [True, False])
+def test_unpacked_and_double_blobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, golden_sd: dict, array_protocol: bool
+) -> None:
+    monkeypatch.setattr(weights, "_USE_ARRAY_PROTOCOL", array_protocol)
+    net = parse(MODELS / "tag_v2.caffemodel")
+    blob = find_layer(net, "conv2_1").blobs[0]
+    values = np.asarray(blob.data, dtype=np.float64)
+    blob.ClearField("data")
+    blob.double_data.extend(values)
+    unpacked = _unpacked_classes()["NetParameter"].FromString(net.SerializeToString())
+    path = tmp_path / "unpacked.caffemodel"
+    path.write_bytes(unpacked.SerializeToString())
+    assert path.stat().st_size > (MODELS / "tag_v2.caffemodel").stat().st_size  # a tag per value now
+    assert_same(read_caffemodel(path), golden_sd["tag_v2"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# safetensors
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"), [("tag_v1", "caffemodel-v1"), ("tag_v2", "caffemodel-v2"), ("feature_v1", "caffemodel-v1")]
+)
+def test_convert_round_trip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], golden_sd: dict, name: str, fmt: str
+) -> None:
+    src = MODELS / f"{name}.caffemodel"
+    dst = tmp_path / "sub" / "out.safetensors"
+    info = convert(src, dst)
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    kind, dim = (FEATURE, 128) if name.startswith("feature") else (TAG, 0)
+    assert info == weights.WeightsInfo(kind, WIDTHS, dim, 1539, src.name, sha, fmt)
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["out.safetensors"]  # no temporary file left
+    sd, again = load_weights(dst)
+    assert again == info
+    assert_same(sd, golden_sd[name])
+    with safe_open(dst, framework="pt") as f:
+        meta = f.metadata()
+    assert meta == {
+        "format": "pt",
+        "i2v.kind": kind,
+        "i2v.widths": "2,4,8,8,16,16,16,16,32,32,32",
+        "i2v.feature_dim": str(dim),
+        "i2v.num_tags": "1539",
+        "i2v.source": f"{name}.caffemodel",
+        "i2v.source_sha256": sha,
+        "i2v.source_format": fmt,
+    }
+    assert info.as_dict()["widths"] == list(WIDTHS)
+    assert capsys.readouterr() == ("", "")  # the library never prints
+
+
+def test_converted_file_has_default_permissions(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    convert(MODELS / "tag_v2.caffemodel", tmp_path / "w.safetensors")
+    assert (tmp_path / "w.safetensors").stat().st_mode == plain.stat().st_mode
+
+
+def test_convert_of_a_safetensors_keeps_provenance(tmp_path: Path) -> None:
+    first = convert(MODELS / "feature_v1.caffemodel", tmp_path / "a.safetensors")
+    assert convert(tmp_path / "a.safetensors", tmp_path / "b.safetensors") == first
+
+
+def test_foreign_safetensors_without_metadata(tmp_path: Path, golden_sd: dict) -> None:
+    path = tmp_path / "plain.safetensors"
+    save_file(golden_sd["tag_v2"], path)
+    sd, info = load_weights(path)
+    assert_same(sd, golden_sd["tag_v2"])
+    assert (info.source, info.source_format) == ("plain.safetensors", "safetensors")
+    assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(("src", "name"), [("tag_v2.caffemodel", "model.bin"), ("tag_v1.caffemodel", "model.pth")])
+def test_format_is_told_by_content_not_extension(tmp_path: Path, golden_sd: dict, src: str, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes((MODELS / src).read_bytes())
+    assert_same(load_weights(path)[0], golden_sd[src.split(".")[0]])
+    st = convert(path, tmp_path / "x.safetensors")
+    disguised = tmp_path / "x.caffemodel"
+    os.replace(tmp_path / "x.safetensors", disguised)
+    assert load_weights(disguised)[1] == st
+
+
+# ------------------------------------------------------------------------------------------------------------
+# PyTorch state dicts, including the earlier ports' layouts
+
+
+def _sequential_layout(sd: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """TagI2V (``net.N``) or FeatureI2V (``features.N``, ``encode1.0``, ``encode2.0``) keys."""
+    names = (*CONV_NAMES, "conv6_4") if kind == TAG else CONV_NAMES
+    prefix = "net" if kind == TAG else "features"
+    out = {
+        f"{prefix}.{i}.{p}": sd[layer_key(n, p)]
+        for n, i in zip(names, SEQUENTIAL_INDICES, strict=False)
+        for p in ("weight", "bias")
+    }
+    if kind == FEATURE:
+        out.update({f"{k.split('.')[0]}.0.{k.split('.')[1]}": v for k, v in sd.items() if k.startswith("encode")})
+    return out
+
+
+def _caffe_names_layout(sd: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """``conv1_1.weight`` ... (the layout of the widely shared illust2vec_tag_ver200.pth), optionally prefixed."""
+    return {prefix + k.removeprefix("features."): v for k, v in sd.items()}
+
+
+def _i2v4pytorch_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``block.conv1_1``, ``tag_classifier.conv6_4``, ``encode1`` (I2VNet of an i2v4pytorch port)."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("features."):
+            out["block." + k.removeprefix("features.")] = v
+        elif k.startswith("conv6_4"):
+            out["tag_classifier." + k] = v
+        else:
+            out[k] = v
+    return out
+
+
+LAYOUTS: dict[str, Callable[[dict[str, torch.Tensor], str], dict]] = {
+    "own": lambda sd, kind: dict(sd),
+    "sequential": _sequential_layout,
+    "caffe_names": lambda sd, kind: _caffe_names_layout(sd),
+    "i2v4pytorch": lambda sd, kind: _i2v4pytorch_layout(sd),
+    "data_parallel": lambda sd, kind: {"module." + k: v for k, v in _sequential_layout(sd, kind).items()},
+    "checkpoint": lambda sd, kind: {"epoch": 3, "state_dict": _caffe_names_layout(sd)},
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", ["tag_v2", "feature_v1"])
+def test_pth_layouts_load(tmp_path: Path, golden_sd: dict, layout: str, name: str) -> None:
+    sd = golden_sd[name]
+    kind = FEATURE if name.startswith("feature") else TAG
+    path = tmp_path / "illust2vec.pth"
+    torch.save(LAYOUTS[layout](sd, kind), path)
+    assert_same(read_state_dict_pth(path), sd)
+    loaded, info = load_weights(path)
+    assert_same(loaded, sd)
+    assert (info.kind, info.source, info.source_format) == (kind, "illust2vec.pth", "pth")
+    assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_pth_in_half_precision_is_read_as_float32(tmp_path: Path, golden_sd: dict) -> None:
+    path = tmp_path / "half.pth"
+    torch.save({k: v.half() for k, v in golden_sd["tag_v2"].items()}, path)
+    sd = read_state_dict_pth(path)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    assert torch.equal(sd["conv6_4.bias"], golden_sd["tag_v2"]["conv6_4.bias"].half().float())
+
+
+def test_pickled_module_is_refused_cleanly(tmp_path: Path) -> None:
+    """A whole pickled model (as some ports saved it) needs arbitrary unpickling: weights_only refuses it."""
+    path = tmp_path / "model.pth"
+    torch.save(Illust2VecNet(Architecture(TAG, WIDTHS)), path)
+    with pytest.raises(WeightsError) as exc:
+        load_weights(path)
+    assert one_line_error(exc, path) == (
+        f"{path} holds pickled Python objects (i2v_cli.model.Illust2VecNet), not only tensors (a whole saved "
+        "model?); i2v loads plain state dicts only (torch.load weights_only): re-save it with "
+        "torch.save(model.state_dict(), ...)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Errors: one line, naming the file, never a protobuf/pickle/KeyError
+
+
+def _edit(src: str, edit: Callable[[Message], object]) -> Callable[[Path], Path]:
+    def make(path: Path) -> Path:
+        net = parse(MODELS / src)
+        edit(net)
+        return write(net, path)
+
+    return make
+
+
+def _remove_layer(name: str) -> Callable[[Message], None]:
+    def edit(net: Message) -> None:
+        layers = layers_of(net)
+        del layers[[layer.name for layer in layers].index(name)]
+
+    return edit
+
+
+def _set_v1_dims(layer: str, dims: tuple[int, int, int, int]) -> Callable[[Message], None]:
+    def edit(net: Message) -> None:
+        b = find_layer(net, layer).blobs[0]
+        b.num, b.channels, b.height, b.width = dims
+
+    return edit
+
+
+def _set_v2_dims(layer: str, dims: tuple[int, ...]) -> Callable[[Message], None]:
+    def edit(net: Message) -> None:
+        shape = find_layer(net, layer).blobs[0].shape
+        del shape.dim[:]
+        shape.dim.extend(dims)
+
+    return edit
+
+
+def _duplicate(name: str) -> Callable[[Message], None]:
+    def edit(net: Message) -> None:
+        layers_of(net).add().CopyFrom(find_layer(net, name))
+
+    return edit
+
+
+def _both_formats(net: Message) -> None:
+    net.layers.add(name="conv1_1")
+
+
+def _torch_save(obj: object) -> Callable[[Path], Path]:
+    def make(path: Path) -> Path:
+        torch.save(obj, path)
+        return path
+
+    return make
+
+
+def _bytes(data: bytes) -> Callable[[Path], Path]:
+    def make(path: Path) -> Path:
+        path.write_bytes(data)
+        return path
+
+    return make
+
+
+def _truncated(src: Path, fraction: float, convert_first: bool = False) -> Callable[[Path], Path]:
+    def make(path: Path) -> Path:
+        data = src.read_bytes()
+        if convert_first:
+            convert(src, path.with_suffix(".full"))
+            data = path.with_suffix(".full").read_bytes()
+        path.write_bytes(data[: int(len(data) * fraction)])
+        return path
+
+    return make
+
+
+def _pth_then_truncate(path: Path) -> Path:
+    torch.save(read_caffemodel(MODELS / "tag_v2.caffemodel"), path)
+    path.write_bytes(path.read_bytes()[:100_000])
+    return path
+
+
+def _safetensors_with_meta(meta: dict[str, str]) -> Callable[[Path], Path]:
+    def make(path: Path) -> Path:
+        save_safetensors(read_caffemodel(MODELS / "tag_v2.caffemodel"), path, meta)
+        return path
+
+    return make
+
+
+ERRORS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "empty": (_bytes(b""), "{p} is not a weight file: it looks like an empty file"),
+    "text": (
+        _bytes(b'name: "illust2vec"\nlayer {\n  name: "conv1_1"\n  type: "Convolution"\n}\n'),
+        "{p} is not a weight file: it looks like a text file (a .prototxt, or an error page saved instead of "
+        "the download?)",
+    ),
+    "html": (
+        _bytes(b"<!DOCTYPE html><html><body>Not Found</body></html>"),
+        "{p} is not a weight file: it looks like a text file",
+    ),
+    "jpeg": (
+        _bytes((GOLDEN / "images" / "mixed" / "img000.jpg").read_bytes()),
+        "{p} is not a weight file: it looks like a JPEG image",
+    ),
+    "gzip": (
+        _bytes(b"\x1f\x8b\x08\x00" + bytes(100)),
+        "{p} is not a weight file: it looks like a gzip file (decompress it first)",
+    ),
+    "truncated_caffemodel": (
+        _truncated(MODELS / "tag_v2.caffemodel", 0.6),
+        "{p} is not a valid caffemodel (truncated or corrupt: ",
+    ),
+    "missing_layer": (_edit("tag_v1.caffemodel", _remove_layer("conv3_2")), "{p}: layer conv3_2 is missing"),
+    "missing_head": (
+        _edit("feature_v1.caffemodel", _remove_layer("encode1")),
+        "{p}: layer conv6_4 (tag model) or encode1 (feature model) is missing",
+    ),
+    "size_mismatch_v1": (
+        _edit("tag_v1.caffemodel", _set_v1_dims("conv3_1", (8, 4, 3, 4))),
+        "{p}: conv3_1 weight holds 288 values but its shape (8, 4, 3, 4) needs 384",
+    ),
+    "size_mismatch_v2": (
+        _edit("tag_v2.caffemodel", _set_v2_dims("conv6_4", (1539, 32, 3))),
+        "{p}: conv6_4 weight holds 443232 values but its shape (1539, 32, 3) needs 147744",
+    ),
+    "wrong_shape": (
+        _edit("tag_v2.caffemodel", _set_v2_dims("conv4_1", (16, 8, 9, 1))),
+        "{p}: features.conv4_1.weight has shape (16, 8, 9, 1), expected (16, 8, 3, 3)",
+    ),
+    "wrong_rank": (
+        _edit("feature_v1.caffemodel", _set_v1_dims("encode1", (2, 1, 64, 1568))),
+        "{p}: encode1 weight has shape (2, 1, 64, 1568), expected 2 dimensions",
+    ),
+    "layer_twice": (_edit("tag_v2.caffemodel", _duplicate("conv2_1")), "{p} holds layer conv2_1 twice"),
+    "both_formats": (
+        _edit("tag_v2.caffemodel", _both_formats),
+        "{p} holds both V1 'layers' and V2 'layer' definitions: not a valid caffemodel",
+    ),
+    "no_layers": (
+        lambda p: write(caffe_message("NetParameter")(name="empty"), p),
+        "{p} is not a caffemodel: it holds no layers",
+    ),
+    "foreign_layers": (
+        _edit("tag_v2.caffemodel", lambda net: [setattr(layer, "name", layer.name.upper()) for layer in net.layer]),
+        "{p} holds none of Illustration2Vec's layers (conv1_1 ... conv6_4, encode1)",
+    ),
+    "truncated_safetensors": (
+        _truncated(MODELS / "tag_v2.caffemodel", 0.5, convert_first=True),
+        "{p} is not a valid safetensors file (truncated or corrupt:",
+    ),
+    "safetensors_wrong_metadata": (
+        _safetensors_with_meta({"i2v.kind": "feature"}),
+        "{p}: its metadata says feature model but its tensors make a tag model",
+    ),
+    "truncated_pth": (_pth_then_truncate, "{p} is not a readable PyTorch file (truncated or corrupt:"),
+    "pth_without_tensors": (
+        _torch_save({"epoch": 3, "lr": 0.1}),
+        "{p} holds no state dict (expected a dict of tensors)",
+    ),
+    "pth_unknown_keys": (
+        _torch_save({"fc.weight": torch.zeros(2, 2)}),
+        "{p}: unexpected key 'fc.weight' for an Illustration2Vec state dict",
+    ),
+    "pth_too_few_convs": (
+        _torch_save({f"net.{i}.weight": torch.zeros(2, 3, 3, 3) for i in SEQUENTIAL_INDICES[:5]}),
+        "{p} holds 5 convolution layers, expected 12",
+    ),
+    "pth_integer_tensor": (
+        _torch_save({"conv1_1.weight": torch.zeros(2, 3, 3, 3, dtype=torch.int64)}),
+        "{p}: conv1_1.weight is not a floating-point tensor",
+    ),
+    "plain_pickle": (
+        _bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x03."),
+        "{p} is not a readable PyTorch file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_errors_are_one_line_and_name_the_file(tmp_path: Path, case: str) -> None:
+    make, expected = ERRORS[case]
+    path = make(tmp_path / f"{case}.weights")
+    with pytest.raises(WeightsError) as exc:
+        load_weights(path)
+    assert type(exc.value) is WeightsError
+    assert one_line_error(exc, path).startswith(expected.format(p=path))
+    with pytest.raises(WeightsError) as exc:
+        convert(path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary file left
+
+
+def test_missing_file_and_folder(tmp_path: Path) -> None:
+    with pytest.raises(WeightsNotFoundError) as exc:
+        load_weights(tmp_path / "nope.safetensors")
+    assert str(exc.value) == f"{tmp_path}/nope.safetensors: no such file"
+    with pytest.raises(WeightsError) as exc:
+        load_weights(tmp_path)
+    assert str(exc.value) == f"{tmp_path} is a folder, not a weight file"
+
+
+@pytest.mark.parametrize(
+    ("src", "kind", "message"),
+    [
+        (
+            "feature_v1.caffemodel",
+            TAG,
+            "{p} is a feature model (encode1); `i2v tag` needs the tag model "
+            "(illust2vec_tag_ver200.caffemodel or illust2vec_tag_ver200.safetensors)",
+        ),
+        (
+            "tag_v1.caffemodel",
+            FEATURE,
+            "{p} is a tag model (conv6_4); feature extraction needs the feature model "
+            "(illust2vec_ver200.caffemodel or illust2vec_ver200.safetensors)",
+        ),
+    ],
+)
+def test_model_kind_mix_up(src: str, kind: str, message: str) -> None:
+    with pytest.raises(ModelKindError) as exc:
+        load_model(MODELS / src, kind=kind)
+    assert str(exc.value) == message.format(p=MODELS / src)
+
+
+def test_load_model_builds_the_right_network(tmp_path: Path, feature_weights: Path) -> None:
+    model, info = load_model(feature_weights, kind=FEATURE)
+    assert not model.training
+    assert model.arch == Architecture(FEATURE, WIDTHS, 128)
+    assert info.source == "feature_v1.caffemodel"
+    assert next(model.parameters()).device == torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Where weights are found
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No i2v variables, and a home folder of our own."""
+    for var in ("I2V_WEIGHTS", "I2V_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def test_default_weights_dir(monkeypatch: pytest.MonkeyPatch, clean_env: Path, tmp_path: Path) -> None:
+    assert default_weights_dir() == clean_env / ".cache" / "i2v"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    assert default_weights_dir() == clean_env / ".cache" / "i2v"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_weights_dir() == tmp_path / "xdg" / "i2v"
+    monkeypatch.setenv("I2V_HOME", str(tmp_path / "i2v_home"))
+    assert default_weights_dir() == tmp_path / "i2v_home"
+
+
+def test_resolve_order(monkeypatch: pytest.MonkeyPatch, clean_env: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("I2V_HOME", str(cache))
+    cached = cache / "illust2vec_tag_ver200.safetensors"
+    cached.parent.mkdir()
+    cached.write_bytes(b"x")
+    env_file = tmp_path / "env.safetensors"
+    env_file.write_bytes(b"x")
+    explicit = tmp_path / "explicit.caffemodel"
+    explicit.write_bytes(b"x")
+
+    assert resolve_weights(None, TAG) == cached
+    monkeypatch.setenv("I2V_WEIGHTS", str(env_file))
+    assert resolve_weights(None, TAG) == env_file
+    assert resolve_weights(str(explicit), TAG) == explicit
+    assert resolve_weights("", TAG) == env_file  # an empty --weights is no --weights
+
+
+def test_resolve_folders(monkeypatch: pytest.MonkeyPatch, clean_env: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "illust2vec_ver200.caffemodel").write_bytes(b"x")
+    (folder / "illust2vec_tag_ver200.safetensors").write_bytes(b"x")
+    monkeypatch.setenv("I2V_WEIGHTS", str(folder))
+    assert resolve_weights(None, TAG) == folder / "illust2vec_tag_ver200.safetensors"
+    assert resolve_weights(None, FEATURE) == folder / "illust2vec_ver200.caffemodel"  # converted on the fly
+    (folder / "illust2vec_ver200.safetensors").write_bytes(b"x")
+    assert resolve_weights(str(folder), FEATURE) == folder / "illust2vec_ver200.safetensors"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(WeightsNotFoundError) as exc:
+        resolve_weights(str(empty), TAG)
+    assert str(exc.value) == (
+        f"--weights folder {empty} holds no illust2vec_tag_ver200.safetensors (nor illust2vec_tag_ver200.caffemodel)"
+    )
+
+
+def test_resolve_missing(monkeypatch: pytest.MonkeyPatch, clean_env: Path, tmp_path: Path) -> None:
+    with pytest.raises(WeightsNotFoundError) as exc:
+        resolve_weights(str(tmp_path / "gone.safetensors"), TAG)
+    assert str(exc.value) == f"--weights: {tmp_path}/gone.safetensors does not exist"
+    monkeypatch.setenv("I2V_WEIGHTS", str(tmp_path / "gone"))
+    with pytest.raises(WeightsNotFoundError) as exc:
+        resolve_weights(None, FEATURE)
+    assert str(exc.value) == f"$I2V_WEIGHTS: {tmp_path}/gone does not exist"
+    monkeypatch.delenv("I2V_WEIGHTS")
+    target = clean_env / ".cache" / "i2v" / "illust2vec_ver200.safetensors"
+    with pytest.raises(WeightsNotFoundError) as exc:
+        resolve_weights(None, FEATURE)
+    assert str(exc.value) == (
+        f"no feature model weights found (no --weights, no $I2V_WEIGHTS, no {target}): run `i2v weights download`, "
+        f"or `i2v weights convert FILE.caffemodel -o {target}`"
+    )
