@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import I2VError
+from .errors import CaptionError
 from .inputs import IMAGE_EXTENSIONS
 
 #: What to do with a caption file that is already there.
@@ -30,11 +30,6 @@ SCORE_ORDER = ("general", "character", "copyright")
 
 Outcome = Literal["written", "overwritten", "appended", "unchanged", "skipped", "failed"]
 StrPath = str | os.PathLike[str]
-
-
-class CaptionError(I2VError):
-    """Caption options that cannot work, images that would share a caption file, or a caption file that
-    cannot be read or written."""
 
 
 def tag_key(tag: str) -> str:

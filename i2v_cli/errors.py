@@ -33,3 +33,8 @@ class DownloadError(I2VError):
 
 class ImageDecodeError(I2VError):
     """An image file cannot be read or decoded; the message says why (empty, truncated, not an image, ...)."""
+
+
+class CaptionError(I2VError):
+    """Caption options that cannot work, images that would share a caption file, or a caption file that
+    cannot be read or written."""
