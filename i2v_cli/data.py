@@ -36,11 +36,11 @@ class Batch:
         return self
 
 
-def decode_error(exc: BaseException) -> str:
-    """The message recorded for an image that could not be decoded."""
+def decode_error(path: str, exc: BaseException) -> str:
+    """The message recorded for an image that could not be decoded; it names the file."""
     if isinstance(exc, I2VError):
         return str(exc)
-    return f"cannot read image: {type(exc).__name__}: {exc}"
+    return f"{path}: cannot read image: {type(exc).__name__}: {exc}"
 
 
 class ImageDataset(Dataset[Sample]):
@@ -56,7 +56,7 @@ class ImageDataset(Dataset[Sample]):
         try:
             return Sample(index, load_and_preprocess(self.paths[index]), None)
         except Exception as exc:  # any failure of one file is that file's record, never the run's end
-            return Sample(index, None, decode_error(exc))
+            return Sample(index, None, decode_error(self.paths[index], exc))
 
 
 def collate(samples: list[Sample]) -> Batch:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import stat
 import warnings
 from typing import Union
@@ -120,11 +121,13 @@ def _check_file(path: PathType, name: str) -> os.stat_result:
 
 
 def _bomb_message(name: str, pixels: int | None, detail: str = "") -> str:
-    limit = Image.MAX_IMAGE_PIXELS
-    count = f"{pixels:,} pixels" if pixels is not None else detail
+    if pixels is None:  # Pillow refused it before we saw its size: take the count from its message
+        found = re.search(r"\((\d+) pixels\)", detail)
+        pixels = int(found.group(1)) if found else None
+    count = f"{pixels:,} pixels" if pixels is not None else "too many pixels"
     return (
-        f"{name}: image too large ({count}, over the limit of {limit:,} pixels): refused as a possible "
-        "decompression bomb (raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine)"
+        f"{name}: {count}, over the limit of {Image.MAX_IMAGE_PIXELS:,}: refused as a possible decompression "
+        "bomb (PIL.Image.MAX_IMAGE_PIXELS sets the limit)"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -101,7 +102,7 @@ def _isolate(model: Illust2VecNet, paths: Sequence[str], indices: range, device:
         except RuntimeError as exc:
             if "DataLoader worker" not in str(exc):
                 raise
-            errors[i] = "the image decoder crashed on this file (its worker process died)"
+            errors[i] = f"{os.fsdecode(paths[i])}: the image decoder crashed on this file (its worker process died)"
             continue
         if batch.ok:
             ok.append(i)

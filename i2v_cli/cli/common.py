@@ -118,7 +118,10 @@ def progress_bar(total: int | None, enabled: bool | None, unit: str = "img", des
 
 def report_failure(bar: tqdm, path: str, error: str) -> None:
     """One line on stderr for an input that failed, kept clear of the progress bar."""
-    line = f"i2v: {os.fsencode(path).decode('utf-8', 'backslashreplace')}: {error}"
+    shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+    error = os.fsencode(error).decode("utf-8", "backslashreplace")
+    # Decoding errors name their file already; others get it in front.
+    line = f"i2v: {error}" if error.startswith(shown) else f"i2v: {shown}: {error}"
     if bar.disable:
         click.echo(line, err=True)
     else:
