@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from .common import CONTEXT_SETTINGS, I2VGroup
+from .features import features
+from .similar import similar
 from .tag import tag
 from .weights import weights
 
@@ -22,6 +24,8 @@ def cli() -> None:
 
 cli.add_command(tag)
 cli.add_command(weights)
+cli.add_command(features)
+cli.add_command(similar)
 
 
 def main() -> None:

@@ -1,0 +1,182 @@
+"""``i2v similar``: the indexed images closest to each query, by exact search over a feature file."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+import numpy as np
+
+from ..config import FEATURE
+from ..errors import I2VError
+from ..features import FeatureFile, binarize, read_features
+from ..inputs import expand_inputs
+from ..runner import resolve_device, run_model
+from ..similar import result_record, search
+from ..weights import load_model, resolve_weights
+from ..writers import JsonlWriter, JsonWriter, Writer
+from .common import CONTEXT_SETTINGS, EXIT_SOME_FAILED, UsageFailure, default_workers, model_options
+
+SIMILAR_FORMATS = ("text", "json", "jsonl")
+
+
+class TextWriter(Writer):
+    """For people: the query on a line, then one ``score  path`` line per result, a blank line between queries."""
+
+    def _write_one(self, record: dict[str, Any]) -> None:
+        if "error" in record:
+            return  # reported on stderr
+        lines = [("" if self.count == 0 else "\n") + f"{record['query']}:"]
+        for hit in record["results"]:
+            score = f"{hit['distance']:5d}" if "distance" in hit else f"{hit['score']:.6f}"
+            lines.append(f"  {score}  {hit['path']}")
+        self.stream.write("\n".join(lines) + "\n")
+
+
+def _open(fmt: str, output: str | None) -> Writer:
+    cls = {"text": TextWriter, "json": JsonWriter, "jsonl": JsonlWriter}[fmt]
+    try:
+        return cls(output)
+    except OSError as exc:
+        raise UsageFailure(f"cannot write {output}: {exc.strerror}") from None
+
+
+def similar_format(fmt: str | None, output: str | None) -> str:
+    """The format asked for, else the output file's extension (json, jsonl), else text."""
+    if fmt:
+        return fmt
+    ext = os.path.splitext(output or "")[1].lower().lstrip(".")
+    return ext if ext in ("json", "jsonl") else "text"
+
+
+def _query_paths(specs: tuple[str, ...], index: FeatureFile, recursive: bool, nul: bool) -> list[str]:
+    """Each query as given when the index holds it; else expanded like `i2v tag`'s inputs (folders, globs, -)."""
+    found: list[str] = []
+    for spec in specs:
+        if spec != "-" and index.row(spec) is not None:
+            found.append(spec)
+        else:
+            found.extend(
+                expand_inputs([spec], recursive=recursive, stdin=sys.stdin.buffer if spec == "-" else None, nul=nul)
+            )
+    return found
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("queries", nargs=-1, required=True, metavar="QUERY...")
+@click.option(
+    "--index",
+    "-i",
+    "index_path",
+    required=True,
+    metavar="FILE",
+    help="Features written by `i2v features -o FILE.npy` (the .npy or its .paths.jsonl).",
+)
+@click.option("--top-k", "-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Results per query.")
+@click.option(
+    "--format",
+    "-f",
+    "fmt",
+    type=click.Choice(SIMILAR_FORMATS),
+    help="Output format. Default: from -o's extension (json, jsonl), else text.",
+)
+@click.option("--output", "-o", metavar="FILE", help="Write here instead of stdout.")
+@click.option("--include-self", is_flag=True, help="Keep a query's own row among its results.")
+@click.option("--recursive", "-r", is_flag=True, help="Look for query images in sub-folders too.")
+@click.option("--null", "-0", "nul", is_flag=True, help="Paths read from '-' are NUL-separated.")
+@model_options
+def similar(
+    queries: tuple[str, ...],
+    index_path: str,
+    k: int,
+    fmt: str | None,
+    output: str | None,
+    include_self: bool,
+    recursive: bool,
+    nul: bool,
+    weights: str | None,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+) -> None:
+    """Find the indexed images most similar to each QUERY: a path stored in the index (its stored row is
+    used, no model needed) or an image file (its feature is computed with the feature model).
+
+    Float features are compared by cosine similarity (highest first), binary ones by Hamming distance
+    (lowest first); the search is exact. A query's own row is left out of its results.
+
+    \b
+    Examples:
+      i2v features ./illustrations -o vecs.npy
+      i2v similar ./illustrations/miku.png --index vecs.npy -k 5
+      i2v similar new.jpg --index vecs.npy --format jsonl | jq -r '.results[].path'
+    """
+    fmt = similar_format(fmt, output)
+    index = read_features(index_path)
+    paths = _query_paths(queries, index, recursive, nul)
+    width = index.vectors.shape[1]
+    vectors: dict[int, np.ndarray] = {}  # query position -> its vector
+    own_rows: dict[int, int] = {}
+    errors: dict[int, str] = {}
+    to_compute: list[int] = []
+    for i, path in enumerate(paths):
+        row = index.row(path)
+        if row is not None:
+            own_rows[i] = row
+            vectors[i] = np.array(index.vectors[row])
+        elif os.path.exists(path):
+            to_compute.append(i)
+        else:
+            errors[i] = f"not in the index {index.vectors_path} and no such file"
+
+    if to_compute:
+        dev = resolve_device(device)
+        model, info = load_model(resolve_weights(weights, FEATURE), kind=FEATURE, device=str(dev))
+        if model.arch.feature_dim != index.dim:
+            raise UsageFailure(
+                f"{index.vectors_path} holds features of length {index.dim}, but the model {info.source} gives "
+                f"{model.arch.feature_dim}: use the weights the index was made with"
+            )
+        made_with = index.model.get("sha256")
+        if made_with and info.sha256 and made_with != info.sha256:
+            click.echo(
+                f"i2v: warning: {index.vectors_path} was made with {index.model.get('source')} "
+                f"(sha256 {made_with[:12]}…), the query model is {info.source} (sha256 {info.sha256[:12]}…)",
+                err=True,
+            )
+        image_paths = [paths[i] for i in to_compute]
+        n_workers = (default_workers() if workers is None else workers) if len(image_paths) > batch_size else 0
+        position = dict(zip(range(len(image_paths)), to_compute, strict=True))
+        done = 0
+        for batch in run_model(model, image_paths, batch_size=batch_size, workers=n_workers):
+            for r in batch:
+                i = position[done]
+                done += 1
+                if r.output is None:
+                    errors[i] = r.error or "no output"
+                else:
+                    vectors[i] = binarize(r.output[None])[0] if index.binary else r.output
+    for i, vector in vectors.items():
+        if vector.shape != (width,):
+            raise I2VError(f"query {paths[i]}: feature of shape {vector.shape}, the index has {width} columns")
+
+    order = sorted(vectors)
+    found = search(
+        index.vectors,
+        np.stack([vectors[i] for i in order]) if order else np.zeros((0, width), index.vectors.dtype),
+        k,
+        exclude=None if include_self else [own_rows.get(i) for i in order],
+    )
+    neighbors = dict(zip(order, found, strict=True))
+    with _open(fmt, output) as writer:
+        for i, path in enumerate(paths):
+            if i in errors:
+                click.echo(f"i2v: {os.fsencode(path).decode('utf-8', 'backslashreplace')}: {errors[i]}", err=True)
+                writer.write([{"query": path, "error": errors[i]}])
+            else:
+                writer.write([result_record(path, own_rows.get(i), neighbors[i], index.paths, index.binary)])
+    if errors:
+        click.echo(f"i2v: {len(errors)} of {len(paths)} queries failed", err=True)
+        sys.exit(EXIT_SOME_FAILED)
