@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,3 +108,9 @@ def test_error_record():
         "path": "x.png",
         "error": "truncated",
     }
+
+
+def test_packaged_tag_list_is_the_top_level_one():
+    """The tag list shipped inside the package is the repository's tag_list.json, byte for byte."""
+    root = Path(__file__).parent.parent
+    assert (root / "i2v_cli" / "tag_list.json").read_bytes() == (root / "tag_list.json").read_bytes()
