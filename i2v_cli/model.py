@@ -107,25 +107,38 @@ def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> Architecture:
     raise WeightsError("layer conv6_4 (tag model) or encode1 (feature model) is missing")
 
 
-def build_model(state_dict: Mapping[str, torch.Tensor]) -> Illust2VecNet:
-    """Build the network that ``state_dict`` describes and load it, with a clear error on any mismatch."""
+def check_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Architecture:
+    """The architecture ``state_dict`` describes, after checking every key and shape against it (``encode2``,
+    the feature model's unused tag head, may be absent)."""
     arch = infer_architecture(state_dict)
-    model = Illust2VecNet(arch)
-    expected = model.state_dict()
+    with torch.device("meta"):  # shapes only: no memory for a 1 GB model
+        expected = {k: tuple(v.shape) for k, v in Illust2VecNet(arch).state_dict().items()}
     if arch.kind == FEATURE and layer_key("encode2", "weight") not in state_dict:
-        # encode2 (feature -> tags) is not needed to extract features; keep the module but leave it unset.
-        state_dict = {**state_dict, **{k: v for k, v in expected.items() if k.startswith("encode2.")}}
+        expected = {k: v for k, v in expected.items() if not k.startswith("encode2.")}
     missing = sorted(set(expected) - set(state_dict))
     if missing:
-        raise WeightsError(f"missing {', '.join(missing)}")
+        raise WeightsError(f"{', '.join(missing)} missing")
     unexpected = sorted(set(state_dict) - set(expected))
     if unexpected:
-        raise WeightsError(f"unexpected {', '.join(unexpected)}")
-    for key, tensor in expected.items():
+        raise WeightsError(f"unexpected {', '.join(unexpected)} in a {arch.kind} model")
+    for key, shape in expected.items():
         got = tuple(state_dict[key].shape)
-        if got != tuple(tensor.shape):
-            raise WeightsError(f"{key} has shape {got}, expected {tuple(tensor.shape)}")
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
+        if got != shape:
+            raise WeightsError(f"{key} has shape {got}, expected {shape}")
+    return arch
+
+
+def build_model(state_dict: Mapping[str, torch.Tensor]) -> Illust2VecNet:
+    """Build the network that ``state_dict`` describes around its tensors (no copy: a 1 GB model costs 1 GB),
+    with a clear error on any mismatch."""
+    arch = check_state_dict(state_dict)
+    with torch.device("meta"):
+        model = Illust2VecNet(arch)
+    tensors = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in state_dict.items()}
+    if arch.kind == FEATURE and layer_key("encode2", "weight") not in tensors:
+        # encode2 (feature -> tags) is not needed to extract features: zeros keep the module complete.
+        tensors.update({k: torch.zeros(v.shape) for k, v in model.state_dict().items() if k.startswith("encode2.")})
+    model.load_state_dict(tensors, assign=True)
     return model.eval()
 
 

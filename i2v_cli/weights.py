@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError, Message
 
 from .config import CONV_NAMES, FEATURE, TAG
 from .errors import ModelKindError, WeightsError, WeightsNotFoundError
-from .model import Architecture, Illust2VecNet, build_model, infer_architecture, layer_key, remap_legacy_state_dict
+from .model import Architecture, Illust2VecNet, build_model, check_state_dict, layer_key, remap_legacy_state_dict
 
 PathLike = str | os.PathLike[str]
 
@@ -369,26 +369,11 @@ def load_weights(path: PathLike) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
 
 
 def _check_state_dict(state_dict: Mapping[str, torch.Tensor], path: Path) -> Architecture:
-    """The architecture ``state_dict`` describes, after checking every key and shape against it."""
+    """The architecture ``state_dict`` describes, after checking every key and shape; errors name the file."""
     try:
-        arch = infer_architecture(state_dict)
+        return check_state_dict(state_dict)
     except WeightsError as exc:
         raise WeightsError(f"{path}: {exc}") from None
-    with torch.device("meta"):  # shapes only: no memory for a 1 GB model
-        expected = {k: tuple(v.shape) for k, v in Illust2VecNet(arch).state_dict().items()}
-    if arch.kind == FEATURE and layer_key("encode2", "weight") not in state_dict:
-        expected = {k: v for k, v in expected.items() if not k.startswith("encode2.")}
-    missing = sorted(set(expected) - set(state_dict))
-    if missing:
-        raise WeightsError(f"{path}: {', '.join(missing)} missing")
-    unexpected = sorted(set(state_dict) - set(expected))
-    if unexpected:
-        raise WeightsError(f"{path}: unexpected {', '.join(unexpected)} in a {arch.kind} model")
-    for key, shape in expected.items():
-        got = tuple(state_dict[key].shape)
-        if got != shape:
-            raise WeightsError(f"{path}: {key} has shape {got}, expected {shape}")
-    return arch
 
 
 def _check_metadata(meta: Mapping[str, str], info: WeightsInfo, path: Path) -> None:

@@ -39,3 +39,11 @@ def feature_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("weights") / "feature.safetensors"
     convert(GOLDEN / "models" / "feature_v1.caffemodel", out)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Keep what i2v caches (downloads, ONNX exports) in a temporary folder, never in the user's own cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("I2V_HOME", str(tmp_path_factory.mktemp("i2v-home")))
+        yield
