@@ -16,6 +16,7 @@ from PIL import Image
 
 from .config import CATEGORIES, FEATURE, TAG
 from .errors import ModelKindError
+from .inference import Predictor, check_precision, prepare_for_inference
 from .model import Illust2VecNet
 from .preprocess import preprocess
 from .runner import resolve_device
@@ -36,8 +37,14 @@ class Illustration2Vec:
         tags: Sequence[str] | None = None,
         info: WeightsInfo | None = None,
         batch_size: int = 16,
+        precision: str = "fp32",
+        backend: str = "auto",
     ) -> None:
         self.model = model.eval()
+        self.precision = precision
+        self.backend = backend
+        check_precision(precision, self.device)
+        self._net: Predictor | None = None  # prepared on first use (packing or exporting takes a moment)
         self.tags = list(tags) if tags is not None else load_tag_list()
         self.index = {t: i for i, t in enumerate(self.tags)}
         self.info = info
@@ -61,11 +68,13 @@ class Illustration2Vec:
         if not batch:
             width = len(self.tags) if kind == TAG else self.model.arch.feature_dim
             return np.zeros((0, width), dtype=np.float32)
+        if self._net is None:
+            self._net = prepare_for_inference(self.model, precision=self.precision, backend=self.backend)
         out = []
         with torch.inference_mode():
             for i in range(0, len(batch), self.batch_size):
                 x = torch.stack(batch[i : i + self.batch_size]).to(self.device)
-                out.append(self.model(x).float().cpu().numpy())
+                out.append(self._net(x).float().cpu().numpy())
         return np.concatenate(out)
 
     def estimate_probabilities(self, images: Iterable[ImageLike]) -> np.ndarray:
@@ -128,13 +137,17 @@ def load(
     tag_list: PathLike | None = None,
     device: str = "auto",
     batch_size: int = 16,
+    precision: str = "fp32",
+    backend: str = "auto",
 ) -> Illustration2Vec:
     """Load a model from ``weights`` (safetensors, caffemodel or .pth), or from the default places
-    (``$I2V_WEIGHTS``, then the cache that ``i2v weights download`` fills) when None."""
+    (``$I2V_WEIGHTS``, then the cache that ``i2v weights download`` fills) when None.
+
+    ``precision`` (fp32, bf16, fp16) and ``backend`` (auto, torch, onnxruntime) as ``i2v tag``'s options."""
     path = resolve_weights(None if weights is None else os.fspath(weights), kind or TAG)
     model, info = load_model(path, kind=kind, device=str(resolve_device(device)))
     tags = load_tag_list(tag_list)
-    return Illustration2Vec(model, tags, info, batch_size)
+    return Illustration2Vec(model, tags, info, batch_size, precision, backend)
 
 
 def make_i2v_with_pytorch(

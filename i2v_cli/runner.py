@@ -11,6 +11,7 @@ import torch
 
 from .data import Batch, make_loader
 from .errors import I2VError
+from .inference import Predictor, model_device, prepare_for_inference
 from .model import Illust2VecNet
 
 
@@ -48,14 +49,20 @@ def run_model(
     batch_size: int = 16,
     workers: int = 0,
     on_progress: Callable[[int], None] | None = None,
+    precision: str = "fp32",
+    backend: str = "auto",
 ) -> Iterator[list[Result]]:
     """Run ``model`` over ``paths``; yield each batch's results in input order as soon as it is done.
 
     Images that fail to decode get a Result with an error and no output; the others are unaffected. If a
     decoding worker dies (a decoder crash, the out-of-memory killer), the batch in hand is retried one image
     per process, the image that kills its process gets an error, and the run goes on.
+
+    ``precision`` (fp32, bf16, fp16) and ``backend`` (auto, torch, onnxruntime) choose how the network runs:
+    see :func:`i2v_cli.inference.prepare_for_inference`.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
+    net = prepare_for_inference(model, precision=precision, backend=backend)
     pin = device.type == "cuda"
     done = 0
     while done < len(paths):
@@ -64,7 +71,7 @@ def run_model(
         )
         try:
             for batch in loader:
-                results = _infer(model, paths, batch, device)
+                results = _infer(net, paths, batch, device)
                 done += len(results)
                 yield results
                 if on_progress is not None:
@@ -73,14 +80,14 @@ def run_model(
             if workers == 0 or "DataLoader worker" not in str(exc):
                 raise
             del loader
-            results = _isolate(model, paths, range(done, min(done + batch_size, len(paths))), device)
+            results = _isolate(net, paths, range(done, min(done + batch_size, len(paths))), device)
             done += len(results)
             yield results
             if on_progress is not None:
                 on_progress(len(results))
 
 
-def _infer(model: Illust2VecNet, paths: Sequence[str], batch: Batch, device: torch.device) -> list[Result]:
+def _infer(model: Predictor, paths: Sequence[str], batch: Batch, device: torch.device) -> list[Result]:
     """Network outputs for a batch's decoded images, merged in order with the errors of the others."""
     outputs: dict[int, np.ndarray] = {}
     if batch.ok:
@@ -91,7 +98,7 @@ def _infer(model: Illust2VecNet, paths: Sequence[str], batch: Batch, device: tor
     return [Result(paths[i], outputs.get(i), batch.errors.get(i)) for i in sorted([*batch.ok, *batch.errors])]
 
 
-def _isolate(model: Illust2VecNet, paths: Sequence[str], indices: range, device: torch.device) -> list[Result]:
+def _isolate(model: Predictor, paths: Sequence[str], indices: range, device: torch.device) -> list[Result]:
     """Decode each image in a process of its own, so that one that kills its decoder is told apart."""
     ok: list[int] = []
     inputs: list[torch.Tensor] = []

@@ -66,6 +66,8 @@ def features(
     device: str,
     batch_size: int,
     workers: int | None,
+    precision: str,
+    backend: str,
     progress: bool | None,
 ) -> None:
     """Extract semantic features (the feature model's encode1) of images: files, folders, glob patterns,
@@ -106,6 +108,8 @@ def features(
                 batch_size=batch_size,
                 workers=default_workers() if workers is None else workers,
                 on_progress=bar.update,
+                precision=precision,
+                backend=backend,
             )
             for batch in results:
                 ok = [r for r in batch if r.output is not None]

@@ -100,6 +100,8 @@ def similar(
     device: str,
     batch_size: int,
     workers: int | None,
+    precision: str,
+    backend: str,
 ) -> None:
     """Find the indexed images most similar to each QUERY: a path stored in the index (its stored row is
     used, no model needed) or an image file (its feature is computed with the feature model).
@@ -150,7 +152,9 @@ def similar(
         n_workers = (default_workers() if workers is None else workers) if len(image_paths) > batch_size else 0
         position = dict(zip(range(len(image_paths)), to_compute, strict=True))
         done = 0
-        for batch in run_model(model, image_paths, batch_size=batch_size, workers=n_workers):
+        for batch in run_model(
+            model, image_paths, batch_size=batch_size, workers=n_workers, precision=precision, backend=backend
+        ):
             for r in batch:
                 i = position[done]
                 done += 1

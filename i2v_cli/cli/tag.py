@@ -138,6 +138,8 @@ def tag(
     device: str,
     batch_size: int,
     workers: int | None,
+    precision: str,
+    backend: str,
     progress: bool | None,
     **caption_params: Any,
 ) -> None:
@@ -189,6 +191,8 @@ def tag(
             batch_size=batch_size,
             workers=default_workers() if workers is None else workers,
             on_progress=bar.update,
+            precision=precision,
+            backend=backend,
         )
         for batch in results:
             records = [tag_record(r.path, r.output, r.error, tags, selection) for r in batch]
