@@ -24,6 +24,7 @@ from .common import (
     progress_option,
     report_failure,
 )
+from .ray_options import engine_options, run_engine
 
 FEATURE_FORMATS = ("npy", "jsonl")
 
@@ -53,8 +54,10 @@ def feature_format(fmt: str | None, output: str | None) -> str:
     help="npy: vectors + paths file (needs -o); jsonl: {path, feature} lines. "
     "Default: jsonl on stdout or for a .jsonl file, else npy.",
 )
+@click.option("--resume", is_flag=True, help="[ray] Keep the shards already in the -o folder and do the rest.")
 @model_options
 @progress_option
+@engine_options
 def features(
     paths: tuple[str, ...],
     recursive: bool,
@@ -69,6 +72,7 @@ def features(
     precision: str,
     backend: str,
     progress: bool | None,
+    **engine: object,
 ) -> None:
     """Extract semantic features (the feature model's encode1) of images: files, folders, glob patterns,
     or '-' to read paths from stdin.
@@ -82,7 +86,10 @@ def features(
       i2v features ./illustrations -o vecs.npy
       i2v features ./illustrations --binary -o bits.npy
       i2v features a.png b.png --format jsonl | jq -c '.feature[:4]'
+      i2v features ./dump -r --engine ray --ray-address head:6379 -o features/
     """
+    if run_engine(FEATURE):
+        return
     fmt = feature_format(fmt, output)
     if fmt == "npy" and output is None:
         raise UsageFailure("--format npy writes a file: give -o FILE.npy (its paths go to FILE.paths.jsonl)")

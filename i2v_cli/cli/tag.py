@@ -32,6 +32,7 @@ from .common import (
     progress_option,
     report_failure,
 )
+from .ray_options import engine_options, run_engine
 
 _SCORE = click.FloatRange(0.0, 1.0)
 
@@ -108,8 +109,8 @@ def output_format(fmt: str | None, output: str | None) -> str:
     "--format",
     "-f",
     "fmt",
-    type=click.Choice(FORMATS),
-    help="Output format. Default: from -o's extension, else jsonl.",
+    type=click.Choice([*FORMATS, "parquet"]),
+    help="Output format (parquet: --engine ray only). Default: from -o's extension, else jsonl.",
 )
 @click.option("--output", "-o", metavar="FILE", help="Write here instead of stdout.")
 @click.option(
@@ -121,6 +122,7 @@ def output_format(fmt: str | None, output: str | None) -> str:
 @caption_options
 @model_options
 @progress_option
+@engine_options
 def tag(
     paths: tuple[str, ...],
     recursive: bool,
@@ -157,7 +159,10 @@ def tag(
       i2v tag a.jpg b.png --top-k 5 --format csv
       find . -name '*.jpg' -print0 | i2v tag - -0 --format jsonl | jq .general
       i2v tag ./dataset -r --captions --threshold 0.4 --exclude "simple background" --underscores
+      i2v tag ./dump -r --engine ray --ray-address head:6379 -f parquet -o tags/
     """
+    if run_engine(TAG):
+        return
     selection = Selection.make(
         threshold,
         general=general_threshold,

@@ -1,0 +1,493 @@
+"""``--engine ray``: the runs of ``i2v tag`` and ``i2v features`` on a Ray cluster, written as shards to a folder.
+
+The inputs, in the local engine's order, are cut into shards of ``shard_size`` consecutive images; shard ``k``
+holds inputs ``k * shard_size`` up to the next shard's first. The shards are the rows of a Ray Dataset: a CPU
+task decodes and preprocesses a shard's images (:class:`~i2v_cli.data.ImageDataset`, so a bad file is an error
+record, never a dead task), and a pool of actors, each holding the network once (on a GPU when asked for),
+runs it and writes the shard's file itself, so only network inputs cross the object store. The output folder:
+
+- ``part-00000.jsonl`` (or ``.csv``, ``.parquet``) per shard of ``i2v tag``: the records of a local run, in
+  input order; ``part-00000.npy`` + ``part-00000.paths.jsonl`` (a :mod:`i2v_cli.features` pair) and
+  ``part-00000.errors.jsonl`` (the ``{"path", "error"}`` records of images without a row) per shard of
+  ``i2v features``. Reading the shards in name order gives a local run's order.
+- ``manifest.json``: the command, options, model, input count and digest, shard size, and when the run is
+  ``complete`` the list of shards with their first input and record count, and the error count.
+
+A shard's file appears by rename once whole (a features shard is whole when its paths file is in place, the
+last of its three), and a retried shard rewrites the same name with the same content: a worker killed midway
+loses and duplicates nothing. ``resume`` keeps the shards in place and runs the others. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from .config import FEATURE, INPUT_SIZE, TAG
+from .errors import I2VError, InputError
+from .features import FeatureWriter, binarize
+from .inputs import expand_inputs, read_path_list
+from .tags import Selection, tag_record
+from .writers import open_writer
+
+MANIFEST = "manifest.json"
+FORMAT_NAME = "i2v-ray-output"
+FORMAT_VERSION = 1
+TAG_FORMATS = ("jsonl", "csv", "parquet")
+DEFAULT_SHARD_SIZE = 256
+#: Testing hook: a folder where each network actor notes its PID, and may be told to pause (see ``_checkpoint``).
+HOLD_ENV = "I2V_RAY_HOLD_DIR"
+_INPUT_SHAPE = (3, INPUT_SIZE, INPUT_SIZE)
+_INPUT_BYTES = 4 * 3 * INPUT_SIZE * INPUT_SIZE
+_CATEGORIES = ("general", "character", "copyright", "rating")
+
+
+class RayEngineError(I2VError):
+    """The Ray run cannot start or go on: Ray missing or unreachable, or an output folder of another run."""
+
+
+@dataclass(frozen=True)
+class RayJob:
+    """One ``--engine ray`` run: what to compute, with which model, and where the shards go."""
+
+    kind: str  # TAG or FEATURE
+    weights: str
+    out: str
+    fmt: str  # jsonl, csv or parquet for tags; npy for features
+    tags: Sequence[str] = ()
+    selection: Selection | None = None
+    binary: bool = False
+    batch_size: int = 16
+    precision: str = "fp32"  # as run_model's precision and backend
+    backend: str = "auto"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    num_workers: int | None = None  # default: one per GPU, else one per 4 CPUs
+    gpus_per_worker: float | None = None  # default: 1 where the cluster has GPUs, else 0
+    address: str | None = None  # default: $RAY_ADDRESS, a cluster started on this machine, else a new local one
+    resume: bool = False
+    progress: bool = True
+    options: Mapping[str, Any] = field(default_factory=dict)  # recorded in the manifest, compared on resume
+
+
+@dataclass
+class RaySummary:
+    """What a run did: images processed now, their errors ``(path, error)``, images skipped as already done."""
+
+    images: int
+    errors: list[tuple[str, str]]
+    skipped: int
+    shards: int
+    seconds: float
+    workers: int
+    gpus_per_worker: float
+
+    @property
+    def throughput(self) -> float:
+        """Images processed per second of wall time (ray start-up included)."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The output folder
+
+
+def shard_files(kind: str, fmt: str, k: int) -> list[str]:
+    """The file names of shard ``k``, the one whose appearance completes the shard last."""
+    stem = f"part-{k:05d}"
+    if kind == FEATURE:
+        return [f"{stem}.errors.jsonl", f"{stem}.npy", f"{stem}.paths.jsonl"]
+    return [f"{stem}.{fmt}"]
+
+
+def _digest(paths: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(os.fsencode(p) + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _plan(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> dict[str, Any]:
+    """The manifest's fields that a resumed run must share with the run it resumes."""
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "command": "tag" if job.kind == TAG else "features",
+        "output_format": job.fmt,
+        "inputs": len(inputs),
+        "inputs_digest": _digest(inputs),
+        "shard_size": job.shard_size,
+        "model": dict(model),
+        "options": dict(job.options),
+        "cwd": os.getcwd(),
+    }
+
+
+def prepare_output(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> tuple[dict[str, Any], set[int]]:
+    """Create (or, resuming, check) the output folder; return the run's manifest and the shards already done."""
+    out = Path(job.out)
+    plan = _plan(job, inputs, model)
+    manifest = out / MANIFEST
+    done: set[int] = set()
+    if manifest.exists():
+        if not job.resume:
+            raise RayEngineError(f"{out} holds the output of an earlier run: add --resume, or choose another folder")
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RayEngineError(f"cannot resume: {manifest} is not readable: {exc}") from None
+        differ = [k for k in ("command", "output_format", "inputs_digest", "shard_size", "model", "options")
+                  if old.get(k) != plan[k]]  # fmt: skip
+        if differ:
+            raise RayEngineError(
+                f"cannot resume: {out} was written with other {', '.join(differ)}; rerun the same command, "
+                "or choose another folder"
+            )
+        for tmp in out.glob(".part-*"):  # a shard cut off by a kill
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        n = -(-len(inputs) // job.shard_size)
+        done = {k for k in range(n) if (out / shard_files(job.kind, job.fmt, k)[-1]).exists()}
+    elif any(out.glob("part-*")):
+        raise RayEngineError(f"{out} holds shard files but no {MANIFEST}: choose an empty or new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(manifest, {**plan, "status": "running"})
+    except OSError as exc:
+        raise RayEngineError(f"cannot write {manifest}: {exc.strerror or exc}") from None
+    return plan, done
+
+
+def _count_errors(out: Path, kind: str, fmt: str, k: int) -> int:
+    """Error records in a finished shard (for the manifest of a resumed run)."""
+    name = out / shard_files(kind, fmt, k)[0]
+    if kind == FEATURE or fmt == "jsonl":
+        with open(name, encoding="utf-8", errors="surrogateescape") as f:
+            return sum("error" in json.loads(line) for line in f)
+    if fmt == "csv":
+        import csv
+
+        with open(name, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            return sum(1 for row in csv.DictReader(f) if row["error"])
+    import pyarrow.parquet as pq
+
+    return pq.read_table(name, columns=["error"]).column("error").drop_null().__len__()
+
+
+def read_tag_records(out: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The records of a finished ``i2v tag --engine ray`` folder (JSONL or Parquet shards), in input order."""
+    folder = Path(out)
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    fmt = manifest["output_format"]
+    if fmt not in ("jsonl", "parquet"):
+        raise RayEngineError(f"{folder}: records can be read back from jsonl or parquet shards, not {fmt}")
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        if fmt == "jsonl":
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                yield from (json.loads(line) for line in f)
+            continue
+        import pyarrow.parquet as pq
+
+        for row in pq.read_table(path).to_pylist():
+            if row["error"] is not None:
+                yield {"path": row["path"], "error": row["error"]}
+            else:
+                yield {"path": row["path"], **{c: dict(row[c]) for c in _CATEGORIES}}
+
+
+def expand_ray_inputs(
+    specs: Sequence[str], *, recursive: bool = False, stdin: IO[bytes] | None = None, nul: bool = False
+) -> list[str]:
+    """The local engine's inputs, plus lists of paths: a ``.txt`` file (one a line) or a ``.parquet`` file (its
+    ``path`` column, else its first), for dumps too large to name on a command line."""
+    paths: list[str] = []
+    pending: list[str] = []
+    for spec in [*specs, None]:
+        kind = os.path.splitext(spec)[1].lower() if spec is not None and os.path.isfile(spec) else None
+        if spec is not None and kind not in (".txt", ".parquet"):
+            pending.append(spec)
+            continue
+        if pending:
+            paths.extend(expand_inputs(pending, recursive=recursive, stdin=stdin, nul=nul))
+            pending = []
+        if spec is None:
+            break
+        if kind == ".txt":
+            with open(spec, "rb") as f:
+                paths.extend(read_path_list(f, nul))
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(spec)
+            column = table.column("path" if "path" in table.column_names else 0).to_pylist()
+            paths.extend(os.fsdecode(p) for p in column if p)
+    if not paths:
+        raise InputError("no input images: the lists of paths given are empty")
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing one shard (in an actor)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write_parquet(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scores = pa.map_(pa.string(), pa.float64())
+    schema = pa.schema([("path", pa.string()), ("error", pa.string()),
+                        *((c, scores) for c in _CATEGORIES)])  # fmt: skip
+    rows = [
+        {
+            "path": os.fsencode(r["path"]).decode("utf-8", "backslashreplace"),
+            "error": r.get("error"),
+            **{c: list(r[c].items()) if c in r else None for c in _CATEGORIES},
+        }
+        for r in records
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def write_tag_shard(out: Path, fmt: str, k: int, records: Sequence[Mapping[str, Any]]) -> str:
+    """Write shard ``k``'s records under a temporary name and rename it into place; return its file name."""
+    name = shard_files(TAG, fmt, k)[0]
+    tmp = _tmp(out / name)
+    if fmt == "parquet":
+        _write_parquet(tmp, records)
+    else:
+        with open_writer(fmt, str(tmp)) as writer:
+            writer.write(records)
+    os.replace(tmp, out / name)
+    return name
+
+
+def write_feature_shard(
+    out: Path, k: int, paths: Sequence[str], vectors: np.ndarray, errors: Sequence[Mapping[str, str]], **writer: Any
+) -> str:
+    """Write shard ``k``: its error records, then its vectors and paths pair (the paths file last, by rename)."""
+    names = shard_files(FEATURE, "npy", k)
+    tmp = _tmp(out / names[0])
+    with open_writer("jsonl", str(tmp)) as w:
+        w.write(errors)
+    os.replace(tmp, out / names[0])
+    with FeatureWriter(out / names[1], **writer) as w:
+        w.write(paths, vectors)
+    return names[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Ray side
+
+
+def _enter(cwd: str) -> None:
+    """Work from the driver's folder (where it exists), so relative paths and their error messages match."""
+    with contextlib.suppress(OSError):
+        os.chdir(cwd)
+
+
+def decode_shards(batch: Any, cwd: str) -> Any:
+    """CPU task: decode and preprocess the images of each shard row; the inputs travel as float32 bytes."""
+    import pyarrow as pa
+    import torch
+
+    from .data import ImageDataset, collate
+
+    torch.set_num_threads(1)
+    _enter(cwd)
+    rows = []
+    for row in batch.to_pylist():
+        data = ImageDataset([os.fsdecode(p) for p in row["paths"]])
+        decoded = collate([data[i] for i in range(len(data))])
+        inputs = decoded.inputs.numpy() if decoded.ok else np.zeros((0, *_INPUT_SHAPE), np.float32)
+        errors = [decoded.errors.get(i) for i in range(len(data))]
+        rows.append({"shard": row["shard"], "paths": row["paths"], "errors": errors, "inputs": inputs.tobytes()})
+    return pa.Table.from_pylist(rows, schema=_decoded_schema())
+
+
+def _decoded_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([("shard", pa.int64()), ("paths", pa.list_(pa.binary())), ("errors", pa.list_(pa.string())),
+                      ("inputs", pa.large_binary())])  # fmt: skip
+
+
+class NetworkWorker:
+    """Ray actor: loads the network once, then per shard runs it over the decoded inputs and writes the shard."""
+
+    def __init__(self, job: RayJob, cwd: str, device: str) -> None:
+        import torch
+
+        from .inference import prepare_for_inference
+        from .weights import load_model
+
+        _enter(cwd)
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or 1)))
+        self.job = job
+        self.out = Path(job.out)
+        self.model, self.info = load_model(job.weights, kind=job.kind, device=device)
+        self.net = prepare_for_inference(self.model, precision=job.precision, backend=job.backend)
+        self.device = torch.device(device)
+        self.written = 0
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        rows = []
+        for row in batch.to_pylist():
+            paths = [os.fsdecode(p) for p in row["paths"]]
+            errors: list[str | None] = row["errors"]
+            ok = [i for i, e in enumerate(errors) if e is None]
+            outputs = dict(zip(ok, self._forward(np.frombuffer(row["inputs"], np.float32)), strict=True))
+            _checkpoint(self.written)
+            failed = [(paths[i], e) for i, e in enumerate(errors) if e is not None]
+            name = self._write(row["shard"], paths, errors, outputs)
+            self.written += 1
+            rows.append({"shard": row["shard"], "file": name, "count": len(paths),
+                         "error_paths": [os.fsencode(p) for p, _ in failed],
+                         "error_messages": [e for _, e in failed]})  # fmt: skip
+        return pa.Table.from_pylist(rows, schema=_summary_schema())
+
+    def _forward(self, flat: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(flat.copy()).reshape(-1, *_INPUT_SHAPE)
+        outs = []
+        with torch.inference_mode():
+            for start in range(0, len(x), self.job.batch_size):
+                chunk = x[start : start + self.job.batch_size].to(self.device)
+                outs.append(self.net(chunk).float().cpu().numpy())
+        return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+    def _write(self, k: int, paths: list[str], errors: list[str | None], outputs: dict[int, np.ndarray]) -> str:
+        job = self.job
+        if job.kind == TAG:
+            assert job.selection is not None
+            records = [tag_record(p, outputs.get(i), errors[i], job.tags, job.selection) for i, p in enumerate(paths)]
+            return write_tag_shard(self.out, job.fmt, k, records)
+        ok = sorted(outputs)
+        dim = self.model.arch.feature_dim
+        vectors = np.stack([outputs[i] for i in ok]) if ok else np.zeros((0, dim), np.float32)
+        if job.binary:
+            vectors = binarize(vectors)
+        errs = [{"path": paths[i], "error": e} for i, e in enumerate(errors) if e is not None]
+        model = {"source": self.info.source, "sha256": self.info.sha256}
+        return write_feature_shard(
+            self.out, k, [paths[i] for i in ok], vectors, errs, dim=dim, binary=job.binary, model=model
+        )
+
+
+def _summary_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([("shard", pa.int64()), ("file", pa.string()), ("count", pa.int64()),
+                      ("error_paths", pa.list_(pa.binary())), ("error_messages", pa.list_(pa.string()))])  # fmt: skip
+
+
+def _checkpoint(written: int) -> None:
+    """Testing hook: with ``$I2V_RAY_HOLD_DIR`` set, note this actor's PID there, and while a file ``hold`` there
+    says N, wait before writing any shard after the first N this actor wrote (so a test can kill it midway)."""
+    folder = os.environ.get(HOLD_ENV)
+    if not folder:
+        return
+    Path(folder, f"actor-{os.getpid()}").write_text(str(written))
+    hold = Path(folder, "hold")
+    while hold.exists():
+        with contextlib.suppress(OSError, ValueError):
+            if written < int(hold.read_text() or 0):
+                return
+        Path(folder, f"holding-{os.getpid()}").touch()
+        time.sleep(0.05)
+
+
+def _resources(job: RayJob) -> tuple[int, float]:
+    """Actors and GPUs per actor: as asked, else one actor per GPU of the cluster, else one per 4 CPUs."""
+    import ray
+
+    have = ray.cluster_resources()
+    gpus = job.gpus_per_worker if job.gpus_per_worker is not None else (1.0 if have.get("GPU", 0) >= 1 else 0.0)
+    if job.num_workers is not None:
+        return job.num_workers, gpus
+    if gpus > 0:
+        return max(1, int(have.get("GPU", 0) // gpus)), gpus
+    return max(1, int(have.get("CPU", 1)) // 4), gpus
+
+
+def run_job(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> Iterator[RaySummary]:
+    """Run ``job`` over ``inputs`` on Ray; yield a summary after each shard written (the last one is final).
+
+    ``model`` (``source``, ``sha256``) is recorded in the manifest. Raises RayEngineError when the output folder
+    belongs to another run or Ray cannot be reached.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise RayEngineError("--engine ray needs the ray extra: pip install 'i2v[ray]'") from None
+    plan, done = prepare_output(job, inputs, model)
+    started = time.perf_counter()
+    n = -(-len(inputs) // job.shard_size)
+    todo = [k for k in range(n) if k not in done]
+    size = job.shard_size
+    try:
+        ray.init(address=job.address, logging_level="WARNING", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RayEngineError(f"cannot reach the Ray cluster {job.address or ''}: {exc}".replace("  ", " ")) from None
+    try:
+        from ray.data import ActorPoolStrategy, DataContext
+
+        DataContext.get_current().enable_progress_bars = job.progress
+        workers, gpus = _resources(job)
+        summary = RaySummary(0, [], sum(min(size, len(inputs) - k * size) for k in done), len(done), 0.0, workers, gpus)
+        if todo:
+            items = [{"shard": k, "paths": [os.fsencode(p) for p in inputs[k * size : (k + 1) * size]]} for k in todo]
+            cwd = os.getcwd()
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+            # Decoding runs in tasks of its own: its memory reservation (a worker with torch, and a shard's inputs
+            # twice) also keeps Ray from fusing it into the actors.
+            ds = ds.map_batches(decode_shards, fn_kwargs={"cwd": cwd}, batch_size=1, batch_format="pyarrow",
+                                num_cpus=1, memory=(256 << 20) + 2 * size * _INPUT_BYTES)  # fmt: skip
+            ds = ds.map_batches(
+                NetworkWorker,
+                fn_constructor_kwargs={"job": job, "cwd": cwd, "device": "cuda" if gpus > 0 else "cpu"},
+                batch_size=1,
+                batch_format="pyarrow",
+                compute=ActorPoolStrategy(size=workers),
+                num_gpus=gpus,
+                num_cpus=0.5 if gpus > 0 else 1,
+            )
+            for batch in ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=0):
+                for row in batch.to_pylist():
+                    summary.images += row["count"]
+                    summary.shards += 1
+                    summary.errors.extend(zip(map(os.fsdecode, row["error_paths"]), row["error_messages"], strict=True))
+                    summary.seconds = time.perf_counter() - started
+                    yield summary
+        summary.seconds = time.perf_counter() - started
+        out = Path(job.out)
+        earlier = sum(_count_errors(out, job.kind, job.fmt, k) for k in done)
+        shards = [{"file": shard_files(job.kind, job.fmt, k)[1 if job.kind == FEATURE else 0], "first": k * size,
+                   "count": min(size, len(inputs) - k * size)} for k in range(n)]  # fmt: skip
+        _write_json(out / MANIFEST, {**plan, "status": "complete", "records": len(inputs),
+                                     "errors": earlier + len(summary.errors), "shards": shards})  # fmt: skip
+        yield summary
+    finally:
+        ray.shutdown()

@@ -1,0 +1,293 @@
+"""`--engine ray` on a real two-node Ray cluster on this machine: the same records as the local engine, exactly
+one record per input when the network actor is killed midway, and --resume finishing an interrupted run.
+
+The cluster (a head and a worker node, started with `ray start`, each in a process group of its own) lives for
+the session and is stopped at its end, whatever happened; the tests skip when the `ray` extra is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from i2v_cli.cli import cli
+from i2v_cli.features import read_features
+
+ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
+RAY = Path(sys.executable).with_name("ray")
+TIMEOUT = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a `ray start --block` and every process it started (its process group): gently, then for sure."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left (an exited process group member is a no-op)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A head and a worker node on this machine; yields (address, hold folder shared with the actors)."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+    root = Path(tempfile.mkdtemp(prefix="i2vray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    hold = root / "hold"
+    hold.mkdir()
+    env = {**os.environ, **ENV, "I2V_RAY_HOLD_DIR": str(hold)}
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--block", "--num-cpus=2", "--object-store-memory=100000000", "--disable-usage-stats"]
+    nodes = []
+    try:
+        head = [str(RAY), "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={root}/h"]
+        nodes.append(_popen([*head, *common], env, root / "head.log"))
+        _wait_for_nodes(address, 1, env, nodes)
+        worker = [str(RAY), "start", f"--address={address}", f"--temp-dir={root}/w"]
+        nodes.append(_popen([*worker, *common], env, root / "worker.log"))
+        _wait_for_nodes(address, 2, env, nodes)
+        yield address, hold
+    finally:
+        for proc in reversed(nodes):
+            _stop(proc)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _popen(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as f:
+        return subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_nodes(address: str, n: int, env: dict[str, str], nodes: list[subprocess.Popen]) -> None:
+    probe = (
+        f"import ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False); "
+        "print(sum(1 for x in ray.nodes() if x['Alive']))"
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in nodes):
+            pytest.fail("`ray start` exited; see its log in the session's temporary folder")
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+        if out.returncode == 0 and out.stdout.strip().isdigit() and int(out.stdout.strip()) >= n:
+            return
+        time.sleep(1)
+    pytest.fail(f"the Ray cluster at {address} did not reach {n} nodes in 90 s")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, golden):
+    """Twelve golden images, one file that is not an image, and one missing name, in a folder."""
+    folder = tmp_path_factory.mktemp("rayimgs")
+    sources = sorted((golden / "images" / "sq").iterdir()) + sorted((golden / "images" / "mixed").iterdir())
+    for i, src in enumerate(sources):
+        shutil.copy(src, folder / f"im{i:02d}{src.suffix}")
+    (folder / "im05b.png").write_text("not an image")
+    return folder
+
+
+def _ray(args, address, cwd, **kwargs) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "i2v_cli", *map(str, args), "--engine", "ray", "--ray-address", address]
+    env = {**os.environ, **ENV}
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the ray run did not finish in {TIMEOUT} s:\n{err}")
+    return proc.returncode, err
+
+
+def _local_jsonl(images, weights, tmp_path) -> str:
+    out = tmp_path / "local.jsonl"
+    result = CliRunner().invoke(cli, ["tag", str(images), "-t", "0", "-j", "0", "-w", str(weights), "-o", str(out)])
+    assert result.exit_code == 1, result.output  # the file that is not an image
+    return out.read_text()
+
+
+def assert_same_records(got: list[dict], want: list[dict]) -> None:
+    """The same records in the same order: paths, fields, errors and tags equal, scores within 1e-5."""
+    assert [r["path"] for r in got] == [r["path"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        assert list(g) == list(w)
+        if "error" in w:
+            assert g == w
+            continue
+        for category in ("general", "character", "copyright", "rating"):
+            assert set(g[category]) == set(w[category])
+            np.testing.assert_allclose([g[category][t] for t in w[category]], list(w[category].values()), atol=1e-5)
+
+
+def _records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _shards(out: Path) -> list[dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    return manifest["shards"]
+
+
+def _joined(out: Path) -> str:
+    return "".join((out / s["file"]).read_text() for s in _shards(out))
+
+
+def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen) -> Path:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {pattern} appeared: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.1)
+    pytest.fail(f"no {pattern} in {folder} after {TIMEOUT} s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_tag_records_equal_the_local_engine(cluster, images, tag_weights, tmp_path):
+    address, _ = cluster
+    local = _local_jsonl(images, tag_weights, tmp_path)
+    proc = _ray(["tag", images, "-t", "0", "-w", tag_weights, "--shard-size", "4", "-o", "out"], address, tmp_path)
+    code, err = _finish(proc)
+    assert code == 1, err
+    assert f"i2v: {images}/im05b.png: a text file, not an image" in err
+    assert "i2v: ray: 13 images, 1 failed" in err
+    assert_same_records(_records(_joined(tmp_path / "out")), _records(local))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["records"], manifest["errors"], len(manifest["shards"])) == (13, 1, 4)
+
+
+def test_parquet_shards_and_features(cluster, images, tag_weights, feature_weights, tmp_path):
+    from i2v_cli.ray_engine import read_tag_records
+
+    address, _ = cluster
+    local = _records(_local_jsonl(images, tag_weights, tmp_path))
+    tag = _ray(["tag", images, "-t", "0", "-w", tag_weights, "-f", "parquet", "-o", "pq"], address, tmp_path)
+    assert _finish(tag)[0] == 1
+    assert_same_records(list(read_tag_records(tmp_path / "pq")), local)
+
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["features", str(images), "-j", "0", "-w", str(feature_weights), "-o", str(tmp_path / "v.npy")]
+    )
+    assert result.exit_code == 1, result.output
+    want = read_features(tmp_path / "v.npy")
+    proc = _ray(["features", images, "-w", feature_weights, "--shard-size", "5", "-o", "feat"], address, tmp_path)
+    code, err = _finish(proc)
+    assert code == 1, err
+    parts = [read_features(tmp_path / "feat" / s["file"]) for s in _shards(tmp_path / "feat")]
+    assert [p for part in parts for p in part.paths] == want.paths
+    # encode1 before its sigmoid: values up to about 10, so float32 sums of another batch grouping differ by ~1e-5
+    np.testing.assert_allclose(np.concatenate([p.vectors for p in parts]), want.vectors, atol=1e-4, rtol=1e-5)
+    names = [s["file"].replace(".npy", ".errors.jsonl") for s in _shards(tmp_path / "feat")]
+    errors = [json.loads(line) for name in names for line in (tmp_path / "feat" / name).read_text().splitlines()]
+    assert errors == [{"path": f"{images}/im05b.png", "error": f"{images}/im05b.png: a text file, not an image"}]
+
+
+def test_killed_network_worker_loses_and_duplicates_nothing(cluster, images, tag_weights, tmp_path):
+    address, hold = cluster
+    for f in hold.iterdir():
+        f.unlink()
+    local = _local_jsonl(images, tag_weights, tmp_path)
+    (hold / "hold").write_text("2")  # the actor writes two shards, then waits before writing its third
+    args = ["tag", images, "-t", "0", "-w", tag_weights, "--shard-size", "2", "--num-workers", "1", "-o", "out"]
+    proc = _ray(args, address, tmp_path)
+    try:
+        holding = _wait_for("holding-*", hold, proc)
+        pid = int(holding.name.split("-")[1])
+        assert len(list((tmp_path / "out").glob("part-*.jsonl"))) == 2
+        os.kill(pid, signal.SIGKILL)  # mid-run: its third shard computed, not written
+    finally:
+        (hold / "hold").unlink()
+    code, err = _finish(proc)
+    assert code == 1, err
+    assert {f.name for f in hold.glob("actor-*")} - {f"actor-{pid}"}, "no actor took over from the killed one"
+    assert_same_records(_records(_joined(tmp_path / "out")), _records(local))  # every input once, in order
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary file left
+
+
+def test_resume_finishes_an_interrupted_run(cluster, images, tag_weights, tmp_path):
+    address, hold = cluster
+    for f in hold.iterdir():
+        f.unlink()
+    local = _local_jsonl(images, tag_weights, tmp_path)
+    (hold / "hold").write_text("3")
+    args = ["tag", images, "-t", "0", "-w", tag_weights, "--shard-size", "2", "--num-workers", "1", "-o", "out"]
+    proc = _ray(args, address, tmp_path)
+    try:
+        actor = int(_wait_for("holding-*", hold, proc).name.split("-")[1])
+        proc.kill()  # the driver dies: the run is interrupted, three shards done
+        proc.communicate(timeout=30)
+        deadline = time.monotonic() + 30  # Ray ends the dead driver's actors; make sure of it before going on
+        while time.monotonic() < deadline and _alive(actor):
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(actor, signal.SIGKILL)
+    finally:
+        (hold / "hold").unlink()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "running"
+    assert len(list((tmp_path / "out").glob("part-*.jsonl"))) == 3
+
+    # Shards finish in any order: the one with the file that is not an image (inputs 6-7) may be done already.
+    failing = 0 if (tmp_path / "out" / "part-00003.jsonl").exists() else 1
+
+    again = _finish(_ray(args, address, tmp_path))
+    assert again[0] == 2 and "add --resume" in again[1]
+    code, err = _finish(_ray([*args, "--resume"], address, tmp_path))
+    assert code == failing, err  # a resumed run reports its own failures, as the local engine's --resume does
+    assert f"i2v: ray: 7 images, {failing} failed" in err and "6 skipped" in err
+    assert_same_records(_records(_joined(tmp_path / "out")), _records(local))
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["errors"] == 1
+
+
+def test_engine_options_are_checked(tag_weights, images, tmp_path, monkeypatch):
+    runner = CliRunner()
+    base = ["tag", str(images), "-w", str(tag_weights)]
+    result = runner.invoke(cli, [*base, "--num-workers", "2"])
+    assert result.exit_code == 2 and "--num-workers: for --engine ray only" in result.output
+    result = runner.invoke(cli, [*base, "-f", "parquet"])
+    assert result.exit_code == 2 and "--format parquet: for --engine ray only" in result.output
+    monkeypatch.setattr("i2v_cli.cli.ray_options.find_spec", lambda name: None)
+    result = runner.invoke(cli, [*base, "--engine", "ray", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("--engine ray needs the ray extra: pip install 'i2v[ray]'")
+    if find_spec("ray") is None:
+        return
+    monkeypatch.undo()
+    result = runner.invoke(cli, [*base, "--engine", "ray"])
+    assert result.exit_code == 2 and "give -o FOLDER" in result.output
