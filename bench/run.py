@@ -119,7 +119,7 @@ def _predictors(kind: str, names: list[str]) -> dict:
             path = OUT / "cache" / f"plain-{kind}.onnx"
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                export_onnx(model, path)
+                export_onnx(model, path)  # the whole network, as anyone would export it
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             out[name] = lambda x, s=session: torch.from_numpy(s.run(None, {"input": x.numpy()})[0])
     return out

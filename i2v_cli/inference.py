@@ -2,9 +2,8 @@
 
 Measured on a 2-core AVX-512 CPU (full-size tag network, batch 8): eager NCHW 3.7 img/s, channels_last 6.0,
 oneDNN convolutions with weights reordered once and ReLU fused (:class:`PackedCPUNet`) about 13-14, ONNX
-Runtime about 15. So on a CPU in fp32 the ``auto`` backend runs the tag network in ONNX Runtime when it is
-installed (the ``onnx`` extra), else, and for the feature network, the packed oneDNN network; other precisions
-and CUDA run in PyTorch (channels_last, autocast).
+Runtime about 15. So on a CPU in fp32 the ``auto`` backend is ONNX Runtime when it is installed (the ``onnx``
+extra), else the packed oneDNN network; other precisions and CUDA run in PyTorch (channels_last, autocast).
 """
 
 from __future__ import annotations
@@ -60,15 +59,12 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device, precision: str, kind: str = TAG) -> str:
-    """``auto`` is ONNX Runtime for the tag network in fp32 on a CPU when it is installed (faster there, same
-    results), else torch. The feature network stays in torch: ONNX Runtime would hold a second copy of its 1 GB
-    of weights (+1.3 GB peak RSS) for no measurable gain end to end (its cost is the conv trunk's, like the tag
-    network's, and its encode1 is a matrix-vector product)."""
+def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
+    """``auto`` is ONNX Runtime for fp32 on a CPU when it is installed (faster there, same results), else torch."""
     if backend not in BACKENDS:
         raise I2VError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
     if backend == "auto":
-        if kind == TAG and device.type == "cpu" and precision == "fp32" and onnxruntime_available():
+        if device.type == "cpu" and precision == "fp32" and onnxruntime_available():
             return "onnxruntime"
         return "torch"
     if backend == "onnxruntime":
@@ -180,8 +176,8 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def export_onnx(model: Illust2VecNet, target: str | os.PathLike[str] | io.BytesIO) -> None:
-    """Export the network to ONNX (dynamic batch, 224x224 input) with torch's exporter."""
+def export_onnx(model: nn.Module, target: str | os.PathLike[str] | io.BytesIO) -> None:
+    """Export a network (or its trunk) to ONNX (dynamic batch, 224x224 input) with torch's exporter."""
     model = model.eval()
     device = model_device(model)
     with warnings.catch_warnings(), torch.no_grad():
@@ -199,14 +195,14 @@ def export_onnx(model: Illust2VecNet, target: str | os.PathLike[str] | io.BytesI
         )
 
 
-def cached_onnx(model: Illust2VecNet, cache_dir: Path | None = None) -> str | bytes:
-    """The network's ONNX file in the cache (exported once per weights, torch version and opset), or the
-    model bytes when the cache cannot be written."""
+def cached_onnx(model: nn.Module, name: str, cache_dir: Path | None = None) -> str | bytes:
+    """``model``'s ONNX file in the cache (exported once per weights, torch version and opset), or the model
+    bytes when the cache cannot be written; ``name`` starts the file's name."""
     from .weights import default_weights_dir
 
     folder = (cache_dir or default_weights_dir()) / "onnx"
     key = hashlib.sha256(f"{weights_digest(model)}:{torch.__version__}:{_OPSET}".encode()).hexdigest()[:32]
-    path = folder / f"{model.arch.kind}-{key}.onnx"
+    path = folder / f"{name}-{key}.onnx"
     if path.is_file():
         return str(path)
     tmp = folder / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
@@ -224,23 +220,45 @@ def cached_onnx(model: Illust2VecNet, cache_dir: Path | None = None) -> str | by
             tmp.unlink()
 
 
+class _Trunk(nn.Module):
+    """conv1_1 ... conv6_3 of a network: the part of the feature model that ONNX Runtime runs."""
+
+    def __init__(self, model: Illust2VecNet) -> None:
+        super().__init__()
+        self.features = model.features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
 class OnnxRuntimeNet:
-    """The network as an ONNX Runtime CPU session: a callable from a (N, 3, 224, 224) tensor to its output."""
+    """The network as an ONNX Runtime CPU session: a callable from a (N, 3, 224, 224) tensor to its output.
+
+    The tag network runs whole in the session. Of the feature network only the conv trunk does, where all its
+    time goes; ``encode1`` (a matrix-vector product a row) stays in torch with the model's own 800 MB weight,
+    so the session does not hold a second copy of it.
+    """
 
     def __init__(self, model: Illust2VecNet, cache_dir: Path | None = None, threads: int | None = None) -> None:
         import onnxruntime as ort
+
+        self.head = None if model.arch.kind == TAG else model.forward_head
+        exported = model if self.head is None else _Trunk(model)
+        name = model.arch.kind if self.head is None else f"{model.arch.kind}-trunk"
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()  # as many as PyTorch would use
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(cached_onnx(model, cache_dir), options, providers=["CPUExecutionProvider"])
+        onnx_model = cached_onnx(exported, name, cache_dir)
+        self.session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Run a float32 CPU batch through the session."""
         (y,) = self.session.run(None, {self.input_name: x.detach().to(torch.float32).contiguous().numpy()})
-        return torch.from_numpy(y)
+        out = torch.from_numpy(y)
+        return out if self.head is None else self.head(out)
 
 
 def prepare_for_inference(
@@ -253,7 +271,7 @@ def prepare_for_inference(
     device = model_device(model)
     check_precision(precision, device)
     model = model.eval()
-    if resolve_backend(backend, device, precision, model.arch.kind) == "onnxruntime":
+    if resolve_backend(backend, device, precision) == "onnxruntime":
         return OnnxRuntimeNet(model, cache_dir)
     if device.type == "cpu" and precision == "fp32":
         return pack_for_cpu(model)
