@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -91,3 +92,44 @@ def make_loader(
         worker_init_fn=_init_worker if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
     )
+
+
+def worker_died(exc: RuntimeError) -> bool:
+    """Whether a DataLoader's error says one of its worker processes died (rather than a bug of ours)."""
+    return "DataLoader worker" in str(exc)
+
+
+def decode_isolated(paths: Sequence[str], indices: Sequence[int]) -> Batch:
+    """Decode each of ``paths[indices]`` in a process of its own, so that an image that kills its decoder (a
+    crash in a native library, the out-of-memory killer) gets an error and the others are unaffected."""
+    ok: list[int] = []
+    inputs: list[torch.Tensor] = []
+    errors: dict[int, str] = {}
+    for i in indices:
+        try:
+            (batch,) = list(make_loader(paths, batch_size=1, workers=1, indices=[i]))
+        except RuntimeError as exc:
+            if not worker_died(exc):
+                raise
+            errors[i] = f"{os.fsdecode(paths[i])}: the image decoder crashed on this file (its worker process died)"
+            continue
+        if batch.ok:
+            ok.append(i)
+            inputs.append(batch.inputs[0])
+        errors.update(batch.errors)
+    return Batch(ok, torch.stack(inputs) if inputs else torch.empty(0), errors)
+
+
+def decode_in_worker(paths: Sequence[str]) -> Batch:
+    """All of ``paths`` decoded in one worker process, as one batch; should the worker die, each image is
+    retried in a process of its own (:func:`decode_isolated`). For callers that must survive any image, such
+    as a Ray task, whose own death would fail its whole shard."""
+    if not paths:
+        return Batch([], torch.empty(0), {})
+    try:
+        (batch,) = list(make_loader(paths, batch_size=len(paths), workers=1))
+    except RuntimeError as exc:
+        if not worker_died(exc):
+            raise
+        return decode_isolated(paths, range(len(paths)))
+    return batch

@@ -2,9 +2,10 @@
 
 The inputs, in the local engine's order, are cut into shards of ``shard_size`` consecutive images; shard ``k``
 holds inputs ``k * shard_size`` up to the next shard's first. The shards are the rows of a Ray Dataset: a CPU
-task decodes and preprocesses a shard's images (:class:`~i2v_cli.data.ImageDataset`, so a bad file is an error
-record, never a dead task), and a pool of actors, each holding the network once (on a GPU when asked for),
-runs it and writes the shard's file itself, so only network inputs cross the object store. The output folder:
+task decodes and preprocesses a shard's images (:func:`~i2v_cli.data.decode_in_worker`, so a bad file is an
+error record, never a dead task, even one that crashes its decoder), and a pool of actors, each holding the
+network once (on a GPU when asked for), runs it and writes the shard's file itself, so only network inputs cross
+the object store. The output folder:
 
 - ``part-00000.jsonl`` (or ``.csv``, ``.parquet``) per shard of ``i2v tag``: the records of a local run, in
   input order; ``part-00000.npy`` + ``part-00000.paths.jsonl`` (a :mod:`i2v_cli.features` pair) and
@@ -309,16 +310,16 @@ def decode_shards(batch: Any, cwd: str) -> Any:
     import pyarrow as pa
     import torch
 
-    from .data import ImageDataset, collate
+    from .data import decode_in_worker
 
     torch.set_num_threads(1)
     _enter(cwd)
     rows = []
     for row in batch.to_pylist():
-        data = ImageDataset([os.fsdecode(p) for p in row["paths"]])
-        decoded = collate([data[i] for i in range(len(data))])
+        paths = [os.fsdecode(p) for p in row["paths"]]
+        decoded = decode_in_worker(paths)  # an image that crashes its decoder fails alone, not the shard's task
         inputs = decoded.inputs.numpy() if decoded.ok else np.zeros((0, *_INPUT_SHAPE), np.float32)
-        errors = [decoded.errors.get(i) for i in range(len(data))]
+        errors = [decoded.errors.get(i) for i in range(len(paths))]
         rows.append({"shard": row["shard"], "paths": row["paths"], "errors": errors, "inputs": inputs.tobytes()})
     return pa.Table.from_pylist(rows, schema=_decoded_schema())
 

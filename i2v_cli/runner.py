@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .data import Batch, make_loader
+from .data import Batch, decode_isolated, make_loader, worker_died
 from .errors import I2VError
 from .inference import Predictor, model_device, prepare_for_inference
 from .model import Illust2VecNet
@@ -77,7 +76,7 @@ def run_model(
                 if on_progress is not None:
                     on_progress(len(results))
         except RuntimeError as exc:
-            if workers == 0 or "DataLoader worker" not in str(exc):
+            if workers == 0 or not worker_died(exc):
                 raise
             del loader
             results = _isolate(net, paths, range(done, min(done + batch_size, len(paths))), device)
@@ -100,19 +99,4 @@ def _infer(model: Predictor, paths: Sequence[str], batch: Batch, device: torch.d
 
 def _isolate(model: Predictor, paths: Sequence[str], indices: range, device: torch.device) -> list[Result]:
     """Decode each image in a process of its own, so that one that kills its decoder is told apart."""
-    ok: list[int] = []
-    inputs: list[torch.Tensor] = []
-    errors: dict[int, str] = {}
-    for i in indices:
-        try:
-            (batch,) = list(make_loader(paths, batch_size=1, workers=1, indices=[i]))
-        except RuntimeError as exc:
-            if "DataLoader worker" not in str(exc):
-                raise
-            errors[i] = f"{os.fsdecode(paths[i])}: the image decoder crashed on this file (its worker process died)"
-            continue
-        if batch.ok:
-            ok.append(i)
-            inputs.append(batch.inputs[0])
-        errors.update(batch.errors)
-    return _infer(model, paths, Batch(ok, torch.stack(inputs) if inputs else torch.empty(0), errors), device)
+    return _infer(model, paths, decode_isolated(paths, indices), device)

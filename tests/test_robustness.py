@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -233,3 +234,26 @@ def test_ctrl_c_stops_keeps_what_was_written_and_exits_130(tmp_path, tag_weights
     lines = out.read_text().splitlines()
     assert 3 <= len(lines) < 40
     assert all("general" in json.loads(line) for line in lines)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="relies on fork carrying the monkeypatch into workers")
+def test_decode_in_worker_survives_an_image_that_kills_its_decoder(tmp_path, monkeypatch):
+    """What a Ray decoding task calls: one batch from one worker, or, when an image kills it, one process each."""
+    from i2v_cli.data import decode_in_worker
+
+    paths = []
+    for i in range(4):
+        name = f"{i}-BOOM.png" if i == 2 else f"{i}.png"
+        _picture(seed=i).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    (tmp_path / "text.png").write_text("not an image")
+    paths.append(str(tmp_path / "text.png"))
+    clean = decode_in_worker([p for p in paths if "BOOM" not in p])
+    assert clean.ok == [0, 1, 2] and list(clean.errors) == [3]
+    monkeypatch.setattr("i2v_cli.data.load_and_preprocess", _crash_on("BOOM"))
+    batch = decode_in_worker(paths)
+    assert batch.ok == [0, 1, 3]
+    assert batch.errors[2] == f"{paths[2]}: the image decoder crashed on this file (its worker process died)"
+    assert batch.errors[4] == f"{paths[4]}: a text file, not an image"
+    torch.testing.assert_close(batch.inputs, clean.inputs)
+    assert decode_in_worker([]).ok == []
