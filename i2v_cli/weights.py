@@ -341,8 +341,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 # Any format
 
 
-def load_weights(path: PathLike) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
-    """Read a .safetensors, .caffemodel or .pth file (told apart by content) into a checked state dict and its info."""
+def load_weights(path: PathLike, kind: str | None = None) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
+    """Read a .safetensors, .caffemodel or .pth file (told apart by content) into a checked state dict and its info,
+    refusing a tag model where ``kind`` asks for a feature model and back."""
+    if kind not in (None, TAG, FEATURE):
+        raise ValueError(f"kind must be {TAG!r}, {FEATURE!r} or None, not {kind!r}")
     path = Path(path)
     head = _read_head(path)
     fmt = _sniff(head)
@@ -365,6 +368,8 @@ def load_weights(path: PathLike) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
     info = WeightsInfo(arch.kind, arch.widths, arch.feature_dim, arch.num_tags, source, sha256, source_format)
     if fmt == "safetensors":
         _check_metadata(meta, info, path)
+    if kind is not None and info.kind != kind:
+        raise ModelKindError(_kind_message(path, info.kind, kind))
     return state_dict, info
 
 
@@ -397,11 +402,7 @@ def load_model(
     path: PathLike, kind: str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[Illust2VecNet, WeightsInfo]:
     """Build the network a weight file describes, refusing a tag model where a feature model is needed and back."""
-    if kind not in (None, TAG, FEATURE):
-        raise ValueError(f"kind must be {TAG!r}, {FEATURE!r} or None, not {kind!r}")
-    state_dict, info = load_weights(path)
-    if kind is not None and info.kind != kind:
-        raise ModelKindError(_kind_message(Path(path), info.kind, kind))
+    state_dict, info = load_weights(path, kind)
     try:
         model = build_model(state_dict)
     except WeightsError as exc:

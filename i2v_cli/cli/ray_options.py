@@ -93,11 +93,7 @@ def _run(kind: str, params: dict[str, Any]) -> None:
     stdin = sys.stdin.buffer if "-" in paths else None
     inputs = expand_ray_inputs(paths, recursive=params["recursive"], stdin=stdin, nul=params["nul"])
     weights = resolve_weights(params["weights"], kind).absolute()
-    _, info = load_weights(weights)
-    if info.kind != kind:
-        from ..weights import load_model
-
-        load_model(weights, kind=kind)  # raises the one-line ModelKindError
+    _, info = load_weights(weights, kind)  # a model of the other kind is a one-line ModelKindError
     gpus = params["gpus_per_worker"]
     job = RayJob(
         kind=kind,
