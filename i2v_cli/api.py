@@ -16,7 +16,7 @@ from PIL import Image
 
 from .config import CATEGORIES, FEATURE, TAG
 from .errors import ModelKindError
-from .inference import Predictor, check_precision, prepare_for_inference
+from .inference import Predictor, check_precision, predict, prepare_for_inference
 from .model import Illust2VecNet
 from .preprocess import preprocess
 from .runner import resolve_device
@@ -70,12 +70,7 @@ class Illustration2Vec:
             return np.zeros((0, width), dtype=np.float32)
         if self._net is None:
             self._net = prepare_for_inference(self.model, precision=self.precision, backend=self.backend)
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(batch), self.batch_size):
-                x = torch.stack(batch[i : i + self.batch_size]).to(self.device)
-                out.append(self._net(x).float().cpu().numpy())
-        return np.concatenate(out)
+        return predict(self._net, batch, self.device, self.batch_size)
 
     def estimate_probabilities(self, images: Iterable[ImageLike]) -> np.ndarray:
         """Sigmoid scores of every tag, float32 (N, 1539) in tag-list order."""

@@ -14,9 +14,10 @@ import io
 import os
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -259,6 +260,21 @@ class OnnxRuntimeNet:
         (y,) = self.session.run(None, {self.input_name: x.detach().to(torch.float32).contiguous().numpy()})
         out = torch.from_numpy(y)
         return out if self.head is None else self.head(out)
+
+
+def predict(
+    net: Predictor, inputs: torch.Tensor | Sequence[torch.Tensor], device: torch.device, batch_size: int | None = None
+) -> np.ndarray:
+    """``net`` over network inputs (a (N, 3, 224, 224) tensor, or a list of (3, 224, 224) ones, stacked a batch at
+    a time), ``batch_size`` at a time (all at once when None), on ``device``; float32 (N, out)."""
+    step = batch_size or max(len(inputs), 1)
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, len(inputs), step):
+            chunk = inputs[start : start + step]
+            x = chunk if isinstance(chunk, torch.Tensor) else torch.stack(list(chunk))
+            outs.append(net(x.to(device, non_blocking=True)).float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
 def prepare_for_inference(

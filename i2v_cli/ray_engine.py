@@ -371,13 +371,10 @@ class NetworkWorker:
     def _forward(self, flat: np.ndarray) -> np.ndarray:
         import torch
 
+        from .inference import predict
+
         x = torch.from_numpy(flat.copy()).reshape(-1, *_INPUT_SHAPE)
-        outs = []
-        with torch.inference_mode():
-            for start in range(0, len(x), self.job.batch_size):
-                chunk = x[start : start + self.job.batch_size].to(self.device)
-                outs.append(self.net(chunk).float().cpu().numpy())
-        return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+        return predict(self.net, x, self.device, self.job.batch_size)
 
     def _write(self, k: int, paths: list[str], errors: list[str | None], outputs: dict[int, np.ndarray]) -> str:
         job = self.job

@@ -10,7 +10,7 @@ import torch
 
 from .data import Batch, decode_isolated, make_loader, worker_died
 from .errors import I2VError
-from .inference import Predictor, model_device, prepare_for_inference
+from .inference import Predictor, model_device, predict, prepare_for_inference
 from .model import Illust2VecNet
 
 
@@ -79,7 +79,9 @@ def run_model(
             if workers == 0 or not worker_died(exc):
                 raise
             del loader
-            results = _isolate(net, paths, range(done, min(done + batch_size, len(paths))), device)
+            # Each image of the batch in hand in a process of its own: the one that kills its decoder is told apart.
+            isolated = decode_isolated(paths, range(done, min(done + batch_size, len(paths))))
+            results = _infer(net, paths, isolated, device)
             done += len(results)
             yield results
             if on_progress is not None:
@@ -88,15 +90,5 @@ def run_model(
 
 def _infer(model: Predictor, paths: Sequence[str], batch: Batch, device: torch.device) -> list[Result]:
     """Network outputs for a batch's decoded images, merged in order with the errors of the others."""
-    outputs: dict[int, np.ndarray] = {}
-    if batch.ok:
-        x = batch.inputs.to(device, non_blocking=True)
-        with torch.inference_mode():
-            y = model(x).float().cpu().numpy()
-        outputs = dict(zip(batch.ok, y, strict=True))
+    outputs = dict(zip(batch.ok, predict(model, batch.inputs, device), strict=True)) if batch.ok else {}
     return [Result(paths[i], outputs.get(i), batch.errors.get(i)) for i in sorted([*batch.ok, *batch.errors])]
-
-
-def _isolate(model: Predictor, paths: Sequence[str], indices: range, device: torch.device) -> list[Result]:
-    """Decode each image in a process of its own, so that one that kills its decoder is told apart."""
-    return _infer(model, paths, decode_isolated(paths, indices), device)
