@@ -31,7 +31,7 @@ from typing import IO, Any
 import numpy as np
 
 from .errors import I2VError
-from .writers import JsonlWriter
+from .writers import JsonlWriter, Sink
 
 PathLike = str | os.PathLike[str]
 
@@ -92,7 +92,7 @@ def _oserror(path: Path, exc: OSError) -> FeatureFileError:
     return FeatureFileError(f"cannot write {path}: {exc.strerror or exc}")
 
 
-class FeatureWriter:
+class FeatureWriter(Sink):
     """Append feature vectors with their image paths; :meth:`close` puts ``vectors`` and its paths file in place.
 
     ``binary`` chooses the format of the rows given to :meth:`write`: uint8 packed bits (``dim`` bits, so
@@ -205,17 +205,6 @@ class FeatureWriter:
         for tmp in (self._tmp_vectors, self._tmp_paths):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-
-    def __enter__(self) -> FeatureWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        # Ctrl-C keeps the rows done so far (a complete pair of files for them, as the writers of `i2v tag`
-        # keep their records); any other error leaves no file.
-        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
-            self.close()
-        else:
-            self.abort()
 
 
 # --------------------------------------------------------------------------------------------------------------

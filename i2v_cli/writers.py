@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterable
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 FORMATS = ("json", "jsonl", "csv")
 #: Columns of the CSV format: one row per (image, tag); an image that failed has one row with its error.
@@ -38,8 +38,31 @@ def _dumps(record: Record) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
-class Writer:
-    """Base sink: ``write`` a batch of records, ``close`` when done (``abort`` to give up without a partial
+_S = TypeVar("_S", bound="Sink")
+
+
+class Sink:
+    """An output that ends with ``close`` (put what was written in place) or ``abort`` (give up). As a context
+    manager it closes on success and on Ctrl-C, which keeps the work done so far, and aborts on any other error."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
+            self.close()
+        else:
+            self.abort()
+
+
+class Writer(Sink):
+    """Base writer of records: ``write`` a batch of records, ``close`` when done (``abort`` to give up without a partial
     JSON file). Usable as a context manager, which closes on Ctrl-C and aborts on any other exception."""
 
     def __init__(self, path: str | None, append: bool = False) -> None:
@@ -92,16 +115,6 @@ class Writer:
         if self._tmp is not None:
             os.unlink(self._tmp)
             self._tmp = None
-
-    def __enter__(self) -> Writer:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        # Ctrl-C keeps what was done (a JSON file gets the records so far); any other error leaves no file.
-        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
-            self.close()
-        else:
-            self.abort()
 
 
 class JsonlWriter(Writer):
