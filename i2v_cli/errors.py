@@ -38,3 +38,8 @@ class ImageDecodeError(I2VError):
 class CaptionError(I2VError):
     """Caption options that cannot work, images that would share a caption file, or a caption file that
     cannot be read or written."""
+
+
+class OutputError(I2VError):
+    """An output cannot be written (full disk, no permission, a folder where a file is needed), or the
+    command would destroy something it must not (an input, a foreign file, another run's output)."""
