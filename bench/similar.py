@@ -30,9 +30,9 @@ def build(path: Path, rows: int, binary: bool) -> None:
         for start in range(0, rows, step):
             names = [f"img{i}.png" for i in range(start, start + step)]
             if binary:
-                writer.write(names, rng.integers(0, 256, (step, 512), dtype=np.uint8))
+                writer.append(names, rng.integers(0, 256, (step, 512), dtype=np.uint8))
             else:
-                writer.write(names, rng.standard_normal((step, 4096), dtype=np.float32))
+                writer.append(names, rng.standard_normal((step, 4096), dtype=np.float32))
 
 
 def time_queries(name: str, path: Path) -> None:

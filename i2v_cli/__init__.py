@@ -4,33 +4,40 @@ Old scripts port with one line, ``import i2v_cli as i2v``::
 
     illust2vec = i2v.make_i2v_with_pytorch(param_path="illust2vec_tag_ver200.caffemodel", tag_path="tag_list.json")
     illust2vec.estimate_plausible_tags([img], threshold=0.5)
+
+The API is imported on first use, so that ``i2v --help`` does not load torch.
 """
 
 from __future__ import annotations
 
-from .api import Illustration2Vec, load, make_i2v_with_chainer, make_i2v_with_pytorch
-from .errors import (
-    DownloadError,
-    I2VError,
-    ImageDecodeError,
-    InputError,
-    ModelKindError,
-    TagListError,
-    WeightsError,
-    WeightsNotFoundError,
-)
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-__all__ = [
+try:
+    __version__ = version("i2v")
+except PackageNotFoundError:  # a source tree that was not installed
+    __version__ = "0+unknown"
+
+_API = ("Illustration2Vec", "load", "make_i2v_with_chainer", "make_i2v_with_pytorch")
+_ERRORS = (
     "DownloadError",
     "I2VError",
-    "Illustration2Vec",
     "ImageDecodeError",
     "InputError",
     "ModelKindError",
+    "OutputError",
     "TagListError",
     "WeightsError",
     "WeightsNotFoundError",
-    "load",
-    "make_i2v_with_chainer",
-    "make_i2v_with_pytorch",
-]
+)
+
+__all__ = sorted([*_API, *_ERRORS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(".api", __name__), name)
+    if name in _ERRORS:
+        return getattr(importlib.import_module(".errors", __name__), name)
+    raise AttributeError(f"module 'i2v_cli' has no attribute {name!r}")

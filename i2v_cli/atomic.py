@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import OutputError
+from .errors import OutputError, WriteError
 
 PathLike = str | os.PathLike[str]
 
@@ -113,7 +113,9 @@ class AtomicFile:
         except OSError as exc:
             raise OutputError(describe_oserror(path, exc)) from None
         self.stream: IO[Any] = (
-            io.TextIOWrapper(raw, encoding=encoding, errors=errors, newline=newline, write_through=True) if text else raw
+            io.TextIOWrapper(raw, encoding=encoding, errors=errors, newline=newline, write_through=True)
+            if text
+            else raw
         )
         self._raw = raw
         self.done = False
@@ -171,7 +173,7 @@ class AtomicFile:
             return True
         except OSError as exc:
             self.discard()
-            raise OutputError(describe_oserror(self.path, exc)) from None
+            raise WriteError(describe_oserror(self.path, exc)) from None
         finally:
             if self.done or self.tmp is not None:
                 self._remove_tmp()

@@ -1,9 +1,20 @@
-"""Decoding and preprocessing images in DataLoader workers, with a failure as a per-image error, not a dead batch."""
+"""The reader stage: decoding and preprocessing images in DataLoader workers, in input order, with a failure as a
+per-image error, never a dead batch or a dead run.
+
+The DataLoader is iterated in a reader thread of its own. That keeps decoding beside the network rather than in
+its way, and it keeps torch's SIGCHLD handler (installed only when a loader starts in the main thread) from
+raising a worker's death wherever the main thread happens to be: here a dead worker is noticed by the loader
+itself, in the reader thread, which retries the batch in hand one image per process so that only the image
+that kills its decoder fails.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import queue
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +83,14 @@ def _init_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def _quiet_loader(loader: DataLoader[Sample]) -> Iterator[Batch]:
+    """Iterate a loader without its advice about worker counts reaching the user's terminal."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*worker processes in total.*", category=UserWarning)
+        it = iter(loader)
+    yield from it
+
+
 def make_loader(
     paths: Sequence[str],
     *,
@@ -107,7 +126,7 @@ def decode_isolated(paths: Sequence[str], indices: Sequence[int]) -> Batch:
     errors: dict[int, str] = {}
     for i in indices:
         try:
-            (batch,) = list(make_loader(paths, batch_size=1, workers=1, indices=[i]))
+            (batch,) = list(_quiet_loader(make_loader(paths, batch_size=1, workers=1, indices=[i])))
         except RuntimeError as exc:
             if not worker_died(exc):
                 raise
@@ -127,9 +146,90 @@ def decode_in_worker(paths: Sequence[str]) -> Batch:
     if not paths:
         return Batch([], torch.empty(0), {})
     try:
-        (batch,) = list(make_loader(paths, batch_size=len(paths), workers=1))
+        (batch,) = list(_quiet_loader(make_loader(paths, batch_size=len(paths), workers=1)))
     except RuntimeError as exc:
         if not worker_died(exc):
             raise
         return decode_isolated(paths, range(len(paths)))
     return batch
+
+
+class _Failed:
+    """The reader thread's exception, handed to the consumer to raise (a bug, not a bad image)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_END = object()
+
+
+def iter_batches(
+    paths: Sequence[str], *, batch_size: int = 16, workers: int = 0, pin_memory: bool = False
+) -> Iterator[Batch]:
+    """Decoded batches of ``paths`` in input order, produced by a reader thread a couple of batches ahead.
+
+    A decoding worker that dies (a decoder crash, the out-of-memory killer) costs only the image that killed
+    it: the batch in hand is decoded again one image per process (:func:`decode_isolated`) and a new loader
+    goes on from the next batch. Closing the iterator (the consumer stopped, Ctrl-C) stops the reader.
+    """
+    handoff: queue.Queue[object] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def put(item: object) -> None:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read() -> None:
+        try:
+            done = 0
+            while done < len(paths) and not stop.is_set():
+                loader = make_loader(
+                    paths,
+                    batch_size=batch_size,
+                    workers=workers,
+                    pin_memory=pin_memory,
+                    indices=range(done, len(paths)),
+                )
+                batches = _quiet_loader(loader)
+                try:
+                    for batch in batches:
+                        put(batch)
+                        done += len(batch.ok) + len(batch.errors)
+                        if stop.is_set():
+                            return
+                except RuntimeError as exc:
+                    if workers == 0 or not worker_died(exc):
+                        raise
+                    batches.close()
+                    isolated = decode_isolated(paths, range(done, min(done + batch_size, len(paths))))
+                    put(isolated)
+                    done += len(isolated.ok) + len(isolated.errors)
+                finally:
+                    batches.close()
+            put(_END)
+        except BaseException as exc:  # handed over and raised in the consumer: nothing is swallowed here
+            put(_Failed(exc))
+
+    reader = threading.Thread(target=read, name="i2v-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            try:
+                item = handoff.get(timeout=0.2)
+            except queue.Empty:
+                if not reader.is_alive():
+                    raise RuntimeError("the image reader thread ended without a word") from None
+                continue
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        reader.join(timeout=2)

@@ -43,3 +43,16 @@ class CaptionError(I2VError):
 class OutputError(I2VError):
     """An output cannot be written (full disk, no permission, a folder where a file is needed), or the
     command would destroy something it must not (an input, a foreign file, another run's output)."""
+
+
+class WriteError(OutputError):
+    """Writing an output failed midway (a full disk, an I/O error): the message names the file and the reason."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was asked to stop: Ctrl-C (SIGINT), SIGTERM (``timeout``, Slurm, Kubernetes) or SIGHUP (a closed
+    terminal). A KeyboardInterrupt, so every sink keeps the work done so far, as it does for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

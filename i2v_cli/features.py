@@ -18,26 +18,29 @@ another image's row. Nothing here prints.
 
 from __future__ import annotations
 
-import contextlib
+import binascii
 import hashlib
+import io
 import json
 import os
-import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from .errors import I2VError
-from .writers import JsonlWriter, Sink
+from .atomic import AtomicFile
+from .errors import I2VError, OutputError
+from .writers import JsonlWriter, Record, Sink, path_fields, record_path
 
 PathLike = str | os.PathLike[str]
 
 #: The ``format`` field of a paths file's header, and the version of the layout described above.
 FORMAT_NAME = "i2v-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions :func:`read_features` reads (version 1 files have no digest of their paths).
+READABLE_VERSIONS = (1, 2)
 #: Suffix of the paths file: ``vecs.npy`` -> ``vecs.paths.jsonl``.
 PATHS_SUFFIX = ".paths.jsonl"
 
@@ -80,25 +83,33 @@ def _fingerprint(vectors: np.ndarray) -> str:
 
 
 def _encode_path(path: str) -> str:
-    """A path as one JSON line; a name that is not valid UTF-8 keeps its bytes (surrogate escapes)."""
-    return json.dumps(path, ensure_ascii=False) + "\n"
+    """A path as one line of valid UTF-8 JSON: a string, or for a name that is not valid UTF-8 an object with
+    its readable form and its exact bytes (``{"path": ..., "path_b64": ...}``)."""
+    fields = path_fields("path", path)
+    return json.dumps(fields["path"] if len(fields) == 1 else fields, ensure_ascii=False) + "\n"
 
 
-def _tmp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+def _decode_path(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        return record_path(value)
+    raise ValueError("not a path")
 
 
-def _oserror(path: Path, exc: OSError) -> FeatureFileError:
-    return FeatureFileError(f"cannot write {path}: {exc.strerror or exc}")
+def _paths_digest(lines: bytes) -> str:
+    return "sha256:" + hashlib.sha256(lines).hexdigest()
 
 
 class FeatureWriter(Sink):
     """Append feature vectors with their image paths; :meth:`close` puts ``vectors`` and its paths file in place.
 
-    ``binary`` chooses the format of the rows given to :meth:`write`: uint8 packed bits (``dim`` bits, so
-    ``dim / 8`` bytes a row) or float32 (``dim`` values a row). ``model`` (``source``, ``sha256``) is recorded
-    in the header, as is the working folder that relative paths start from. Usable as a context manager:
-    on Ctrl-C it puts in place the rows written so far; any other exception removes its temporary files.
+    ``binary`` chooses the format of the rows: uint8 packed bits (``dim`` bits, so ``dim / 8`` bytes a row) or
+    float32 (``dim`` values a row). ``model`` (``source``, ``sha256``) is recorded in the header, as is the
+    working folder that relative paths start from. ``resume`` starts from the pair already at ``vectors``
+    (its rows are kept; :attr:`done` holds their paths). Usable as a context manager: on an interruption it
+    puts in place the rows written so far; any other exception removes its temporary files. Both files are
+    written through :mod:`i2v_cli.atomic`: beside their targets, renamed into place when whole.
     """
 
     def __init__(
@@ -108,6 +119,7 @@ class FeatureWriter(Sink):
         dim: int,
         binary: bool = False,
         model: dict[str, str] | None = None,
+        resume: bool = False,
     ) -> None:
         if dim <= 0 or (binary and dim % 8):
             raise ValueError(f"dim must be positive{' and a multiple of 8' if binary else ''}, not {dim}")
@@ -121,23 +133,53 @@ class FeatureWriter(Sink):
         self.width = dim // 8 if binary else dim
         self.model = dict(model or {})
         self.rows = 0
-        self._tmp_vectors = _tmp_beside(self.path)
-        self._tmp_paths = _tmp_beside(self.paths_path)
-        self._vec_file: IO[bytes] | None = None
-        self._paths_file: IO[str] | None = None
+        self.done: set[str] = set()
+        self._digest = hashlib.sha256()
+        self._vec: AtomicFile | None = None
+        self._body: AtomicFile | None = None  # the paths, gathered until the header is known; never put in place
+        earlier = self._earlier() if resume else None
         try:
-            self._vec_file = open(self._tmp_vectors, "xb")  # noqa: SIM115 (closed in close/abort)
-            self._vec_file.write(_npy_header(self.dtype, 0, self.width))
-            self._paths_file = open(  # noqa: SIM115
-                self._tmp_paths, "x", encoding="utf-8", errors="surrogateescape", newline="\n"
-            )
+            self._vec = AtomicFile(self.path)
+            self._body = AtomicFile(self.paths_path)
+            self._vec.stream.write(_npy_header(self.dtype, 0, self.width))
+            if earlier is not None:
+                self._copy(earlier)
+        except OutputError as exc:
+            self.abort()
+            raise FeatureFileError(str(exc)) from None
         except OSError as exc:
             self.abort()
             raise _oserror(self.path, exc) from None
 
-    def write(self, paths: Sequence[str], vectors: np.ndarray) -> None:
+    def _earlier(self) -> FeatureFile | None:
+        """The pair to resume from, checked to be of this kind, length and model."""
+        if not self.path.exists() and not self.paths_path.exists():
+            return None
+        earlier = read_features(self.path)
+        if earlier.binary != self.binary or earlier.dim != self.dim:
+            kind = "binary" if earlier.binary else "float"
+            raise FeatureFileError(f"cannot resume {self.path}: it holds {kind} features of length {earlier.dim}")
+        sha = earlier.model.get("sha256")
+        if sha and self.model.get("sha256") and sha != self.model["sha256"]:
+            raise FeatureFileError(f"cannot resume {self.path}: it was made with another model ({earlier.model})")
+        return earlier
+
+    def _copy(self, earlier: FeatureFile) -> None:
+        step = max(1, (8 << 20) // max(1, earlier.vectors.strides[0]))
+        for start in range(0, len(earlier), step):
+            self._put(earlier.paths[start : start + step], np.asarray(earlier.vectors[start : start + step]))
+        self.done = set(earlier.paths)
+        del earlier
+
+    def write(self, records: Iterable[Record]) -> None:
+        """Append the records that have a ``feature`` (rows of this writer's dtype); error records get no row."""
+        ok = [r for r in records if "feature" in r]
+        if ok:
+            self.append([r["path"] for r in ok], np.stack([r["feature"] for r in ok]))
+
+    def append(self, paths: Sequence[str], vectors: np.ndarray) -> None:
         """Append one batch: ``vectors[i]`` is the feature of ``paths[i]``."""
-        if self._vec_file is None or self._paths_file is None:
+        if self._vec is None or self._body is None:
             raise FeatureFileError(f"{self.path}: writer is closed")
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape != (len(paths), self.width):
@@ -145,10 +187,16 @@ class FeatureWriter(Sink):
         if vectors.dtype != self.dtype:
             raise ValueError(f"expected {self.dtype} vectors, got {vectors.dtype}")
         try:
-            self._vec_file.write(np.ascontiguousarray(vectors).tobytes())
-            self._paths_file.write("".join(_encode_path(p) for p in paths))
+            self._put(paths, vectors)
         except OSError as exc:
             raise _oserror(self.path, exc) from None
+
+    def _put(self, paths: Sequence[str], vectors: np.ndarray) -> None:
+        assert self._vec is not None and self._body is not None
+        lines = "".join(_encode_path(p) for p in paths).encode("utf-8")
+        self._vec.stream.write(np.ascontiguousarray(vectors, dtype=self.dtype).tobytes())
+        self._body.stream.write(lines)
+        self._digest.update(lines)
         self.rows += len(paths)
 
     def header(self, fingerprint: str) -> dict[str, Any]:
@@ -164,47 +212,54 @@ class FeatureWriter(Sink):
             "model": self.model,
             "cwd": os.getcwd(),
             "fingerprint": fingerprint,
+            "paths_digest": "sha256:" + self._digest.hexdigest(),
         }
 
     def close(self) -> None:
-        """Finish both files (final row count, header, fingerprint) and rename them into place."""
-        if self._vec_file is None or self._paths_file is None:
+        """Finish both files (final row count, header, fingerprints) and rename them into place."""
+        if self._vec is None or self._body is None:
             return
+        vec, body = self._vec, self._body
         try:
-            self._vec_file.seek(0)
-            self._vec_file.write(_npy_header(self.dtype, self.rows, self.width))
-            self._vec_file.close()
-            self._paths_file.close()
-            stored = np.load(self._tmp_vectors, mmap_mode="r") if self.rows else np.zeros((0, self.width), self.dtype)
+            vec.stream.seek(0)
+            vec.stream.write(_npy_header(self.dtype, self.rows, self.width))
+            vec.stream.flush()
+            # A special target (/dev/null) cannot be read back: its fingerprint is of no rows.
+            stored = np.load(vec.tmp, mmap_mode="r") if self.rows and vec.tmp else np.zeros((0, self.width), self.dtype)
             fingerprint = _fingerprint(stored)
             del stored
-            final_paths = _tmp_beside(self.paths_path)
-            with (
-                open(final_paths, "x", encoding="utf-8", errors="surrogateescape", newline="\n") as out,
-                open(self._tmp_paths, encoding="utf-8", errors="surrogateescape", newline="\n") as body,
-            ):
-                out.write(json.dumps(self.header(fingerprint), ensure_ascii=False) + "\n")
-                while chunk := body.read(1 << 20):
-                    out.write(chunk)
-            os.unlink(self._tmp_paths)
-            self._tmp_paths = final_paths
-            os.replace(self._tmp_vectors, self.path)
-            os.replace(self._tmp_paths, self.paths_path)
+            body.stream.flush()
+            final = AtomicFile(self.paths_path)
+            try:
+                final.stream.write((json.dumps(self.header(fingerprint), ensure_ascii=False) + "\n").encode())
+                with open(body.tmp or self.paths_path, "rb") as lines:
+                    while chunk := lines.read(1 << 20):
+                        final.stream.write(chunk)
+            except BaseException:
+                final.discard()
+                raise
+            vec.commit()
+            final.commit()
+        except OutputError as exc:
+            self.abort()
+            raise FeatureFileError(str(exc)) from None
         except OSError as exc:
             self.abort()
             raise _oserror(self.path, exc) from None
-        self._vec_file = self._paths_file = None
+        finally:
+            body.discard()
+        self._vec = self._body = None
 
     def abort(self) -> None:
         """Give up: close and remove the temporary files; nothing is put in place."""
-        for f in (self._vec_file, self._paths_file):
+        for f in (self._vec, self._body):
             if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
-        self._vec_file = self._paths_file = None
-        for tmp in (self._tmp_vectors, self._tmp_paths):
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                f.discard()
+        self._vec = self._body = None
+
+
+def _oserror(path: Path, exc: OSError) -> FeatureFileError:
+    return FeatureFileError(f"cannot write {path}: {exc.strerror or exc}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,7 +282,7 @@ class FeatureFile:
     vectors_path: Path
     paths_path: Path
     _rows: dict[str, int] | None = field(default=None, repr=False)
-    _abs_rows: dict[str, int] | None = field(default=None, repr=False)
+    _abs_rows: dict[tuple[int, int], int] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -238,22 +293,37 @@ class FeatureFile:
         return dict(self.header.get("model") or {})
 
     def row(self, path: str) -> int | None:
-        """The row of ``path``: an exact match of a stored path first, else the same file named another way
-        (relative to the folder the features were written from, ``./`` and ``..`` resolved); None if absent.
-        A path stored twice gives its first row."""
+        """The row of the indexed file that ``path`` names, or None. Stored relative paths are taken from the
+        folder the features were written from (not from where this runs); the same file named another way (a
+        symlink, a hard link, a path through a symlinked folder) matches too, by device and inode. A file
+        stored twice gives its first row."""
+        base = str(self.header.get("cwd") or self.paths_path.parent)
         if self._rows is None:
             self._rows = {}
             for i, p in enumerate(self.paths):
-                self._rows.setdefault(p, i)
-        found = self._rows.get(path)
+                self._rows.setdefault(os.path.normpath(os.path.join(base, p)), i)
+        found = self._rows.get(os.path.normpath(os.path.abspath(path)))
         if found is not None:
             return found
-        if self._abs_rows is None:
-            base = str(self.header.get("cwd") or self.paths_path.parent)
+        key = _file_key(path)
+        if key is None:
+            return None
+        if self._abs_rows is None:  # one stat per stored path: only when a query is named another way
             self._abs_rows = {}
-            for i, p in enumerate(self.paths):
-                self._abs_rows.setdefault(os.path.normpath(os.path.join(base, p)), i)
-        return self._abs_rows.get(os.path.abspath(path))
+            for absolute, i in self._rows.items():
+                stored = _file_key(absolute)
+                if stored is not None:
+                    self._abs_rows.setdefault(stored, i)
+        return self._abs_rows.get(key)
+
+
+def _file_key(path: str) -> tuple[int, int] | None:
+    """What identifies a file whatever it is called: (device, inode)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def read_features(path: PathLike, *, mmap: bool = True) -> FeatureFile:
@@ -268,6 +338,8 @@ def read_features(path: PathLike, *, mmap: bool = True) -> FeatureFile:
         vectors_path = path.with_name(path.name[: -len(PATHS_SUFFIX)] + ".npy")
     else:
         vectors_path, paths_path = path, paths_file_for(path)
+    if path != paths_path and not vectors_path.exists():
+        raise FeatureFileError(f"{vectors_path}: no such file (write one with `i2v features IMAGES -o {vectors_path}`)")
     header, paths = _read_paths_file(paths_path)
     if path == paths_path and not vectors_path.exists() and isinstance(header.get("vectors"), str):
         vectors_path = paths_path.with_name(header["vectors"])
@@ -300,9 +372,9 @@ def read_features(path: PathLike, *, mmap: bool = True) -> FeatureFile:
 
 def _read_paths_file(path: Path) -> tuple[dict[str, Any], list[str]]:
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        with open(path, "rb") as f:
             first = f.readline()
-            body = f.read()
+            raw_body = f.read()
     except FileNotFoundError:
         raise FeatureFileError(
             f"{path}: no such file (the paths of the vectors' rows; `i2v features -o` writes it beside the .npy)"
@@ -315,18 +387,31 @@ def _read_paths_file(path: Path) -> tuple[dict[str, Any], list[str]]:
         header = None
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise FeatureFileError(f"{path} is not an i2v features paths file (its first line is not the header)")
-    if header.get("version") != FORMAT_VERSION:
-        raise FeatureFileError(f"{path}: format version {header.get('version')} is not supported (expected 1)")
+    if header.get("version") not in READABLE_VERSIONS:
+        raise FeatureFileError(
+            f"{path}: format version {header.get('version')} is not supported (this i2v reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}): write it again with this i2v"
+        )
+    damaged = f"{path} is damaged: every line after the header must be one JSON path"
+    if header.get("version", 1) >= 2 and header.get("paths_digest") != _paths_digest(raw_body):
+        raise FeatureFileError(
+            f"{path} was changed after it was written (its lines are not the ones recorded): the rows would name "
+            "the wrong images; write the features again"
+        )
+    try:
+        body = raw_body.decode("utf-8", "strict" if header.get("version", 1) >= 2 else "surrogateescape")
+    except UnicodeDecodeError:
+        raise FeatureFileError(damaged) from None
     lines = body.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     try:
-        # Paths are JSON strings, which never hold a raw newline: the lines join into one JSON list.
-        paths = json.loads("[" + ",".join(lines) + "]")
-    except ValueError:
-        paths = None
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths) or len(paths) != len(lines):
-        raise FeatureFileError(f"{path} is damaged: every line after the header must be one JSON string")
+        # Paths are JSON values, which never hold a raw newline: the lines join into one JSON list.
+        paths = [_decode_path(p) for p in json.loads("[" + ",".join(lines) + "]")]
+    except (ValueError, TypeError, binascii.Error):
+        raise FeatureFileError(damaged) from None
+    if len(paths) != len(lines):
+        raise FeatureFileError(damaged)
     return header, paths
 
 
@@ -346,24 +431,25 @@ def _read_vectors(path: Path, mmap: bool) -> np.ndarray:
 
 
 def feature_json(vector: np.ndarray) -> str:
-    """A feature as a JSON list: float32 values in their shortest round-trip form, binary bytes as integers."""
+    """A feature as a JSON list: float32 values in their shortest round-trip form, binary bytes as integers.
+    Raises ValueError for NaN or infinity, which JSON cannot hold (the mapper never lets them through)."""
     if vector.dtype == np.uint8:
         return "[" + ",".join(map(str, vector.tolist())) + "]"
-    if np.isfinite(vector).all():
-        return "[" + ",".join(map(str, vector)) + "]"  # str(np.float32) is the shortest repr that round-trips
-    return json.dumps(vector.tolist())  # NaN/Infinity, as Python's json writes them
+    if not np.isfinite(vector).all():
+        raise ValueError("a feature holds NaN or infinity")
+    return "[" + ",".join(vector.astype(str)) + "]"  # float32 to str: the shortest repr that round-trips
 
 
 class FeatureJsonlWriter(JsonlWriter):
     """JSON lines ``{"path": ..., "feature": [...]}`` (or ``{"path": ..., "error": ...}``) to a file or stdout,
     flushed batch by batch; ``feature`` is a NumPy row, written with :func:`feature_json`."""
 
-    def _write_one(self, record: dict[str, Any]) -> None:
+    def _format(self, record: Record, buf: io.StringIO) -> None:
         if "feature" not in record:
-            super()._write_one(record)
+            super()._format(record, buf)
             return
-        path = json.dumps(record["path"], ensure_ascii=False)
-        self.stream.write(f'{{"path": {path}, "feature": {feature_json(record["feature"])}}}\n')
+        head = json.dumps(path_fields("path", record["path"]), ensure_ascii=False)[:-1]
+        buf.write(f'{head}, "feature": {feature_json(record["feature"])}}}\n')
 
 
 def binarize(features: np.ndarray) -> np.ndarray:

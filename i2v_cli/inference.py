@@ -292,3 +292,18 @@ def prepare_for_inference(
     if device.type == "cpu" and precision == "fp32":
         return pack_for_cpu(model)
     return TorchNet(model, precision)
+
+
+def describe(net: Predictor) -> str:
+    """Which backend and arithmetic run a prepared network, in words (for the summary line)."""
+    name = getattr(net, "name", None)
+    if isinstance(name, str):
+        return name
+    if isinstance(net, OnnxRuntimeNet):
+        return "onnxruntime fp32 on cpu"
+    if isinstance(net, PackedCPUNet):
+        return "torch, packed oneDNN, fp32 on cpu"
+    if isinstance(net, TorchNet):
+        device = model_device(net.model)
+        return f"torch, {'fp32' if net.dtype is None else str(net.dtype).replace('torch.', '')} on {device}"
+    return type(net).__name__

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import Batch, decode_isolated, make_loader, worker_died
+from .data import Batch, iter_batches
 from .errors import I2VError
 from .inference import Predictor, model_device, predict, prepare_for_inference
 from .model import Illust2VecNet
@@ -50,45 +50,39 @@ def run_model(
     on_progress: Callable[[int], None] | None = None,
     precision: str = "fp32",
     backend: str = "auto",
+    net: Predictor | None = None,
 ) -> Iterator[list[Result]]:
     """Run ``model`` over ``paths``; yield each batch's results in input order as soon as it is done.
 
-    Images that fail to decode get a Result with an error and no output; the others are unaffected. If a
-    decoding worker dies (a decoder crash, the out-of-memory killer), the batch in hand is retried one image
-    per process, the image that kills its process gets an error, and the run goes on.
-
-    ``precision`` (fp32, bf16, fp16) and ``backend`` (auto, torch, onnxruntime) choose how the network runs:
-    see :func:`i2v_cli.inference.prepare_for_inference`.
+    The reader stage (:func:`i2v_cli.data.iter_batches`) decodes ahead in its own thread; images that fail get
+    a Result with an error and no output, the others are unaffected, even when an image kills its decoding
+    process. ``precision`` (fp32, bf16, fp16) and ``backend`` (auto, torch, onnxruntime) choose how the network
+    runs (see :func:`i2v_cli.inference.prepare_for_inference`); ``net`` is a network prepared already.
     """
     device = model_device(model)
-    net = prepare_for_inference(model, precision=precision, backend=backend)
-    pin = device.type == "cuda"
-    done = 0
-    while done < len(paths):
-        loader = make_loader(
-            paths, batch_size=batch_size, workers=workers, pin_memory=pin, indices=range(done, len(paths))
-        )
-        try:
-            for batch in loader:
-                results = _infer(net, paths, batch, device)
-                done += len(results)
-                yield results
-                if on_progress is not None:
-                    on_progress(len(results))
-        except RuntimeError as exc:
-            if workers == 0 or not worker_died(exc):
-                raise
-            del loader
-            # Each image of the batch in hand in a process of its own: the one that kills its decoder is told apart.
-            isolated = decode_isolated(paths, range(done, min(done + batch_size, len(paths))))
-            results = _infer(net, paths, isolated, device)
-            done += len(results)
+    if net is None:
+        net = prepare_for_inference(model, precision=precision, backend=backend)
+    batches = iter_batches(paths, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
+    try:
+        for batch in batches:
+            results = map_batch(net, paths, batch, device)
             yield results
             if on_progress is not None:
                 on_progress(len(results))
+    finally:
+        batches.close()
 
 
-def _infer(model: Predictor, paths: Sequence[str], batch: Batch, device: torch.device) -> list[Result]:
-    """Network outputs for a batch's decoded images, merged in order with the errors of the others."""
-    outputs = dict(zip(batch.ok, predict(model, batch.inputs, device), strict=True)) if batch.ok else {}
-    return [Result(paths[i], outputs.get(i), batch.errors.get(i)) for i in sorted([*batch.ok, *batch.errors])]
+def map_batch(net: Predictor, paths: Sequence[str], batch: Batch, device: torch.device) -> list[Result]:
+    """The mapper: network outputs for a batch's decoded images, merged in order with the errors of the others.
+    An output that is not finite (NaN, infinity: broken weights) is that image's error, never a written NaN."""
+    outputs = dict(zip(batch.ok, predict(net, batch.inputs, device), strict=True)) if batch.ok else {}
+    results = []
+    for i in sorted([*batch.ok, *batch.errors]):
+        out = outputs.get(i)
+        if out is not None and not np.isfinite(out).all():
+            results.append(Result(paths[i], None, f"{paths[i]}: the network's output is not finite (NaN or "
+                                  "infinity): the weights are broken"))  # fmt: skip
+        else:
+            results.append(Result(paths[i], out, batch.errors.get(i)))
+    return results

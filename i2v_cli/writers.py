@@ -1,49 +1,252 @@
-"""Output sinks for per-image records: JSON (one list), JSONL (one object a line) and CSV (one row a tag).
+"""Sinks: where records go. JSON (one list), JSONL (one object a line), CSV (one row a tag), and the one way
+every command opens an output.
 
-Records are written in input order and flushed batch by batch, so a pipeline sees results as they come and a
-killed run keeps what it finished. A JSON file is written beside its target and renamed into place on close,
-so it is never half-written. Paths that are not valid UTF-8 are written back as their original bytes.
+What holds for every sink (each point has a test in tests/test_outputs.py):
+
+- **Valid UTF-8 whatever the file names.** A path that is not valid UTF-8 is written as a readable ``path``
+  (undecodable bytes as ``\\xNN``) plus ``path_b64``, its exact bytes in base64 (as ripgrep's JSON output
+  does); :func:`record_path` gives the exact name back. Other text (error messages) is cleaned the same way.
+  Scores are written as the shortest decimal that reads back as the same float32. No NaN or Infinity.
+- **Written where the user pointed.** ``None`` or ``-`` is stdout; ``/dev/stdout``, ``/dev/fd/N`` and
+  other non-regular files (FIFOs, ``/dev/null``) are written in place, never renamed over; a symlink is
+  followed (the link stays). A JSON file is written beside its target and renamed into place when whole;
+  JSONL and CSV stream into the file, flushed batch by batch, so a killed run keeps what it finished.
+- **One writer per output.** A regular-file output is locked for the run (``flock`` on a small hidden job
+  file beside it, :mod:`i2v_cli.resume`); a second run on the same output is refused in one line.
+
+Nothing here prints.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import csv
 import io
 import json
 import os
+import re
 import sys
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import IO, Any, TypeVar
+
+import numpy as np
+
+from .atomic import AtomicFile, describe_oserror, is_special
+from .errors import OutputError, WriteError
 
 FORMATS = ("json", "jsonl", "csv")
 #: Columns of the CSV format: one row per (image, tag); an image that failed has one row with its error.
-CSV_COLUMNS = ("path", "category", "tag", "score", "error")
+#: ``path_b64`` holds the exact bytes of a name that is not valid UTF-8 (empty otherwise).
+CSV_COLUMNS = ("path", "category", "tag", "score", "error", "path_b64")
+#: Keys whose values are file names, written with their exact bytes when these are not UTF-8.
+PATH_KEYS = ("path", "query")
 
 Record = dict[str, Any]
+_FD_PATH = re.compile(r"^/(?:dev/fd|proc/self/fd)/(\d+)$")
+_STD_PATHS = {"/dev/stdout": 1, "/dev/stderr": 2}
 
 
-def _stdout() -> IO[str]:
-    return io.TextIOWrapper(
-        sys.stdout.buffer,
-        encoding="utf-8",
-        errors="surrogateescape",
-        newline="",
-        line_buffering=False,
-        write_through=True,
-    )
+# --------------------------------------------------------------------------------------------------------------
+# Text that is always valid UTF-8
 
 
-def _dumps(record: Record) -> str:
-    return json.dumps(record, ensure_ascii=False)
+def display(text: str) -> str:
+    """``text`` as valid UTF-8 for people and parsers: bytes that a name held but UTF-8 cannot (surrogate
+    escapes) become ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name can hold
+        return text.encode("utf-8", "backslashreplace").decode("ascii")
 
+
+def one_line(text: str) -> str:
+    """``text`` for a one-line message: valid UTF-8, newlines and other control characters escaped."""
+    shown = display(text)
+    if any(c < " " for c in shown):
+        shown = "".join(c if c >= " " else repr(c)[1:-1] for c in shown)
+    return shown
+
+
+def path_fields(key: str, path: str) -> dict[str, str]:
+    """``{key: path}``, or for a name that is not valid UTF-8 ``{key: shown, key_b64: exact bytes}``."""
+    try:
+        path.encode("utf-8")
+        return {key: path}
+    except UnicodeEncodeError:
+        raw = os.fsencode(path)
+        return {key: display(path), f"{key}_b64": base64.b64encode(raw).decode("ascii")}
+
+
+def record_path(record: Mapping[str, Any], key: str = "path") -> str:
+    """The exact file name a written record names (inverse of :func:`path_fields`)."""
+    raw = record.get(f"{key}_b64")
+    if raw:
+        return os.fsdecode(base64.b64decode(raw))
+    value = record[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key} is not a string")
+    return value
+
+
+def short_float(x: float) -> float:
+    """A float32 score as the float whose repr is the shortest decimal reading back as that float32."""
+    return float(str(np.float32(x)))
+
+
+def encode_record(record: Mapping[str, Any]) -> Record:
+    """A record as it is written: names with their exact bytes, text valid UTF-8, scores in short form."""
+    out: Record = {}
+    for key, value in record.items():
+        if key in PATH_KEYS and isinstance(value, str):
+            out.update(path_fields(key, value))
+        else:
+            out[key] = _encode_value(value)
+    return out
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return display(value)
+    if isinstance(value, float | np.floating):
+        if not np.isfinite(value):
+            raise ValueError("a record holds a non-finite number")
+        return short_float(value)
+    if isinstance(value, dict):
+        if value and all(isinstance(v, float) for v in value.values()):  # a category's scores, many at once
+            scores = np.fromiter(value.values(), np.float32, len(value))
+            if not np.isfinite(scores).all():
+                raise ValueError("a record holds a non-finite score")
+            return dict(zip(map(display, value), map(float, scores.astype(str)), strict=True))
+        return encode_record(value)
+    if isinstance(value, list | tuple):
+        return [_encode_value(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def dumps(record: Mapping[str, Any]) -> str:
+    """One record as a line of JSON (RFC 8259: UTF-8, no NaN)."""
+    return json.dumps(encode_record(record), ensure_ascii=False, allow_nan=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Destinations
+
+
+def is_stdout(path: str | None) -> bool:
+    """Whether ``-o`` names standard output (``None`` or ``-``)."""
+    return path is None or path == "-"
+
+
+def std_fd(path: str) -> int | None:
+    """The descriptor a ``/dev/stdout``-like name stands for (``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``), or None."""
+    if path in _STD_PATHS:
+        return _STD_PATHS[path]
+    m = _FD_PATH.match(path)
+    return int(m.group(1)) if m else None
+
+
+def writes_in_place(path: str | None) -> bool:
+    """Whether an output is a stream written in place (stdout, a device, a FIFO) rather than a regular file
+    that can be locked, resumed and renamed into."""
+    return is_stdout(path) or std_fd(str(path)) is not None or is_special(str(path))
+
+
+class Destination:
+    """Bytes going to one output: stdout, a descriptor or special file (written in place), or a regular
+    file, either streamed into (``atomic=False``, truncated or, resuming, appended at ``keep`` bytes) or
+    written beside it and renamed into place on :meth:`finish` (``atomic=True``)."""
+
+    def __init__(self, path: str | None, *, atomic: bool, keep: int | None = None) -> None:
+        self.path = None if is_stdout(path) else path
+        self._atomic: AtomicFile | None = None
+        try:
+            self._borrowed = self.path is None
+            if self.path is None:
+                sys.stdout.flush()
+                self.raw: IO[bytes] = sys.stdout.buffer
+            elif (fd := std_fd(self.path)) is not None:
+                self.raw = os.fdopen(os.dup(fd), "wb", buffering=0)
+            elif is_special(self.path):
+                self.raw = open(self.path, "wb", buffering=0)  # noqa: SIM115 (closed in finish/abort)
+            elif atomic:
+                self._atomic = AtomicFile(self.path)
+                self.raw = self._atomic.stream
+            else:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                self.raw = os.fdopen(fd, "wb")
+                self.raw.truncate(keep or 0)
+                self.raw.seek(keep or 0)
+        except OSError as exc:
+            raise OutputError(describe_oserror(self.path or "stdout", exc)) from None
+
+    @property
+    def streamed(self) -> bool:
+        """Whether what is written is there at once (not an atomic file that appears only when finished)."""
+        return self._atomic is None
+
+    def write(self, data: bytes) -> None:
+        """Write and flush (a batch at a time): what is written is there should the run be killed."""
+        try:
+            self.raw.write(data)
+            self.raw.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise WriteError(describe_oserror(self.path or "stdout", exc)) from None
+
+    def finish(self) -> None:
+        """Everything is written: close, and put an atomic file in place."""
+        if self._atomic is not None:
+            self._atomic.commit()
+            return
+        try:
+            self.raw.flush()
+            if self.path is not None and not writes_in_place(self.path):
+                os.fsync(self.raw.fileno())
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise WriteError(describe_oserror(self.path or "stdout", exc)) from None
+        finally:
+            self._close()
+
+    def abort(self) -> None:
+        """Stop: a streamed file keeps what it has; an atomic file is not put in place."""
+        if self._atomic is not None:
+            self._atomic.discard()
+            return
+        self._close()
+
+    def _close(self) -> None:
+        if self._borrowed:  # sys.stdout stays open for the caller
+            return
+        with contextlib.suppress(OSError):
+            self.raw.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sinks
 
 _S = TypeVar("_S", bound="Sink")
 
 
 class Sink:
     """An output that ends with ``close`` (put what was written in place) or ``abort`` (give up). As a context
-    manager it closes on success and on Ctrl-C, which keeps the work done so far, and aborts on any other error."""
+    manager it closes on success and on an interruption (Ctrl-C, SIGTERM, SIGHUP: the work done so far is
+    kept), and aborts on any other error."""
+
+    def write(self, records: Iterable[Record]) -> None:
+        """Write a batch of records."""
+        raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
@@ -62,104 +265,190 @@ class Sink:
 
 
 class Writer(Sink):
-    """Base writer of records: ``write`` a batch of records, ``close`` when done (``abort`` to give up without a partial
-    JSON file). Usable as a context manager, which closes on Ctrl-C and aborts on any other exception."""
+    """Records as text to a :class:`Destination`, flushed batch by batch."""
 
-    def __init__(self, path: str | None, append: bool = False) -> None:
-        self.path = path
-        self._tmp: str | None = None
-        if path is None:
-            self.stream: IO[str] = _stdout()
-        elif self.atomic:
-            folder = os.path.dirname(os.path.abspath(path))
-            fd, self._tmp = tempfile.mkstemp(prefix=".i2v-", suffix=".tmp", dir=folder)
-            self.stream = open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")  # noqa: SIM115
-        else:
-            mode = "a" if append else "w"
-            self.stream = open(path, mode, encoding="utf-8", errors="surrogateescape", newline="")  # noqa: SIM115
-        self.count = 0
-
+    #: Whether a file is written beside its target and renamed into place when whole.
     atomic = False
 
-    def write(self, records: Iterable[Record]) -> None:
-        for record in records:
-            self._write_one(record)
-            self.count += 1
-        self.stream.flush()
+    def __init__(self, path: str | None = None, *, keep: int | None = None) -> None:
+        self.path = None if is_stdout(path) else path
+        self.dest = Destination(path, atomic=self.atomic, keep=keep)
+        self.count = 0
+        self._closed = False
+        self._begin(keep)
 
-    def _write_one(self, record: Record) -> None:
+    def _begin(self, keep: int | None) -> None:
+        """Whatever opens the format (a CSV header)."""
+
+    def write(self, records: Iterable[Record]) -> None:
+        buf = io.StringIO()
+        for record in records:
+            self._format(record, buf)
+            self.count += 1
+        self.dest.write(buf.getvalue().encode("utf-8"))
+
+    def _format(self, record: Record, buf: io.StringIO) -> None:
         raise NotImplementedError
 
-    def _finish(self) -> None:
+    def _end(self) -> str:
         """Whatever closes the format (JSON's closing bracket)."""
+        return ""
 
     def close(self) -> None:
-        self._finish()
-        self.stream.flush()
-        if self.path is None:
-            self.stream.detach()  # leave sys.stdout open for the caller
+        if self._closed:
             return
-        self.stream.close()
-        if self._tmp is not None:
-            os.replace(self._tmp, self.path)
-            self._tmp = None
+        self._closed = True
+        try:
+            end = self._end()
+            if end:
+                self.dest.write(end.encode("utf-8"))
+        except BaseException:
+            self.dest.abort()
+            raise
+        self.dest.finish()
 
     def abort(self) -> None:
-        """Stop writing: a streamed format keeps what it has; an atomic JSON file is not put in place."""
-        if self.path is None:
-            self._finish()
-            self.stream.flush()
-            self.stream.detach()
+        """Stop writing: a streamed format keeps what it has (JSON on stdout is closed to stay valid); an
+        atomic JSON file is not put in place."""
+        if self._closed:
             return
-        self.stream.close()
-        if self._tmp is not None:
-            os.unlink(self._tmp)
-            self._tmp = None
+        self._closed = True
+        end = self._end()
+        if end and self.dest.streamed:
+            with contextlib.suppress(OSError):
+                self.dest.write(end.encode("utf-8"))
+        self.dest.abort()
 
 
 class JsonlWriter(Writer):
     """One JSON object a line."""
 
-    def _write_one(self, record: Record) -> None:
-        self.stream.write(_dumps(record) + "\n")
+    def _format(self, record: Record, buf: io.StringIO) -> None:
+        buf.write(dumps(record))
+        buf.write("\n")
 
 
 class JsonWriter(Writer):
-    """A single JSON list; to a file it is atomic (temp file + rename), to stdout it streams."""
+    """A single JSON list; to a file it is atomic (temp file + rename), to stdout or a device it streams."""
 
     atomic = True
 
-    def _write_one(self, record: Record) -> None:
-        self.stream.write(("[\n  " if self.count == 0 else ",\n  ") + _dumps(record))
+    def _format(self, record: Record, buf: io.StringIO) -> None:
+        buf.write("[\n  " if self.count == 0 else ",\n  ")
+        buf.write(dumps(record))
 
-    def _finish(self) -> None:
-        self.stream.write("[]\n" if self.count == 0 else "\n]\n")
+    def _end(self) -> str:
+        return "[]\n" if self.count == 0 else "\n]\n"
 
 
 class CsvWriter(Writer):
-    """Long format: ``path,category,tag,score,error``, one row per selected tag; a failed image gets one row
-    with only its path and error."""
+    """Long format: ``path,category,tag,score,error,path_b64``, one row per selected tag; a failed image gets
+    one row with its path and error."""
 
-    def __init__(self, path: str | None, append: bool = False) -> None:
-        super().__init__(path, append)
-        self._csv = csv.writer(self.stream, lineterminator="\n")
-        if not (append and self.stream.tell() > 0):
-            self._csv.writerow(CSV_COLUMNS)
+    def _begin(self, keep: int | None) -> None:
+        if not keep:
+            self.dest.write(_csv_line(CSV_COLUMNS).encode("utf-8"))
 
-    def _write_one(self, record: Record) -> None:
-        if "error" in record:
-            self._csv.writerow([record["path"], "", "", "", record["error"]])
+    def _format(self, record: Record, buf: io.StringIO) -> None:
+        rec = encode_record(record)
+        path, b64 = rec["path"], rec.get("path_b64", "")
+        out = csv.writer(buf, lineterminator="\n")
+        if "error" in rec:
+            out.writerow([path, "", "", "", rec["error"], b64])
             return
-        for category, tags in record.items():
-            if category == "path":
+        for category, tags in rec.items():
+            if category in ("path", "path_b64"):
                 continue
             for tag, score in tags.items():
-                self._csv.writerow([record["path"], category, tag, repr(score), ""])
+                out.writerow([path, category, tag, repr(score), "", b64])
 
 
-def open_writer(fmt: str, path: str | None = None, append: bool = False) -> Writer:
-    """A writer for ``fmt`` (json, jsonl or csv) to ``path``, or to stdout when ``path`` is None."""
-    cls = {"json": JsonWriter, "jsonl": JsonlWriter, "csv": CsvWriter}.get(fmt)
+def _csv_line(values: Iterable[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(list(values))
+    return buf.getvalue()
+
+
+WRITERS: dict[str, type[Writer]] = {"json": JsonWriter, "jsonl": JsonlWriter, "csv": CsvWriter}
+
+
+def open_writer(fmt: str, path: str | None = None, *, keep: int | None = None) -> Writer:
+    """A writer for ``fmt`` (json, jsonl or csv) to ``path`` (stdout when None or ``-``); ``keep`` (JSONL,
+    CSV) appends after the first ``keep`` bytes of an existing file instead of starting it anew."""
+    cls = WRITERS.get(fmt)
     if cls is None:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    return cls(path, append)
+    return cls(path, keep=keep)
+
+
+class Tee(Sink):
+    """Several sinks fed the same records (records to a file and caption files, say)."""
+
+    def __init__(self, *sinks: Sink | None) -> None:
+        self.sinks = [s for s in sinks if s is not None]
+
+    def write(self, records: Iterable[Record]) -> None:
+        batch = list(records)
+        for sink in self.sinks:
+            sink.write(batch)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+    def abort(self) -> None:
+        for sink in self.sinks:
+            sink.abort()
+
+
+#: Output formats an ``-o`` file's extension stands for.
+EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".npy": "npy",
+                     ".parquet": "parquet", ".txt": "text"}  # fmt: skip
+
+
+def format_for(fmt: str | None, output: str | None, allowed: Iterable[str], default: str) -> str:
+    """The output format: ``fmt`` when given, else the one ``-o``'s extension stands for, else ``default``.
+    Refuses a format that contradicts the extension (CSV into ``x.json``) or that this command cannot write
+    there, in one line."""
+    allowed = tuple(allowed)
+    ext = os.path.splitext(output or "")[1].lower() if not writes_in_place(output) else ""
+    implied = EXTENSION_FORMATS.get(ext)
+    if fmt is not None:
+        if implied is not None and implied != fmt:
+            raise OutputError(
+                f"-o {display(str(output))} has the extension of {implied}, but --format {fmt} was asked for: "
+                f"change one of them"
+            )
+        return fmt
+    if implied is None:
+        return default
+    if implied not in allowed:
+        raise OutputError(
+            f"-o {display(str(output))}: this command writes {', '.join(allowed)}, not {implied}; "
+            f"name the file with one of those extensions"
+        )
+    return implied
+
+
+def check_output(output: str | None, inputs: Iterable[str] = ()) -> None:
+    """Refuse, before anything is opened, an output that would destroy what the run reads: a folder, or one of
+    the inputs (the same file by device and inode: a symlink or hard link to an input counts)."""
+    if writes_in_place(output):
+        return
+    assert output is not None
+    if os.path.isdir(output):
+        raise OutputError(f"-o {display(output)} is a folder: name a file")
+    try:
+        out = os.stat(output)
+    except OSError:
+        return
+    for path in inputs:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if os.path.samestat(out, st):
+            raise OutputError(
+                f"-o {display(output)} is one of the inputs ({display(path)}): it would be destroyed; "
+                "choose another output"
+            )

@@ -84,7 +84,7 @@ def test_csv_loads_with_a_csv_reader(runner, tag_weights, images):
     result = run(runner, images, "--top-k", "2", "--format", "csv", weights=tag_weights)
     assert result.exit_code == 0
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert list(rows[0]) == ["path", "category", "tag", "score", "error"]
+    assert list(rows[0]) == ["path", "category", "tag", "score", "error", "path_b64"]
     assert len(rows) == 5 * (2 + 2 + 2 + 3)
     assert {r["category"] for r in rows} == {"general", "character", "copyright", "rating"}
     assert all(0.0 <= float(r["score"]) <= 1.0 and r["error"] == "" for r in rows)
@@ -223,4 +223,5 @@ def test_python_dash_m_and_console_script(tag_weights, golden, tmp_path):
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["path"].endswith("img000.png") and len(record["general"]) == 1
-    assert proc.stderr == ""  # no progress bar when stderr is not a terminal
+    # No progress bar when stderr is not a terminal: only the closing summary line.
+    assert proc.stderr.startswith("i2v: tagged 1 of 1 images in ") and proc.stderr.count("\n") == 1

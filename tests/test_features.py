@@ -181,7 +181,7 @@ def test_paths_from_stdin_and_the_header(runner, feature_weights, golden, tmp_pa
     header = json.loads(lines[0])
     assert {k: header[k] for k in ("format", "version", "kind", "rows", "dim", "dtype", "vectors", "cwd")} == {
         "format": "i2v-features",
-        "version": 1,
+        "version": 2,
         "kind": "float",
         "rows": 2,
         "dim": 128,
@@ -232,9 +232,9 @@ def test_writer_round_trip(tmp_path, binary):
     rows = rng.integers(0, 256, (5, 8), dtype=np.uint8) if binary else rng.standard_normal((5, dim), np.float32)
     out = tmp_path / "vecs.npy"
     with FeatureWriter(out, dim=dim, binary=binary, model={"source": "m", "sha256": "00"}) as w:
-        w.write(ODD_PATHS[:2], rows[:2])
-        w.write([], rows[:0])
-        w.write(ODD_PATHS[2:], rows[2:])
+        w.append(ODD_PATHS[:2], rows[:2])
+        w.append([], rows[:0])
+        w.append(ODD_PATHS[2:], rows[2:])
         assert not out.exists()  # in place only when done
     ff = read_features(out)
     assert (
@@ -249,14 +249,14 @@ def test_writer_round_trip(tmp_path, binary):
 
 def test_writer_aborted_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError), FeatureWriter(tmp_path / "vecs.npy", dim=4) as w:
-        w.write(["a"], np.ones((1, 4), np.float32))
+        w.append(["a"], np.ones((1, 4), np.float32))
         raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
 
 
 def test_writer_interrupted_keeps_the_rows_done(tmp_path):
     with pytest.raises(KeyboardInterrupt), FeatureWriter(tmp_path / "vecs.npy", dim=4) as w:
-        w.write(["a", "b"], np.ones((2, 4), np.float32))
+        w.append(["a", "b"], np.ones((2, 4), np.float32))
         raise KeyboardInterrupt
     assert read_features(tmp_path / "vecs.npy").paths == ["a", "b"]
 
@@ -264,9 +264,9 @@ def test_writer_interrupted_keeps_the_rows_done(tmp_path):
 def test_writer_checks_shapes(tmp_path):
     with FeatureWriter(tmp_path / "v.npy", dim=8, binary=True) as w:
         with pytest.raises(ValueError, match=r"shape \(2, 1\)"):
-            w.write(["a", "b"], np.zeros((2, 2), np.uint8))
+            w.append(["a", "b"], np.zeros((2, 2), np.uint8))
         with pytest.raises(ValueError, match="uint8"):
-            w.write(["a"], np.zeros((1, 1), np.float32))
+            w.append(["a"], np.zeros((1, 1), np.float32))
 
 
 def test_writer_memory_is_bounded(tmp_path):
@@ -276,7 +276,7 @@ def test_writer_memory_is_bounded(tmp_path):
     tracemalloc.start()
     with FeatureWriter(tmp_path / "vecs.npy", dim=1024) as w:
         for _ in range(40):
-            w.write(names, batch)
+            w.append(names, batch)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 4 * batch.nbytes
@@ -285,7 +285,7 @@ def test_writer_memory_is_bounded(tmp_path):
 
 def _pair(tmp_path, name, values):
     with FeatureWriter(tmp_path / name, dim=4) as w:
-        w.write([f"{name}-{i}" for i in range(len(values))], np.asarray(values, np.float32))
+        w.append([f"{name}-{i}" for i in range(len(values))], np.asarray(values, np.float32))
     return tmp_path / name
 
 

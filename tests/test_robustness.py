@@ -20,7 +20,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from i2v_cli.cli import cli
-from i2v_cli.resume import completed_paths
+from i2v_cli.resume import read_progress
+from i2v_cli.writers import record_path
 from i2v_cli.runner import run_model
 from i2v_cli.weights import load_model
 
@@ -116,8 +117,10 @@ def test_non_utf8_name_is_reported_faithfully(tmp_path, tag_weights):
         cli, ["tag", str(tmp_path), "-o", str(out), "--workers", "0", "--weights", str(tag_weights)]
     )
     assert result.exit_code == 0, result.output
-    assert os.fsencode(str(tmp_path / name)) in out.read_bytes()
-    assert completed_paths(str(out), "jsonl") == {str(tmp_path / name)}
+    out.read_bytes().decode("utf-8")  # valid UTF-8 whatever the name
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record_path(record) == str(tmp_path / name)
+    assert read_progress(str(out), "jsonl").done == {str(tmp_path / name)}
 
 
 def _crash_on(pattern: str):
@@ -188,7 +191,7 @@ def test_resume_after_a_real_kill_equals_an_uninterrupted_run(tmp_path, tag_weig
     _kill_when(partial, proc, full.read_text().count("\n") // 3, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert 0 < len(completed_paths(str(partial), fmt)) < 24
+    assert 0 < len(read_progress(str(partial), fmt).done) < 24
 
     done = subprocess.run(_i2v(*common, "-o", str(partial), "--resume"), capture_output=True)
     assert done.returncode == 0, done.stderr
@@ -200,14 +203,18 @@ def test_resume_after_a_real_kill_equals_an_uninterrupted_run(tmp_path, tag_weig
 def test_resume_repairs_a_cut_off_tail(tmp_path):
     jl = tmp_path / "a.jsonl"
     jl.write_text('{"path": "a.png", "error": "x"}\n{"path": "b.p')
-    assert completed_paths(str(jl), "jsonl") == {"a.png"}
-    assert jl.read_text() == '{"path": "a.png", "error": "x"}\n'
+    progress = read_progress(str(jl), "jsonl")
+    assert progress.done == {"a.png"}
+    assert jl.read_bytes()[: progress.keep] == b'{"path": "a.png", "error": "x"}\n'
     c = tmp_path / "a.csv"
-    c.write_text("path,category,tag,score,error\na.png,general,x,0.5,\nb.png,general,x,0.5,\nb.png,rating,sa")
-    assert completed_paths(str(c), "csv") == {"a.png"}
-    assert list(csv.reader(c.read_text().splitlines())) == [
-        ["path", "category", "tag", "score", "error"],
-        ["a.png", "general", "x", "0.5", ""],
+    c.write_text(
+        "path,category,tag,score,error,path_b64\na.png,general,x,0.5,,\nb.png,general,x,0.5,,\nb.png,rating,sa"
+    )
+    progress = read_progress(str(c), "csv")
+    assert progress.done == {"a.png"}
+    assert list(csv.reader(c.read_bytes()[: progress.keep].decode().splitlines())) == [
+        ["path", "category", "tag", "score", "error", "path_b64"],
+        ["a.png", "general", "x", "0.5", "", ""],
     ]
 
 

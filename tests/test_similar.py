@@ -151,7 +151,7 @@ def test_search_a_memory_mapped_feature_file(tmp_path):
     rng = np.random.default_rng(3)
     vectors = rng.integers(0, 256, (500, 8), dtype=np.uint8)
     with FeatureWriter(tmp_path / "bits.npy", dim=64, binary=True) as w:
-        w.write([f"{i}.png" for i in range(500)], vectors)
+        w.append([f"{i}.png" for i in range(500)], vectors)
     ff = read_features(tmp_path / "bits.npy")
     assert isinstance(ff.vectors, np.memmap)
     hits = search(ff.vectors, vectors[7], 5, chunk_rows=64)[0]
@@ -237,11 +237,11 @@ def test_text_format(runner, indexed):
     dist = brute_hamming(np.asarray(ff.vectors), np.asarray(ff.vectors[[0, 4]]))
     lines = []
     for i, (q, row) in enumerate([("imgs/im0.png", 0), ("imgs/im4.png", 4)]):
-        lines += ([""] if i else []) + [f"{q}:"]
+        lines += ([""] if i else []) + [f"{q}: (hamming distance)"]
         lines += [f"  {dist[i][r]:5d}  {ff.paths[r]}" for r in brute_top(dist[i], 2, exclude=row)]
     assert result.stdout == "\n".join(lines) + "\n"
     text = similar(runner, "imgs/im0.png", "-i", "vecs.npy", "-k", "1").stdout.splitlines()
-    assert text[0] == "imgs/im0.png:" and re.fullmatch(r"  0\.\d{6}  imgs/im\d\.png", text[1]) and len(text) == 2
+    assert text[0] == "imgs/im0.png: (cosine similarity)" and re.fullmatch(r"  0\.\d{6}  imgs/im\d\.png", text[1]) and len(text) == 2
 
 
 def test_index_paths_resolve_from_another_folder(runner, indexed, monkeypatch):
@@ -275,4 +275,4 @@ def test_broken_index_is_a_usage_error(runner, indexed):
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "do not belong together" in result.stderr
     result = similar(runner, "imgs/im0.png", "-i", "nothing.npy")
-    assert result.exit_code == 2 and "nothing.paths.jsonl: no such file" in result.stderr
+    assert result.exit_code == 2 and "nothing.npy: no such file" in result.stderr

@@ -80,6 +80,6 @@ def test_csv_append_writes_no_second_header(tmp_path):
     out = tmp_path / "out.csv"
     with open_writer("csv", str(out)) as w:
         w.write(RECORDS[1:])
-    with open_writer("csv", str(out), append=True) as w:
+    with open_writer("csv", str(out), keep=out.stat().st_size) as w:
         w.write(RECORDS[1:])
     assert out.read_text().count("path,category") == 1

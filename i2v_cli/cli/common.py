@@ -1,22 +1,35 @@
-"""What the CLI commands share: option decorators, the progress bar, and turning library errors into
-one-line messages with the right exit status (0 all done, 1 some inputs failed, 2 usage error, 130 Ctrl-C)."""
+"""What the CLI commands share: option decorators, the progress bar, signals, and turning library errors into
+one-line messages with a documented exit status (see :data:`EXIT_STATUSES`)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
-from tqdm import tqdm
 
-from ..errors import I2VError
-from ..inference import BACKENDS, PRECISIONS
+from ..errors import I2VError, Interrupted, OutputError, WriteError
+from ..writers import one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_WRITE = 0, 1, 2, 3
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_SIGPIPE = 128 + signal.SIGPIPE
+#: Every exit status i2v gives, as the README's table lists them.
+EXIT_STATUSES = {
+    EXIT_OK: "every input was processed",
+    EXIT_SOME_FAILED: "some inputs failed (each named on stderr, each with an error record)",
+    EXIT_USAGE: "usage error: a bad option, a missing input, no weights, an output that cannot be used",
+    EXIT_WRITE: "an output could not be written midway (a full disk, an I/O error); the message names it",
+    128 + signal.SIGHUP: "stopped by SIGHUP (a closed terminal); the work done is kept",
+    EXIT_INTERRUPTED: "stopped by Ctrl-C (SIGINT); the work done is kept",
+    EXIT_SIGPIPE: "the reader of stdout went away (`i2v tag dir | head`)",
+    128 + signal.SIGTERM: "stopped by SIGTERM (timeout, Slurm, Kubernetes); the work done is kept",
+}
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -25,18 +38,63 @@ class UsageFailure(click.ClickException):
 
     exit_code = EXIT_USAGE
 
+    def format_message(self) -> str:
+        return one_line(self.message)
+
+
+class WriteFailure(UsageFailure):
+    """An output that could not be written midway, exit status 3."""
+
+    exit_code = EXIT_WRITE
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    # Once: a second signal during the clean-up that the first one started must not cut that clean-up short.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGINT, SIGTERM and SIGHUP all stop the run the way Ctrl-C does: sinks keep the work done so far."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays ignored
+            signal.signal(sig, _raise_interrupted)
+
+
+def exit_status(exc: KeyboardInterrupt) -> int:
+    """128 + the signal that stopped the run (130 for Ctrl-C)."""
+    return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
+
+
+def quiet_broken_pipe() -> None:
+    """The reader of stdout went away: point stdout at /dev/null so nothing more (not even Python's last flush)
+    complains."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
 
 class I2VGroup(click.Group):
-    """A group whose commands turn library errors into one-line messages and Ctrl-C into exit 130."""
+    """A group whose commands turn library errors into one-line messages and signals into 128 + signal."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except WriteError as exc:
+            raise WriteFailure(str(exc)) from None
         except I2VError as exc:
             raise UsageFailure(str(exc)) from None
-        except KeyboardInterrupt:
-            click.echo("i2v: interrupted", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            quiet_broken_pipe()
+            ctx.exit(EXIT_SIGPIPE)
+        except KeyboardInterrupt as exc:
+            what = {signal.SIGTERM: "terminated (SIGTERM)", signal.SIGHUP: "hung up (SIGHUP)"}
+            click.echo(f"i2v: {what.get(getattr(exc, 'signum', 0), 'interrupted')}", err=True)
+            ctx.exit(exit_status(exc))
 
 
 def default_workers() -> int:
@@ -46,6 +104,8 @@ def default_workers() -> int:
 
 def model_options(f: F) -> F:
     """--weights, --device, --batch-size, --workers, --precision and --backend: how to run a network."""
+    from ..inference import BACKENDS, PRECISIONS
+
     for option in reversed(
         [
             click.option(
@@ -91,7 +151,7 @@ def model_options(f: F) -> F:
                 default="auto",
                 show_default=True,
                 help="What runs the network. auto: ONNX Runtime for fp32 on a CPU when installed "
-                "(pip install 'i2v[onnx]'), else PyTorch.",
+                "(pip install onnx onnxruntime), else PyTorch.",
             ),
         ]
     ):
@@ -127,19 +187,29 @@ def progress_option(f: F) -> F:
     )(f)
 
 
-def progress_bar(total: int | None, enabled: bool | None, unit: str = "img", desc: str | None = None) -> tqdm:
+def progress_bar(total: int | None, enabled: bool | None, unit: str = "img", desc: str | None = None) -> Any:
     """A tqdm bar on stderr, shown when asked for or when stderr is a terminal."""
+    from tqdm import tqdm
+
     show = sys.stderr.isatty() if enabled is None else enabled
     return tqdm(total=total, disable=not show, file=sys.stderr, unit=unit, desc=desc, dynamic_ncols=True)
 
 
-def report_failure(bar: tqdm | None, path: str, error: str) -> None:
-    """One line on stderr for an input that failed, kept clear of the progress bar."""
-    shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-    error = os.fsencode(error).decode("utf-8", "backslashreplace")
-    # Decoding errors name their file already; others get it in front.
-    line = f"i2v: {error}" if error.startswith(shown) else f"i2v: {shown}: {error}"
+def echo(bar: Any, line: str) -> None:
+    """One line on stderr, kept clear of the progress bar."""
     if bar is None or bar.disable:
         click.echo(line, err=True)
     else:
         bar.write(line, file=sys.stderr)
+
+
+def report_failure(bar: Any, path: str, error: str) -> None:
+    """One line on stderr for an input that failed (newlines in a name escaped, so it stays one line)."""
+    shown, error = one_line(path), one_line(error)
+    # Decoding errors name their file already; others get it in front.
+    echo(bar, f"i2v: {error}" if error.startswith(shown) else f"i2v: {shown}: {error}")
+
+
+def usage(exc: OutputError | I2VError) -> UsageFailure:
+    """A library error found while checking options, as the CLI's one-line usage failure."""
+    return UsageFailure(str(exc))

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from typing import Any
 
 import click
-import numpy as np
 
 from ..config import FEATURE
-from ..features import FeatureJsonlWriter, FeatureWriter, binarize, paths_file_for
+from ..errors import I2VError
+from ..features import FeatureJsonlWriter, FeatureWriter, paths_file_for
+from ..inference import describe, prepare_for_inference, resolve_backend
 from ..inputs import expand_inputs
-from ..runner import resolve_device, run_model
+from ..pipeline import FeatureRecords, run_job
+from ..resume import claim_output, make_job
+from ..runner import resolve_device
 from ..weights import load_model, resolve_weights
+from ..writers import check_output, display, format_for, writes_in_place
 from .common import (
     CONTEXT_SETTINGS,
     EXIT_SOME_FAILED,
     UsageFailure,
     default_workers,
+    echo,
     input_options,
     model_options,
     progress_bar,
@@ -27,15 +34,6 @@ from .common import (
 from .ray_options import engine_options, run_engine
 
 FEATURE_FORMATS = ("npy", "jsonl")
-
-
-def feature_format(fmt: str | None, output: str | None) -> str:
-    """The format asked for, else ``jsonl`` for stdout or a ``.jsonl`` file, else ``npy``."""
-    if fmt:
-        return fmt
-    if output is None or os.path.splitext(output)[1].lower() == ".jsonl":
-        return "jsonl"
-    return "npy"
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -54,7 +52,11 @@ def feature_format(fmt: str | None, output: str | None) -> str:
     help="npy: vectors + paths file (needs -o); jsonl: {path, feature} lines. "
     "Default: jsonl on stdout or for a .jsonl file, else npy.",
 )
-@click.option("--resume", is_flag=True, help="[ray] Keep the shards already in the -o folder and do the rest.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="With -o FILE: skip the images FILE already has and add the rest (ray: keep the shards done).",
+)
 @model_options
 @progress_option
 @engine_options
@@ -65,6 +67,7 @@ def features(
     output: str | None,
     binary: bool,
     fmt: str | None,
+    resume: bool,
     weights: str | None,
     device: str,
     batch_size: int,
@@ -90,61 +93,67 @@ def features(
     """
     if run_engine(FEATURE):
         return
-    fmt = feature_format(fmt, output)
-    if fmt == "npy" and output is None:
-        raise UsageFailure("--format npy writes a file: give -o FILE.npy (its paths go to FILE.paths.jsonl)")
-    inputs = expand_inputs(paths, recursive=recursive, stdin=sys.stdin.buffer if "-" in paths else None, nul=nul)
-    dev = resolve_device(device)
-    model, info = load_model(resolve_weights(weights, FEATURE), kind=FEATURE, device=str(dev))
-    dim = model.arch.feature_dim
-    sink: FeatureWriter | FeatureJsonlWriter
-    if fmt == "npy":
-        sink = FeatureWriter(output, dim=dim, binary=binary, model={"source": info.source, "sha256": info.sha256})
-    else:
-        try:
-            sink = FeatureJsonlWriter(output)
-        except OSError as exc:
-            raise UsageFailure(f"cannot write {output}: {exc.strerror}") from None
-
-    failed = 0
+    started = time.perf_counter()
     try:
-        with sink, progress_bar(len(inputs), progress) as bar:
-            results = run_model(
-                model,
-                inputs,
-                batch_size=batch_size,
-                workers=default_workers() if workers is None else workers,
-                on_progress=bar.update,
-                precision=precision,
-                backend=backend,
+        fmt = format_for(fmt, output, FEATURE_FORMATS, "jsonl" if writes_in_place(output) else "npy")
+        if fmt == "npy" and writes_in_place(output):
+            raise UsageFailure("--format npy writes a file: give -o FILE.npy (its paths go to FILE.paths.jsonl)")
+        if fmt == "npy" and os.path.splitext(output or "")[1].lower() != ".npy":
+            raise UsageFailure(
+                f"-o {display(str(output))}: name the vectors file FILE.npy (paths go to FILE.paths.jsonl)"
             )
-            for batch in results:
-                ok = [r for r in batch if r.output is not None]
-                vectors = np.stack([r.output for r in ok]) if ok else np.zeros((0, dim), np.float32)
-                if binary:
-                    vectors = binarize(vectors)
+        inputs = expand_inputs(paths, recursive=recursive, stdin=sys.stdin.buffer if "-" in paths else None, nul=nul)
+        check_output(output, inputs)
+        if fmt == "npy":
+            check_output(str(paths_file_for(str(output))), inputs)
+        dev = resolve_device(device)
+        resolve_backend(backend, dev, precision)
+        model, info = load_model(resolve_weights(weights, FEATURE), kind=FEATURE, device=str(dev))
+    except I2VError as exc:
+        raise UsageFailure(str(exc)) from None
+    dim = model.arch.feature_dim
+    model_id = {"source": info.source, "sha256": info.sha256}
+    job = make_job("features", fmt, {"binary": binary, "precision": precision}, model_id)
+    with claim_output(output, job, resume=resume) as earlier:
+        sink: FeatureWriter | FeatureJsonlWriter
+        if fmt == "npy":
+            sink = FeatureWriter(str(output), dim=dim, binary=binary, model=model_id, resume=resume)
+            done = sink.done
+        else:
+            sink = FeatureJsonlWriter(output, keep=earlier.keep or None)
+            done = earlier.done
+        todo = [p for p in inputs if p not in done] if done else inputs
+        net = prepare_for_inference(model, precision=precision, backend=backend)
+        with progress_bar(len(todo), progress) as bar:
+
+            def report(records: list[dict[str, Any]]) -> None:
+                bar.update(len(records))
+                for record in records:
+                    if "error" in record:
+                        report_failure(bar, record["path"], record["error"])
+
+            try:
+                summary = run_job(
+                    model,
+                    todo,
+                    records=FeatureRecords(binary),
+                    sink=sink,
+                    batch_size=batch_size,
+                    workers=default_workers() if workers is None else workers,
+                    net=net,
+                    on_batch=report,
+                )
+            except KeyboardInterrupt:
                 if isinstance(sink, FeatureWriter):
-                    sink.write([r.path for r in ok], vectors)
-                else:
-                    rows = iter(vectors)
-                    sink.write(
-                        {"path": r.path, "feature": next(rows)}
-                        if r.output is not None
-                        else {"path": r.path, "error": r.error or "no output"}
-                        for r in batch
-                    )
-                for r in batch:
-                    if r.output is None:
-                        failed += 1
-                        report_failure(bar, r.path, r.error or "no output")
-    except KeyboardInterrupt:
-        if isinstance(sink, FeatureWriter):
-            click.echo(f"i2v: interrupted: {output} holds the {sink.rows} features done of {len(inputs)}", err=True)
-        raise
-    if isinstance(sink, FeatureWriter):
-        what = f"binary features of {dim} bits" if binary else f"float32 features of {dim}"
-        click.echo(f"i2v: wrote {sink.rows} {what} to {output} (paths: {paths_file_for(output)})", err=True)
+                    echo(None, f"i2v: {display(str(output))} holds the {sink.rows} features done of {len(inputs)}")
+                raise
+    failed = len(summary.failures)
+    seconds = time.perf_counter() - started
+    skipped = f", {len(inputs) - len(todo)} already in {display(str(output))}" if len(todo) < len(inputs) else ""
+    what = f"binary features of {dim} bits" if binary else f"float32 features of {dim}"
+    where = f" to {display(str(output))} (paths: {display(str(paths_file_for(str(output))))})" if fmt == "npy" else ""
+    echo(None, f"i2v: wrote {summary.processed - failed} {what}{where}{skipped} in {seconds:.1f} s ({describe(net)})")
     if failed:
         left_out = " (they have no row)" if fmt == "npy" else ""
-        click.echo(f"i2v: {failed} of {len(inputs)} inputs failed{left_out}", err=True)
+        echo(None, f"i2v: {failed} of {len(todo)} inputs failed{left_out}")
         sys.exit(EXIT_SOME_FAILED)

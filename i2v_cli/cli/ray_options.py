@@ -48,8 +48,6 @@ def run_engine(kind: str) -> bool:
         given = [f"--{name.replace('_', '-')}" for name in _RAY_ONLY if params.get(name) is not None]
         if params.get("fmt") == "parquet":
             given.append("--format parquet")
-        if kind == FEATURE and params.get("resume"):
-            given.append("--resume")
         if given:
             raise UsageFailure(f"{', '.join(given)}: for --engine ray only")
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from typing import Any
@@ -13,42 +14,49 @@ from ..config import FEATURE
 from ..errors import I2VError
 from ..features import FeatureFile, binarize, read_features
 from ..inputs import expand_inputs
+from ..resume import claim_output, make_job
 from ..runner import resolve_device, run_model
 from ..similar import result_record, search
 from ..weights import load_model, resolve_weights
-from ..writers import JsonlWriter, JsonWriter, Writer
-from .common import CONTEXT_SETTINGS, EXIT_SOME_FAILED, UsageFailure, default_workers, model_options
+from ..writers import Writer, check_output, display, format_for, one_line, open_writer
+from .common import (
+    CONTEXT_SETTINGS,
+    EXIT_SOME_FAILED,
+    UsageFailure,
+    default_workers,
+    echo,
+    model_options,
+    report_failure,
+)
 
 SIMILAR_FORMATS = ("text", "json", "jsonl")
 
 
 class TextWriter(Writer):
-    """For people: the query on a line, then one ``score  path`` line per result, a blank line between queries."""
+    """For people: the query on a line, then one ``score  path`` line per result (``cosine`` similarity or
+    ``hamming`` distance, said in the query's line), a blank line between queries. Paths are shown as they
+    open from the current folder."""
 
-    def _write_one(self, record: dict[str, Any]) -> None:
+    def __init__(self, path: str | None = None, *, keep: int | None = None, base: str = ".") -> None:
+        self.base = base
+        super().__init__(path, keep=keep)
+
+    def _format(self, record: dict[str, Any], buf: io.StringIO) -> None:
         if "error" in record:
             return  # reported on stderr
-        lines = [("" if self.count == 0 else "\n") + f"{record['query']}:"]
-        for hit in record["results"]:
+        hits = record["results"]
+        measure = "hamming distance" if hits and "distance" in hits[0] else "cosine similarity"
+        buf.write(("" if self.count == 0 else "\n") + f"{one_line(record['query'])}: ({measure})\n")
+        for hit in hits:
             score = f"{hit['distance']:5d}" if "distance" in hit else f"{hit['score']:.6f}"
-            lines.append(f"  {score}  {hit['path']}")
-        self.stream.write("\n".join(lines) + "\n")
+            buf.write(f"  {score}  {one_line(_from_here(self.base, hit['path']))}\n")
 
 
-def _open(fmt: str, output: str | None) -> Writer:
-    cls = {"text": TextWriter, "json": JsonWriter, "jsonl": JsonlWriter}[fmt]
-    try:
-        return cls(output)
-    except OSError as exc:
-        raise UsageFailure(f"cannot write {output}: {exc.strerror}") from None
-
-
-def similar_format(fmt: str | None, output: str | None) -> str:
-    """The format asked for, else the output file's extension (json, jsonl), else text."""
-    if fmt:
-        return fmt
-    ext = os.path.splitext(output or "")[1].lower().lstrip(".")
-    return ext if ext in ("json", "jsonl") else "text"
+def _from_here(base: str, path: str) -> str:
+    """A stored path (relative to ``base``, the folder the features were written from) as it opens from here."""
+    if os.path.isabs(path):
+        return path
+    return os.path.relpath(os.path.join(base, path))
 
 
 def _query_paths(specs: tuple[str, ...], index: FeatureFile, recursive: bool, nul: bool) -> list[str]:
@@ -115,9 +123,13 @@ def similar(
       i2v similar ./illustrations/miku.png --index vecs.npy -k 5
       i2v similar new.jpg --index vecs.npy --format jsonl | jq -r '.results[].path'
     """
-    fmt = similar_format(fmt, output)
-    index = read_features(index_path)
-    paths = _query_paths(queries, index, recursive, nul)
+    try:
+        fmt = format_for(fmt, output, SIMILAR_FORMATS, "text")
+        index = read_features(index_path)
+        check_output(output, [str(index.vectors_path), str(index.paths_path)])
+        paths = _query_paths(queries, index, recursive, nul)
+    except I2VError as exc:
+        raise UsageFailure(str(exc)) from None
     width = index.vectors.shape[1]
     vectors: dict[int, np.ndarray] = {}  # query position -> its vector
     own_rows: dict[int, int] = {}
@@ -131,7 +143,7 @@ def similar(
         elif os.path.exists(path):
             to_compute.append(i)
         else:
-            errors[i] = f"not in the index {index.vectors_path} and no such file"
+            errors[i] = f"not in the index {display(str(index.vectors_path))} and no such file"
 
     if to_compute:
         dev = resolve_device(device)
@@ -174,13 +186,16 @@ def similar(
         exclude=None if include_self else [own_rows.get(i) for i in order],
     )
     neighbors = dict(zip(order, found, strict=True))
-    with _open(fmt, output) as writer:
-        for i, path in enumerate(paths):
-            if i in errors:
-                click.echo(f"i2v: {os.fsencode(path).decode('utf-8', 'backslashreplace')}: {errors[i]}", err=True)
-                writer.write([{"query": path, "error": errors[i]}])
-            else:
-                writer.write([result_record(path, own_rows.get(i), neighbors[i], index.paths, index.binary)])
+    base = str(index.header.get("cwd") or index.paths_path.parent)
+    with claim_output(output, make_job("similar", fmt, {}, {})):
+        writer = TextWriter(output, base=base) if fmt == "text" else open_writer(fmt, output)
+        with writer:
+            for i, path in enumerate(paths):
+                if i in errors:
+                    report_failure(None, path, errors[i])
+                    writer.write([{"query": path, "error": errors[i]}])
+                else:
+                    writer.write([result_record(path, own_rows.get(i), neighbors[i], index.paths, index.binary)])
     if errors:
-        click.echo(f"i2v: {len(errors)} of {len(paths)} queries failed", err=True)
+        echo(None, f"i2v: {len(errors)} of {len(paths)} queries failed")
         sys.exit(EXIT_SOME_FAILED)

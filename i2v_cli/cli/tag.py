@@ -1,31 +1,37 @@
-"""``i2v tag``: tags of every image, thresholded per category, as JSON, JSONL or CSV."""
+"""``i2v tag``: tags of every image, thresholded per category, as JSON, JSONL or CSV (and caption files)."""
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
 import os
 import sys
-from collections import Counter
+import time
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from ..captions import CaptionOptions, check_collisions, common_root, write_caption
+from ..atomic import resolve_target
+from ..captions import CaptionOptions, caption_path, check_collisions, common_root, tag_key
 from ..config import TAG
-from ..errors import CaptionError
+from ..errors import CaptionError, I2VError
+from ..inference import describe, prepare_for_inference, resolve_backend
 from ..inputs import expand_inputs
-from ..resume import completed_paths
-from ..runner import resolve_device, run_model
-from ..tags import Selection, load_tag_list, tag_record
+from ..pipeline import CaptionSink, TagRecords, run_job
+from ..resume import claim_output, make_job
+from ..runner import resolve_device
+from ..tags import Selection, load_tag_list
 from ..weights import load_model, resolve_weights
-from ..writers import FORMATS, open_writer
+from ..writers import FORMATS, Tee, check_output, display, format_for, open_writer
 from .common import (
     CONTEXT_SETTINGS,
     EXIT_SOME_FAILED,
     F,
     UsageFailure,
     default_workers,
+    echo,
     input_options,
     model_options,
     progress_bar,
@@ -61,19 +67,28 @@ def caption_options(f: F) -> F:
     return f
 
 
+_CAPTION_ONLY = ("caption_ext", "caption_sep", "underscores", "character_first", "rating_tag", "existing")
+
+
 def make_caption_options(params: dict[str, Any], inputs: list[str], folders: list[str]) -> CaptionOptions | None:
-    """The caption settings asked for on the command line, or None when no captions are wanted."""
+    """The caption settings asked for on the command line, or None when no captions are wanted. Caption-only
+    options without --captions are refused, never silently ignored (``--exclude`` applies to records too)."""
+    ctx = click.get_current_context()
+    given = [n for n in _CAPTION_ONLY if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE]
     if not (params["captions"] or params["captions_dir"]):
+        if given:
+            names = ", ".join("--" + n.replace("_", "-") for n in given if n != "existing")
+            names = names or "--skip-existing/--overwrite/--append"
+            raise UsageFailure(f"{names}: for caption files only; add --captions (or --captions-dir DIR)")
         return None
     root = None
     if params["captions_dir"]:
         root = Path(folders[0]) if len(folders) == 1 else common_root(inputs)
-    exclude = frozenset(t.strip() for spec in params["exclude"] for t in spec.split(",") if t.strip())
     options = CaptionOptions(
         extension=params["caption_ext"],
         separator=params["caption_sep"],
         underscores=params["underscores"],
-        exclude=exclude,
+        exclude=excluded(params),
         character_first=params["character_first"],
         rating=params["rating_tag"],
         existing=params["existing"],
@@ -84,12 +99,19 @@ def make_caption_options(params: dict[str, Any], inputs: list[str], folders: lis
     return options
 
 
-def output_format(fmt: str | None, output: str | None) -> str:
-    """The format asked for, else the output file's extension, else JSONL (streams best on stdout)."""
-    if fmt:
-        return fmt
-    ext = os.path.splitext(output or "")[1].lower().lstrip(".")
-    return ext if ext in FORMATS else "jsonl"
+def excluded(params: dict[str, Any]) -> frozenset[str]:
+    """The tags of --exclude (repeatable, comma-separated), as given."""
+    return frozenset(t.strip() for spec in params["exclude"] for t in spec.split(",") if t.strip())
+
+
+def tags_digest(tags: list[str]) -> str:
+    """SHA-256 of a tag list: what a job file records of it."""
+    return "sha256:" + hashlib.sha256(json.dumps(tags, ensure_ascii=False).encode()).hexdigest()
+
+
+def same_target(a: str | os.PathLike[str], b: str) -> bool:
+    """Whether two names end at the same file, existing or not (symlinks followed)."""
+    return resolve_target(a) == resolve_target(b)
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -163,6 +185,7 @@ def tag(
     """
     if run_engine(TAG):
         return
+    started = time.perf_counter()
     selection = Selection.make(
         threshold,
         general=general_threshold,
@@ -170,53 +193,80 @@ def tag(
         copyright=copyright_threshold,
         top_k=top_k,
     )
-    inputs = expand_inputs(paths, recursive=recursive, stdin=sys.stdin.buffer if "-" in paths else None, nul=nul)
-    captions = make_caption_options(caption_params, inputs, [p for p in paths if os.path.isdir(p)])
-    dev = resolve_device(device)
-    model, _ = load_model(resolve_weights(weights, TAG), kind=TAG, device=str(dev))
-    tags = load_tag_list(tag_list)
-    wants_records = captions is None or fmt is not None or output is not None
-    fmt = output_format(fmt, output)
-    if resume:
-        if output is None:
-            raise UsageFailure("--resume needs -o FILE: the output of the run to resume")
-        done = completed_paths(output, fmt)
-        inputs = [p for p in inputs if p not in done]
+    captions_wanted = caption_params["captions"] or caption_params["captions_dir"]
+    wants_records = not captions_wanted or fmt is not None or output is not None
     try:
-        writer = open_writer(fmt, output, append=resume) if wants_records else None
-    except OSError as exc:
-        raise UsageFailure(f"cannot write {output}: {exc.strerror}") from None
+        fmt = format_for(fmt, output, FORMATS, "jsonl")
+        inputs = expand_inputs(paths, recursive=recursive, stdin=sys.stdin.buffer if "-" in paths else None, nul=nul)
+        if wants_records:
+            check_output(output, inputs)
+        captions = make_caption_options(caption_params, inputs, [p for p in paths if os.path.isdir(p)])
+        if captions is not None and wants_records and output not in (None, "-"):
+            for image in inputs:
+                if same_target(caption_path(image, captions), output):
+                    raise CaptionError(
+                        f"the caption file of {display(image)} would be the output {display(output)}: "
+                        "choose another output or caption extension"
+                    )
+        dev = resolve_device(device)
+        resolve_backend(backend, dev, precision)
+        tags = load_tag_list(tag_list)
+        keys = {tag_key(t) for t in excluded(caption_params)}
+        exclude = frozenset(t for t in tags if tag_key(t) in keys)
+        model, info = load_model(resolve_weights(weights, TAG), kind=TAG, device=str(dev))
+    except I2VError as exc:
+        raise UsageFailure(str(exc)) from None
+    job = make_job(
+        "tag",
+        fmt,
+        {
+            "thresholds": dict(selection.thresholds),
+            "top_k": selection.top_k,
+            "tag_list": tags_digest(tags),
+            "exclude": sorted(exclude),
+            "precision": precision,
+        },
+        {"source": info.source, "sha256": info.sha256},
+    )
+    caption_sink = CaptionSink(captions) if captions is not None else None
+    with claim_output(output if wants_records else "-", job, resume=resume) as earlier:
+        todo = [p for p in inputs if p not in earlier.done] if earlier.done else inputs
+        net = prepare_for_inference(model, precision=precision, backend=backend)
+        writer = open_writer(fmt, output, keep=earlier.keep or None) if wants_records else None
+        with progress_bar(len(todo), progress) as bar:
 
-    failed = 0
-    outcomes: Counter[str] = Counter()
-    with writer or contextlib.nullcontext(), progress_bar(len(inputs), progress) as bar:
-        results = run_model(
-            model,
-            inputs,
-            batch_size=batch_size,
-            workers=default_workers() if workers is None else workers,
-            on_progress=bar.update,
-            precision=precision,
-            backend=backend,
-        )
-        for batch in results:
-            records = [tag_record(r.path, r.output, r.error, tags, selection) for r in batch]
-            if writer is not None:
-                writer.write(records)
-            for record in records:
-                error = record.get("error")
-                if error is None and captions is not None:
-                    try:
-                        outcomes[write_caption(record, captions)] += 1
-                    except CaptionError as exc:
-                        error = str(exc)
-                if error is not None:
-                    failed += 1
-                    report_failure(bar, record["path"], error)
-    if outcomes:
-        click.echo("i2v: captions " + ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items())), err=True)
+            def report(records: list[dict[str, Any]]) -> None:
+                bar.update(len(records))
+                for record in records:
+                    if "error" in record:
+                        report_failure(bar, record["path"], record["error"])
+                if caption_sink is not None:
+                    for path, error in caption_sink.errors[reported[0] :]:
+                        report_failure(bar, path, error)
+                    reported[0] = len(caption_sink.errors)
+
+            reported = [0]
+            summary = run_job(
+                model,
+                todo,
+                records=TagRecords(tags, selection, exclude),
+                sink=Tee(writer, caption_sink),
+                batch_size=batch_size,
+                workers=default_workers() if workers is None else workers,
+                net=net,
+                on_batch=report,
+            )
+    failed = len(summary.failures) + (len(caption_sink.errors) if caption_sink is not None else 0)
+    seconds = time.perf_counter() - started
+    skipped = f", {len(inputs) - len(todo)} already in {display(output or '')}" if len(todo) < len(inputs) else ""
+    where = f"; records in {display(output)}" if wants_records and output not in (None, "-") else ""
+    echo(None, f"i2v: tagged {summary.processed - len(summary.failures)} of {len(todo)} images{skipped} in "
+               f"{seconds:.1f} s ({describe(net)}){where}")  # fmt: skip
+    if caption_sink is not None and caption_sink.outcomes:
+        outcomes = caption_sink.outcomes
+        echo(None, "i2v: captions " + ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items())))
         if outcomes["skipped"]:
-            click.echo("i2v: existing caption files were kept: use --overwrite or --append to change them", err=True)
+            echo(None, "i2v: existing caption files were kept: use --overwrite or --append to change them")
     if failed:
-        click.echo(f"i2v: {failed} of {len(inputs)} inputs failed", err=True)
+        echo(None, f"i2v: {failed} of {len(todo)} inputs failed")
         sys.exit(EXIT_SOME_FAILED)
