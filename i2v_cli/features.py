@@ -283,6 +283,7 @@ class FeatureFile:
     paths_path: Path
     _rows: dict[str, int] | None = field(default=None, repr=False)
     _abs_rows: dict[tuple[int, int], int] | None = field(default=None, repr=False)
+    _texts: dict[str, int] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -295,8 +296,8 @@ class FeatureFile:
     def row(self, path: str) -> int | None:
         """The row of the indexed file that ``path`` names, or None. Stored relative paths are taken from the
         folder the features were written from (not from where this runs); the same file named another way (a
-        symlink, a hard link, a path through a symlinked folder) matches too, by device and inode. A file
-        stored twice gives its first row."""
+        symlink, a hard link, a path through a symlinked folder) matches too, by device and inode. A path that
+        names no file from here is looked up as stored text. A file stored twice gives its first row."""
         base = str(self.header.get("cwd") or self.paths_path.parent)
         if self._rows is None:
             self._rows = {}
@@ -306,8 +307,12 @@ class FeatureFile:
         if found is not None:
             return found
         key = _file_key(path)
-        if key is None:
-            return None
+        if key is None:  # no such file from here: the path as stored (the text an earlier listing showed)
+            if self._texts is None:
+                self._texts = {}
+                for i, p in enumerate(self.paths):
+                    self._texts.setdefault(p, i)
+            return self._texts.get(path)
         if self._abs_rows is None:  # one stat per stored path: only when a query is named another way
             self._abs_rows = {}
             for absolute, i in self._rows.items():

@@ -33,12 +33,13 @@ from typing import IO, Any
 
 import numpy as np
 
+from .atomic import is_temp_name, write_bytes, write_text
 from .config import FEATURE, INPUT_SIZE, TAG
 from .errors import I2VError, InputError
-from .features import FeatureWriter, binarize
+from .features import FeatureWriter
 from .inputs import expand_inputs, read_path_list
-from .tags import Selection, tag_record
-from .writers import open_writer
+from .tags import Selection
+from .writers import display, path_fields, render
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "i2v-ray-output"
@@ -66,6 +67,7 @@ class RayJob:
     fmt: str  # jsonl, csv or parquet for tags; npy for features
     tags: Sequence[str] = ()
     selection: Selection | None = None
+    exclude: frozenset[str] = frozenset()
     binary: bool = False
     batch_size: int = 16
     precision: str = "fp32"  # as run_model's precision and backend
@@ -75,6 +77,7 @@ class RayJob:
     gpus_per_worker: float | None = None  # default: 1 where the cluster has GPUs, else 0
     address: str | None = None  # default: $RAY_ADDRESS, a cluster started on this machine, else a new local one
     resume: bool = False
+    require_gpus: bool = False  # --device cuda: refuse a cluster without GPUs instead of running on CPUs
     progress: bool = True
     options: Mapping[str, Any] = field(default_factory=dict)  # recorded in the manifest, compared on resume
 
@@ -117,9 +120,7 @@ def _digest(paths: Sequence[str]) -> str:
 
 
 def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def _plan(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> dict[str, Any]:
@@ -134,7 +135,7 @@ def _plan(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> dict[
         "shard_size": job.shard_size,
         "model": dict(model),
         "options": dict(job.options),
-        "cwd": os.getcwd(),
+        "cwd": display(os.getcwd()),
     }
 
 
@@ -158,9 +159,10 @@ def prepare_output(job: RayJob, inputs: Sequence[str], model: Mapping[str, str])
                 f"cannot resume: {out} was written with other {', '.join(differ)}; rerun the same command, "
                 "or choose another folder"
             )
-        for tmp in out.glob(".part-*"):  # a shard cut off by a kill
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        for tmp in out.iterdir():  # a shard cut off by a kill
+            if is_temp_name(tmp.name) and ".part-" in tmp.name:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
         n = -(-len(inputs) // job.shard_size)
         done = {k for k in range(n) if (out / shard_files(job.kind, job.fmt, k)[-1]).exists()}
     elif any(out.glob("part-*")):
@@ -205,10 +207,11 @@ def read_tag_records(out: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
         import pyarrow.parquet as pq
 
         for row in pq.read_table(path).to_pylist():
+            name = {"path": row["path"], **({"path_b64": row["path_b64"]} if row.get("path_b64") else {})}
             if row["error"] is not None:
-                yield {"path": row["path"], "error": row["error"]}
+                yield {**name, "error": row["error"]}
             else:
-                yield {"path": row["path"], **{c: dict(row[c]) for c in _CATEGORIES}}
+                yield {**name, **{c: dict(row[c]) for c in _CATEGORIES}}
 
 
 def expand_ray_inputs(
@@ -246,52 +249,41 @@ def expand_ray_inputs(
 # Writing one shard (in an actor)
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _write_parquet(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+def _parquet_bytes(records: Sequence[Mapping[str, Any]]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     scores = pa.map_(pa.string(), pa.float64())
-    schema = pa.schema([("path", pa.string()), ("error", pa.string()),
+    schema = pa.schema([("path", pa.string()), ("path_b64", pa.string()), ("error", pa.string()),
                         *((c, scores) for c in _CATEGORIES)])  # fmt: skip
-    rows = [
-        {
-            "path": os.fsencode(r["path"]).decode("utf-8", "backslashreplace"),
-            "error": r.get("error"),
+    rows = []
+    for r in records:
+        fields = path_fields("path", r["path"])
+        rows.append({
+            "path": fields["path"],
+            "path_b64": fields.get("path_b64"),
+            "error": display(r["error"]) if "error" in r else None,
             **{c: list(r[c].items()) if c in r else None for c in _CATEGORIES},
-        }
-        for r in records
-    ]
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+        })  # fmt: skip
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    return sink.getvalue().to_pybytes()
 
 
 def write_tag_shard(out: Path, fmt: str, k: int, records: Sequence[Mapping[str, Any]]) -> str:
-    """Write shard ``k``'s records under a temporary name and rename it into place; return its file name."""
+    """Write shard ``k``'s records, atomically (:mod:`i2v_cli.atomic`); return its file name."""
     name = shard_files(TAG, fmt, k)[0]
-    tmp = _tmp(out / name)
-    if fmt == "parquet":
-        _write_parquet(tmp, records)
-    else:
-        with open_writer(fmt, str(tmp)) as writer:
-            writer.write(records)
-    os.replace(tmp, out / name)
+    data = _parquet_bytes(records) if fmt == "parquet" else render(fmt, records)
+    write_bytes(out / name, data)
     return name
 
 
-def write_feature_shard(
-    out: Path, k: int, paths: Sequence[str], vectors: np.ndarray, errors: Sequence[Mapping[str, str]], **writer: Any
-) -> str:
-    """Write shard ``k``: its error records, then its vectors and paths pair (the paths file last, by rename)."""
+def write_feature_shard(out: Path, k: int, records: Sequence[Mapping[str, Any]], **writer: Any) -> str:
+    """Write shard ``k``: its error records, then its vectors and paths pair (the paths file last)."""
     names = shard_files(FEATURE, "npy", k)
-    tmp = _tmp(out / names[0])
-    with open_writer("jsonl", str(tmp)) as w:
-        w.write(errors)
-    os.replace(tmp, out / names[0])
+    write_bytes(out / names[0], render("jsonl", [r for r in records if "error" in r]))
     with FeatureWriter(out / names[1], **writer) as w:
-        w.write(paths, vectors)
+        w.write(records)
     return names[1]
 
 
@@ -352,46 +344,35 @@ class NetworkWorker:
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
+        import torch
 
+        from .data import Batch
+        from .pipeline import FeatureRecords, TagRecords
+        from .runner import map_batch
+
+        job = self.job
+        make = TagRecords(job.tags, job.selection, job.exclude) if job.kind == TAG else FeatureRecords(job.binary)
         rows = []
         for row in batch.to_pylist():
             paths = [os.fsdecode(p) for p in row["paths"]]
             errors: list[str | None] = row["errors"]
             ok = [i for i, e in enumerate(errors) if e is None]
-            outputs = dict(zip(ok, self._forward(np.frombuffer(row["inputs"], np.float32)), strict=True))
+            inputs = torch.from_numpy(np.frombuffer(row["inputs"], np.float32).copy()).reshape(-1, *_INPUT_SHAPE)
+            decoded = Batch(ok, inputs, {i: e for i, e in enumerate(errors) if e is not None})
+            records = make(map_batch(self.net, paths, decoded, self.device, job.batch_size))
             _checkpoint(self.written)
-            failed = [(paths[i], e) for i, e in enumerate(errors) if e is not None]
-            name = self._write(row["shard"], paths, errors, outputs)
+            if job.kind == TAG:
+                name = write_tag_shard(self.out, job.fmt, row["shard"], records)
+            else:
+                model = {"source": self.info.source, "sha256": self.info.sha256}
+                dim = self.model.arch.feature_dim
+                name = write_feature_shard(self.out, row["shard"], records, dim=dim, binary=job.binary, model=model)
             self.written += 1
+            failed = [(r["path"], r["error"]) for r in records if "error" in r]
             rows.append({"shard": row["shard"], "file": name, "count": len(paths),
                          "error_paths": [os.fsencode(p) for p, _ in failed],
                          "error_messages": [e for _, e in failed]})  # fmt: skip
         return pa.Table.from_pylist(rows, schema=_summary_schema())
-
-    def _forward(self, flat: np.ndarray) -> np.ndarray:
-        import torch
-
-        from .inference import predict
-
-        x = torch.from_numpy(flat.copy()).reshape(-1, *_INPUT_SHAPE)
-        return predict(self.net, x, self.device, self.job.batch_size)
-
-    def _write(self, k: int, paths: list[str], errors: list[str | None], outputs: dict[int, np.ndarray]) -> str:
-        job = self.job
-        if job.kind == TAG:
-            assert job.selection is not None
-            records = [tag_record(p, outputs.get(i), errors[i], job.tags, job.selection) for i, p in enumerate(paths)]
-            return write_tag_shard(self.out, job.fmt, k, records)
-        ok = sorted(outputs)
-        dim = self.model.arch.feature_dim
-        vectors = np.stack([outputs[i] for i in ok]) if ok else np.zeros((0, dim), np.float32)
-        if job.binary:
-            vectors = binarize(vectors)
-        errs = [{"path": paths[i], "error": e} for i, e in enumerate(errors) if e is not None]
-        model = {"source": self.info.source, "sha256": self.info.sha256}
-        return write_feature_shard(
-            self.out, k, [paths[i] for i in ok], vectors, errs, dim=dim, binary=job.binary, model=model
-        )
 
 
 def _summary_schema() -> Any:
@@ -454,6 +435,8 @@ def run_job(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> Ite
 
         DataContext.get_current().enable_progress_bars = job.progress
         workers, gpus = _resources(job)
+        if job.require_gpus and not ray.cluster_resources().get("GPU"):
+            raise RayEngineError("--device cuda asked for, but the Ray cluster has no GPU: use --device cpu")
         summary = RaySummary(0, [], sum(min(size, len(inputs) - k * size) for k in done), len(done), 0.0, workers, gpus)
         if todo:
             items = [{"shard": k, "paths": [os.fsencode(p) for p in inputs[k * size : (k + 1) * size]]} for k in todo]

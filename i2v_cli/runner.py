@@ -73,10 +73,13 @@ def run_model(
         batches.close()
 
 
-def map_batch(net: Predictor, paths: Sequence[str], batch: Batch, device: torch.device) -> list[Result]:
-    """The mapper: network outputs for a batch's decoded images, merged in order with the errors of the others.
-    An output that is not finite (NaN, infinity: broken weights) is that image's error, never a written NaN."""
-    outputs = dict(zip(batch.ok, predict(net, batch.inputs, device), strict=True)) if batch.ok else {}
+def map_batch(
+    net: Predictor, paths: Sequence[str], batch: Batch, device: torch.device, batch_size: int | None = None
+) -> list[Result]:
+    """The mapper: network outputs for a batch's decoded images (``batch_size`` at a time), merged in order with
+    the errors of the others. An output that is not finite (NaN, infinity: broken weights) is that image's error,
+    never a written NaN."""
+    outputs = dict(zip(batch.ok, predict(net, batch.inputs, device, batch_size), strict=True)) if batch.ok else {}
     results = []
     for i in sorted([*batch.ok, *batch.errors]):
         out = outputs.get(i)

@@ -165,12 +165,16 @@ class Destination:
     file, either streamed into (``atomic=False``, truncated or, resuming, appended at ``keep`` bytes) or
     written beside it and renamed into place on :meth:`finish` (``atomic=True``)."""
 
-    def __init__(self, path: str | None, *, atomic: bool, keep: int | None = None) -> None:
+    def __init__(
+        self, path: str | None, *, atomic: bool, keep: int | None = None, stream: IO[bytes] | None = None
+    ) -> None:
         self.path = None if is_stdout(path) else path
         self._atomic: AtomicFile | None = None
         try:
-            self._borrowed = self.path is None
-            if self.path is None:
+            self._borrowed = self.path is None or stream is not None
+            if stream is not None:
+                self.raw = stream
+            elif self.path is None:
                 sys.stdout.flush()
                 self.raw: IO[bytes] = sys.stdout.buffer
             elif (fd := std_fd(self.path)) is not None:
@@ -270,9 +274,9 @@ class Writer(Sink):
     #: Whether a file is written beside its target and renamed into place when whole.
     atomic = False
 
-    def __init__(self, path: str | None = None, *, keep: int | None = None) -> None:
+    def __init__(self, path: str | None = None, *, keep: int | None = None, stream: IO[bytes] | None = None) -> None:
         self.path = None if is_stdout(path) else path
-        self.dest = Destination(path, atomic=self.atomic, keep=keep)
+        self.dest = Destination(path, atomic=self.atomic, keep=keep, stream=stream)
         self.count = 0
         self._closed = False
         self._begin(keep)
@@ -379,6 +383,15 @@ def open_writer(fmt: str, path: str | None = None, *, keep: int | None = None) -
     if cls is None:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     return cls(path, keep=keep)
+
+
+def render(fmt: str, records: Iterable[Record]) -> bytes:
+    """Records in ``fmt`` as bytes (a whole small file, such as a Ray shard, to write atomically)."""
+    buf = io.BytesIO()
+    writer = WRITERS[fmt](stream=buf)
+    writer.write(records)
+    writer.close()
+    return buf.getvalue()
 
 
 class Tee(Sink):

@@ -196,7 +196,7 @@ def test_paths_from_stdin_and_the_header(runner, feature_weights, golden, tmp_pa
     assert ff.row(str(golden / "images" / "sq" / "img000.png")) == 1
     assert ff.row("sq/img001.png") == 0
     assert ff.row("sq/img002.png") is None
-    assert sorted(os.listdir(tmp_path)) == ["vecs.npy", "vecs.paths.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == [".vecs.npy.i2v.json", "vecs.npy", "vecs.paths.jsonl"]  # + its job file
 
 
 # --------------------------------------------------------------------------------------------------------------

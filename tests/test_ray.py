@@ -25,6 +25,7 @@ import pytest
 from click.testing import CliRunner
 
 from i2v_cli.cli import cli
+from i2v_cli.writers import record_path
 from i2v_cli.features import read_features
 
 ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
@@ -104,8 +105,12 @@ def images(tmp_path_factory, golden):
     sources = sorted((golden / "images" / "sq").iterdir()) + sorted((golden / "images" / "mixed").iterdir())
     for i, src in enumerate(sources):
         shutil.copy(src, folder / f"im{i:02d}{src.suffix}")
-    (folder / "im05b.png").write_text("not an image")
+    (folder / os.fsdecode(b"im05b-\xff.png")).write_text("not an image")  # a name that is not UTF-8, too
     return folder
+
+
+BROKEN = os.fsdecode(b"im05b-\xff.png")
+SHOWN = "im05b-\\xff.png"  # as records and messages show it
 
 
 def _ray(args, address, cwd, **kwargs) -> subprocess.Popen:
@@ -155,7 +160,9 @@ def _shards(out: Path) -> list[dict]:
 
 
 def _joined(out: Path) -> str:
-    return "".join((out / s["file"]).read_text() for s in _shards(out))
+    # Strict UTF-8: whatever the file names, every shard and the manifest are valid UTF-8.
+    (out / "manifest.json").read_bytes().decode("utf-8")
+    return "".join((out / s["file"]).read_bytes().decode("utf-8") for s in _shards(out))
 
 
 def _wait_for(pattern: str, folder: Path, proc: subprocess.Popen) -> Path:
@@ -184,7 +191,7 @@ def test_tag_records_equal_the_local_engine(cluster, images, tag_weights, tmp_pa
     proc = _ray(["tag", images, "-t", "0", "-w", tag_weights, "--shard-size", "4", "-o", "out"], address, tmp_path)
     code, err = _finish(proc)
     assert code == 1, err
-    assert f"i2v: {images}/im05b.png: a text file, not an image" in err
+    assert f"i2v: {images}/{SHOWN}: a text file, not an image" in err
     assert "i2v: ray: 13 images, 1 failed" in err
     assert_same_records(_records(_joined(tmp_path / "out")), _records(local))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -215,7 +222,8 @@ def test_parquet_shards_and_features(cluster, images, tag_weights, feature_weigh
     np.testing.assert_allclose(np.concatenate([p.vectors for p in parts]), want.vectors, atol=1e-4, rtol=1e-5)
     names = [s["file"].replace(".npy", ".errors.jsonl") for s in _shards(tmp_path / "feat")]
     errors = [json.loads(line) for name in names for line in (tmp_path / "feat" / name).read_text().splitlines()]
-    assert errors == [{"path": f"{images}/im05b.png", "error": f"{images}/im05b.png: a text file, not an image"}]
+    assert [record_path(e) for e in errors] == [f"{images}/{BROKEN}"]
+    assert errors[0]["error"] == f"{images}/{SHOWN}: a text file, not an image"
 
 
 def test_killed_network_worker_loses_and_duplicates_nothing(cluster, images, tag_weights, tmp_path):

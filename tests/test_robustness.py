@@ -21,9 +21,9 @@ from PIL import Image
 
 from i2v_cli.cli import cli
 from i2v_cli.resume import read_progress
-from i2v_cli.writers import record_path
 from i2v_cli.runner import run_model
 from i2v_cli.weights import load_model
+from i2v_cli.writers import record_path
 
 
 def _picture(size=(64, 48), seed=0) -> Image.Image:

@@ -241,7 +241,11 @@ def test_text_format(runner, indexed):
         lines += [f"  {dist[i][r]:5d}  {ff.paths[r]}" for r in brute_top(dist[i], 2, exclude=row)]
     assert result.stdout == "\n".join(lines) + "\n"
     text = similar(runner, "imgs/im0.png", "-i", "vecs.npy", "-k", "1").stdout.splitlines()
-    assert text[0] == "imgs/im0.png: (cosine similarity)" and re.fullmatch(r"  0\.\d{6}  imgs/im\d\.png", text[1]) and len(text) == 2
+    assert (
+        text[0] == "imgs/im0.png: (cosine similarity)"
+        and re.fullmatch(r"  0\.\d{6}  imgs/im\d\.png", text[1])
+        and len(text) == 2
+    )
 
 
 def test_index_paths_resolve_from_another_folder(runner, indexed, monkeypatch):

@@ -10,6 +10,7 @@ from importlib.util import find_spec
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from ..config import FEATURE
 from ..tags import Selection, load_tag_list
@@ -75,9 +76,42 @@ def _job_settings(kind: str, params: dict[str, Any]) -> tuple[str, dict[str, Any
         top_k=params["top_k"],
     )
     tags = load_tag_list(params["tag_list"])
+    from ..captions import tag_key
+
+    keys = {tag_key(t.strip()) for spec in params["exclude"] for t in spec.split(",") if t.strip()}
+    exclude = frozenset(t for t in tags if tag_key(t) in keys)
     digest = "sha256:" + hashlib.sha256(json.dumps(tags, ensure_ascii=False).encode()).hexdigest()
-    options = {"thresholds": dict(selection.thresholds), "top_k": selection.top_k, "tag_list": digest}
-    return params["fmt"] or "jsonl", {"tags": tags, "selection": selection, "options": options}
+    options = {"thresholds": dict(selection.thresholds), "top_k": selection.top_k, "tag_list": digest,
+               "exclude": sorted(exclude)}  # fmt: skip
+    fmt = params["fmt"] or "jsonl"
+    return fmt, {"tags": tags, "selection": selection, "exclude": exclude, "options": options}
+
+
+def _check_local_options(params: dict[str, Any]) -> str:
+    """Refuse the local options that Ray cannot honour, before anything starts; return the actors' device."""
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("workers") is ParameterSource.COMMANDLINE:
+        raise UsageFailure(
+            "--workers: with --engine ray, decoding runs in Ray tasks; use --shard-size and --num-workers"
+        )
+    device = params["device"]
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageFailure(f"--device {device}: with --engine ray, Ray gives each actor its GPU; use --device cuda")
+    if device == "cpu" and params["gpus_per_worker"]:
+        raise UsageFailure("--device cpu contradicts --gpus-per-worker")
+    actors = "cuda" if device == "cuda" or params["gpus_per_worker"] else "cpu"
+    if device == "auto" and not params["gpus_per_worker"]:
+        actors = "cpu"  # decided once Ray tells what the cluster has; checked again there
+    import torch
+
+    from ..errors import I2VError
+    from ..inference import resolve_backend
+
+    try:
+        resolve_backend(params["backend"], torch.device(actors), params["precision"])
+    except I2VError as exc:
+        raise UsageFailure(str(exc)) from None
+    return device
 
 
 def _run(kind: str, params: dict[str, Any]) -> None:
@@ -86,6 +120,7 @@ def _run(kind: str, params: dict[str, Any]) -> None:
     out = params["output"]
     if not out:
         raise UsageFailure("--engine ray writes shards into a folder: give -o FOLDER")
+    device = _check_local_options(params)
     fmt, settings = _job_settings(kind, params)
     paths = params["paths"]
     stdin = sys.stdin.buffer if "-" in paths else None
@@ -103,7 +138,10 @@ def _run(kind: str, params: dict[str, Any]) -> None:
         backend=params["backend"],
         shard_size=params["shard_size"] or DEFAULT_SHARD_SIZE,
         num_workers=params["num_workers"],
-        gpus_per_worker=0.0 if gpus is None and params["device"] == "cpu" else gpus,
+        gpus_per_worker=0.0
+        if gpus is None and device == "cpu"
+        else (1.0 if gpus is None and device == "cuda" else gpus),
+        require_gpus=device == "cuda",
         address=params["ray_address"],
         resume=params["resume"],
         progress=sys.stderr.isatty() if params["progress"] is None else params["progress"],

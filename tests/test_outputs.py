@@ -1,0 +1,343 @@
+"""Outputs you can trust (issue "One pipeline, outputs you can trust"): each test here failed on the code before it.
+
+Valid UTF-8 whatever the names, -o where the user pointed, no input or foreign file destroyed, resume of the same
+job only, signals, one writer per output, write errors as messages, formats that do what they say, an index pair
+that cannot lie.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from i2v_cli.cli import cli
+from i2v_cli.features import FeatureFileError, read_features
+from i2v_cli.resume import JobLock, make_job, read_progress
+from i2v_cli.writers import CSV_COLUMNS, record_path
+
+BAD = os.fsdecode(b"na\xefve.png")  # not valid UTF-8
+
+
+def _picture(size=(64, 48), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(3):
+        _picture(seed=i).save(d / f"img{i}.png")
+    _picture(seed=9).save(d / BAD)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return d
+
+
+def tag(*args, weights, input=None):
+    return CliRunner().invoke(cli, ["tag", "--workers", "0", "--weights", str(weights), *map(str, args)], input=input)
+
+
+def _i2v(*args: str) -> list[str]:
+    return [sys.executable, "-m", "i2v_cli", *args]
+
+
+# 1. Valid UTF-8, always -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_output_is_valid_utf8_and_keeps_the_exact_name(tmp_path, folder, tag_weights, fmt):
+    out = tmp_path / f"out.{fmt}"
+    result = tag(folder, "-o", out, weights=tag_weights)
+    assert result.exit_code == 1  # broken.png
+    text = out.read_bytes().decode("utf-8")  # strict: raises on the old output
+    if fmt == "json":
+        records = json.loads(text)
+    elif fmt == "jsonl":
+        records = [json.loads(line) for line in text.splitlines()]
+    else:
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert list(rows[0]) == list(CSV_COLUMNS)
+        records = [{"path": r["path"], "path_b64": r["path_b64"]} for r in rows]
+    names = {record_path(r) for r in records}
+    assert str(folder / BAD) in names
+    shown = [r["path"] for r in records if r.get("path_b64")]
+    assert shown and all(p.endswith("na\\xefve.png") for p in shown)
+
+
+def test_resume_matches_the_exact_non_utf8_name(tmp_path, folder, tag_weights):
+    out = tmp_path / "out.jsonl"
+    tag(folder, "-o", out, weights=tag_weights)
+    first = out.read_bytes()
+    again = tag(folder, "-o", out, "--resume", weights=tag_weights)
+    assert "already in" in again.stderr
+    # Only the broken image is tried again (it has a record: it is done), nothing is duplicated.
+    assert out.read_bytes() == first
+
+
+def test_messages_stay_one_line(tmp_path, tag_weights):
+    name = tmp_path / "new\nline.png"
+    name.write_bytes(b"not an image")
+    result = tag(name, weights=tag_weights)
+    failure = [line for line in result.stderr.splitlines() if "line.png" in line]
+    assert len(failure) == 1 and "new\\nline.png" in failure[0]
+
+
+# 2. -o writes where the user pointed ---------------------------------------------------------------------------
+
+
+def test_output_through_a_symlink_keeps_the_link(tmp_path, folder, tag_weights):
+    target = tmp_path / "target.json"
+    target.write_text("[]")
+    link = tmp_path / "link.json"
+    link.symlink_to("target.json")
+    tag(folder, "-o", link, weights=tag_weights)
+    assert link.is_symlink()
+    assert len(json.loads(target.read_text())) == 5
+
+
+def test_a_fifo_output_is_written_not_replaced(tmp_path, folder, tag_weights):
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        _i2v("tag", str(folder), "--weights", str(tag_weights), "-f", "json", "-o", str(fifo)),
+        stderr=subprocess.PIPE,
+    )
+    with open(fifo, "rb") as f:
+        data = f.read()
+    proc.wait(timeout=60)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert len(json.loads(data)) == 5
+
+
+def test_dev_stdout_and_dash_mean_stdout(folder, tag_weights):
+    before = stat.S_IFMT(os.lstat("/dev/stdout").st_mode)  # a symlink (or a device): never a regular file after
+    for out in ("/dev/stdout", "-"):
+        proc = subprocess.run(
+            _i2v("tag", str(folder), "--weights", str(tag_weights), "-f", "json", "-o", out), capture_output=True
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert len(json.loads(proc.stdout)) == 5
+    assert stat.S_IFMT(os.lstat("/dev/stdout").st_mode) == before
+
+
+# 3. Never destroy an input or a foreign file -------------------------------------------------------------------
+
+
+def test_output_naming_an_input_is_refused(tmp_path, folder, tag_weights):
+    victim = folder / "img1.png"
+    before = victim.read_bytes()
+    link = tmp_path / "alias.jsonl"
+    link.symlink_to(victim)
+    for out in (victim, link):
+        result = tag(folder, "-f", "jsonl", "-o", out, weights=tag_weights)
+        assert result.exit_code == 2 and "is one of the inputs" in result.stderr
+    assert victim.read_bytes() == before
+
+
+def test_resume_never_changes_a_foreign_file(tmp_path, folder, tag_weights):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_bytes(b'{"a": 1}\n{"b": 2')
+    result = tag(folder, "-o", notes, "--resume", weights=tag_weights)
+    assert result.exit_code == 2 and "no record of an i2v run" in result.stderr
+    assert notes.read_bytes() == b'{"a": 1}\n{"b": 2'
+    png = tmp_path / "pic.png"
+    _picture().save(png)
+    before = png.read_bytes()
+    result = tag(folder, "-f", "jsonl", "-o", png, "--resume", weights=tag_weights)
+    assert result.exit_code == 2 and png.read_bytes() == before
+
+
+# 4. Resume is exact and refuses a different job ----------------------------------------------------------------
+
+
+def test_resume_refuses_other_options_naming_the_difference(tmp_path, folder, tag_weights):
+    out = tmp_path / "out.jsonl"
+    tag(folder / "img0.png", "-o", out, "-t", "0.5", weights=tag_weights)
+    before = out.read_bytes()
+    result = tag(folder, "-o", out, "--resume", "-t", "0.3", weights=tag_weights)
+    assert result.exit_code == 2
+    assert "thresholds" in result.stderr and "0.5" in result.stderr and "0.3" in result.stderr
+    assert out.read_bytes() == before
+    result = tag(folder, "-o", out, "--resume", "-t", "0.5", weights=tag_weights)
+    assert result.exit_code == 1 and len(out.read_text().splitlines()) == 5
+
+
+def test_resume_reads_in_bounded_memory(tmp_path):
+    out = tmp_path / "big.csv"
+    row = "img{:07d}.png,general,long hair,0.5,,\n"
+    with open(out, "w") as f:
+        f.write(",".join(CSV_COLUMNS) + "\n")
+        for i in range(200_000):
+            f.write(row.format(i))
+    size = out.stat().st_size
+    tracemalloc.start()
+    progress = read_progress(str(out), "csv")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(progress.done) == 199_999  # the last image's rows are written again
+    assert peak < size * 4  # the set of paths, not copies of the whole file (2.4 GB for 185 MB before)
+
+
+def test_features_resume(tmp_path, folder, feature_weights):
+    run = CliRunner()
+    full, part = tmp_path / "full.npy", tmp_path / "part.npy"
+    common = ["features", "--workers", "0", "--weights", str(feature_weights)]
+    run.invoke(cli, [*common, str(folder), "-o", str(full)])
+    run.invoke(cli, [*common, str(folder / "img0.png"), str(folder / "img1.png"), "-o", str(part)])
+    result = run.invoke(cli, [*common, str(folder), "-o", str(part), "--resume"])
+    assert result.exit_code == 1, result.stderr  # broken.png
+    a, b = read_features(full), read_features(part)
+    assert a.paths == b.paths
+    np.testing.assert_allclose(np.asarray(a.vectors), np.asarray(b.vectors), atol=1e-4, rtol=1e-5)
+
+
+# 5. Signals ----------------------------------------------------------------------------------------------------
+
+
+def _slow_run(tmp_path, weights, out, *extra) -> subprocess.Popen:
+    imgs = tmp_path / "many"
+    imgs.mkdir()
+    for i in range(60):
+        _picture((320, 240), seed=i).save(imgs / f"i{i:03d}.png")
+    return subprocess.Popen(
+        _i2v("tag", str(imgs), "--weights", str(weights), "-b", "1", "-j", "1", "-o", str(out), *extra),
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_keep_the_work_like_ctrl_c(tmp_path, tag_weights, sig):
+    out = tmp_path / "out.json"
+    proc = _slow_run(tmp_path, tag_weights, out)
+    time.sleep(1.0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(p.name.startswith(".i2v-out.json") for p in tmp_path.iterdir()):
+        time.sleep(0.02)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert b"Traceback" not in err
+    records = json.loads(out.read_text())  # a whole JSON list of the records done
+    assert 0 < len(records) < 60
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".i2v-")] == []
+
+
+def test_sigpipe_ends_quietly(tmp_path, folder, tag_weights):
+    cmd = " ".join(_i2v("tag", str(folder), "--weights", str(tag_weights), "-b", "1", "-j", "0"))
+    proc = subprocess.run(
+        ["bash", "-c", f"{cmd} 2>{tmp_path / 'err'} | head -n 1 >/dev/null; echo ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.stdout.strip() in ("0", "141")
+    assert "Traceback" not in (tmp_path / "err").read_text()
+
+
+# 6. One writer per output --------------------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused(tmp_path, folder, tag_weights):
+    out = tmp_path / "out.jsonl"
+    out.write_text("")
+    lock = JobLock(str(out), make_job("tag", "jsonl", {}, {}))
+    try:
+        result = tag(folder, "-o", out, weights=tag_weights)
+        assert result.exit_code == 2 and "another i2v run is writing" in result.stderr
+        assert out.read_text() == ""
+    finally:
+        lock.release()
+    assert tag(folder, "-o", out, weights=tag_weights).exit_code == 1
+
+
+# 7. Write errors are messages ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_is_one_line_and_exit_3(folder, tag_weights):
+    proc = subprocess.run(
+        _i2v("tag", str(folder), "--weights", str(tag_weights), "-o", "/dev/full"), capture_output=True
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert b"Traceback" not in proc.stderr and b"No space left on device" in proc.stderr
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+def test_resume_into_a_folder_is_a_usage_error(tmp_path, folder, tag_weights):
+    result = tag(folder, "-o", tmp_path, "--resume", weights=tag_weights)
+    assert result.exit_code == 2 and "is a folder" in result.stderr and "Traceback" not in result.output
+
+
+# 8. Formats do what they say -----------------------------------------------------------------------------------
+
+
+def test_format_contradicting_the_extension_is_refused(tmp_path, folder, tag_weights, feature_weights):
+    result = tag(folder, "-f", "csv", "-o", tmp_path / "x.json", weights=tag_weights)
+    assert result.exit_code == 2 and "extension of json" in result.stderr
+    assert not (tmp_path / "x.json").exists()
+    result = tag(folder, "-f", "jsonl", "-o", tmp_path / "f.npy", weights=tag_weights)
+    assert result.exit_code == 2
+    result = CliRunner().invoke(cli, ["features", str(folder), "--weights", str(feature_weights), "-o", "x.json"])
+    assert result.exit_code == 2 and not Path("x.json").exists()
+
+
+def test_no_nan_in_json(tmp_path, folder, tag_weights, monkeypatch):
+    import torch
+
+    from i2v_cli import runner
+
+    def nan_predict(net, inputs, device, batch_size=None):
+        return np.full((len(inputs), 1539), np.nan, np.float32)
+
+    monkeypatch.setattr(runner, "predict", nan_predict)
+    out = tmp_path / "out.json"
+    result = tag(folder, "-o", out, weights=tag_weights)
+    assert result.exit_code == 1
+    records = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert all("error" in r for r in records)
+    assert sum("the network's output is not finite" in r["error"] for r in records) == 4  # all but broken.png
+    del torch
+
+
+# 9. The index pair cannot lie ----------------------------------------------------------------------------------
+
+
+def test_reordered_paths_are_refused(tmp_path, folder, feature_weights):
+    out = tmp_path / "vecs.npy"
+    CliRunner().invoke(
+        cli, ["features", str(folder), "--workers", "0", "--weights", str(feature_weights), "-o", str(out)]
+    )
+    paths = tmp_path / "vecs.paths.jsonl"
+    lines = paths.read_bytes().split(b"\n")
+    lines[1], lines[2] = lines[2], lines[1]
+    paths.write_bytes(b"\n".join(lines))
+    with pytest.raises(FeatureFileError, match="changed after it was written"):
+        read_features(out)
+
+
+# 10. Summary line, --version -----------------------------------------------------------------------------------
+
+
+def test_summary_line_and_version(folder, tag_weights):
+    result = tag(folder / "img0.png", weights=tag_weights)
+    assert result.stderr.startswith("i2v: tagged 1 of 1 images in ")
+    version = CliRunner().invoke(cli, ["--version"])
+    assert "torch" in version.output and "devices: cpu" in version.output
+    import i2v_cli
+
+    assert i2v_cli.__version__ in version.output
