@@ -15,6 +15,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 import secrets
 import stat
 import threading
@@ -53,6 +54,19 @@ def resolve_target(path: PathLike) -> Path:
             return p
         p = Path(os.path.abspath(os.path.join(p.parent, link)))
     raise OutputError(f"{path}: too many levels of symbolic links")
+
+
+_FD_PATH = re.compile(r"^/(?:dev/fd|proc/self/fd)/(\d+)$")
+_STD_PATHS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def std_fd(path: str) -> int | None:
+    """The descriptor a ``/dev/stdout``-like name stands for (``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``), or None."""
+    if path in _STD_PATHS:
+        return _STD_PATHS[path]
+    m = _FD_PATH.match(path)
+    return int(m.group(1)) if m else None
 
 
 def is_special(path: PathLike) -> bool:
@@ -99,13 +113,18 @@ class AtomicFile:
         exclusive: bool = False,
     ) -> None:
         self.path = Path(os.fspath(path))
-        self.target = resolve_target(path)
         self.exclusive = exclusive
         self.tmp: Path | None = None
         try:
-            if os.path.isdir(self.target):
+            fd = std_fd(os.fspath(path))
+            # A descriptor name or a special file is written as it is, before any link is followed: the links of
+            # /dev/stdout lead to "pipe:[N]", which is no path.
+            self.target = self.path if fd is not None or is_special(path) else resolve_target(path)
+            if fd is not None:
+                raw = os.fdopen(os.dup(fd), "wb")
+            elif os.path.isdir(self.target):
                 raise IsADirectoryError(errno.EISDIR, "it is a folder", str(path))
-            if is_special(self.target):
+            elif is_special(self.target):
                 raw = open(self.target, "wb")  # noqa: SIM115 (closed in commit/discard)
             else:
                 fd, self.tmp = self._create_tmp()

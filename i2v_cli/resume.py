@@ -86,8 +86,8 @@ class JobLock:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, data, 0)
             os.fsync(self._fd)
-        except OSError as exc:
-            raise OutputError(describe_oserror(self.path, exc)) from None
+        except OSError as exc:  # named by its output: the job file is i2v's business, the output the user's
+            raise OutputError(describe_oserror(self.output, exc)) from None
 
     def release(self) -> None:
         """Let the next run in (closing the file drops the lock)."""

@@ -25,14 +25,13 @@ import csv
 import io
 import json
 import os
-import re
 import sys
 from collections.abc import Iterable, Mapping
 from typing import IO, Any, TypeVar
 
 import numpy as np
 
-from .atomic import AtomicFile, describe_oserror, is_special
+from .atomic import AtomicFile, describe_oserror, is_special, std_fd
 from .errors import OutputError, WriteError
 
 FORMATS = ("json", "jsonl", "csv")
@@ -43,8 +42,6 @@ CSV_COLUMNS = ("path", "category", "tag", "score", "error", "path_b64")
 PATH_KEYS = ("path", "query")
 
 Record = dict[str, Any]
-_FD_PATH = re.compile(r"^/(?:dev/fd|proc/self/fd)/(\d+)$")
-_STD_PATHS = {"/dev/stdout": 1, "/dev/stderr": 2}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -145,15 +142,6 @@ def is_stdout(path: str | None) -> bool:
     return path is None or path == "-"
 
 
-def std_fd(path: str) -> int | None:
-    """The descriptor a ``/dev/stdout``-like name stands for (``/dev/stdout``, ``/dev/fd/N``,
-    ``/proc/self/fd/N``), or None."""
-    if path in _STD_PATHS:
-        return _STD_PATHS[path]
-    m = _FD_PATH.match(path)
-    return int(m.group(1)) if m else None
-
-
 def writes_in_place(path: str | None) -> bool:
     """Whether an output is a stream written in place (stdout, a device, a FIFO) rather than a regular file
     that can be locked, resumed and renamed into."""
@@ -170,6 +158,7 @@ class Destination:
     ) -> None:
         self.path = None if is_stdout(path) else path
         self._atomic: AtomicFile | None = None
+        self._whole = keep or 0  # bytes of a streamed file that end at a whole batch
         try:
             self._borrowed = self.path is None or stream is not None
             if stream is not None:
@@ -198,13 +187,18 @@ class Destination:
         return self._atomic is None
 
     def write(self, data: bytes) -> None:
-        """Write and flush (a batch at a time): what is written is there should the run be killed."""
+        """Write and flush (a batch at a time): what is written is there should the run be killed. A write that
+        fails midway (a full disk) is taken back from a regular file, so it ends at a whole batch."""
         try:
             self.raw.write(data)
             self.raw.flush()
+            self._whole += len(data)
         except BrokenPipeError:
             raise
         except OSError as exc:
+            if self._atomic is None and self.path is not None and not writes_in_place(self.path):
+                with contextlib.suppress(OSError, ValueError):
+                    os.ftruncate(self.raw.fileno(), self._whole)
             raise WriteError(describe_oserror(self.path or "stdout", exc)) from None
 
     def finish(self) -> None:

@@ -117,9 +117,23 @@ def test_a_fifo_output_is_written_not_replaced(tmp_path, folder, tag_weights):
         _i2v("tag", str(folder), "--weights", str(tag_weights), "-f", "json", "-o", str(fifo)),
         stderr=subprocess.PIPE,
     )
-    with open(fifo, "rb") as f:
-        data = f.read()
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even if nothing ever writes to it
+    chunks = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            chunk = None
+        if chunk:
+            chunks.append(chunk)
+        elif proc.poll() is not None:
+            break
+        else:
+            time.sleep(0.01)
+    os.close(fd)
     proc.wait(timeout=60)
+    data = b"".join(chunks)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     assert len(json.loads(data)) == 5
 
