@@ -22,8 +22,9 @@ from typing import Any, Protocol
 
 from .config import FEATURE, TAG
 from .errors import DownloadError, TagListError, WeightsError
+from .store import CAFFEMODEL_FILES, WEIGHT_FILES
 from .tags import load_tag_list
-from .weights import CAFFEMODEL_FILES, WEIGHT_FILES, convert
+from .weights import convert
 
 #: The GitHub release of Illustration2Vec v2.0.0 ($I2V_BASE_URL overrides it).
 RELEASE_BASE_URL = "https://github.com/rezoo/illustration2vec/releases/download/v2.0.0/"

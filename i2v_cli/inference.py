@@ -25,6 +25,7 @@ from torch import nn
 from .config import TAG
 from .errors import I2VError
 from .model import Illust2VecNet
+from .store import onnx_cache_dir
 
 #: Numeric precisions of ``--precision``: fp32 gives the reference results; bf16/fp16 run under autocast.
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -199,9 +200,7 @@ def export_onnx(model: nn.Module, target: str | os.PathLike[str] | io.BytesIO) -
 def cached_onnx(model: nn.Module, name: str, cache_dir: Path | None = None) -> str | bytes:
     """``model``'s ONNX file in the cache (exported once per weights, torch version and opset), or the model
     bytes when the cache cannot be written; ``name`` starts the file's name."""
-    from .weights import default_weights_dir
-
-    folder = (cache_dir or default_weights_dir()) / "onnx"
+    folder = onnx_cache_dir(cache_dir)
     key = hashlib.sha256(f"{weights_digest(model)}:{torch.__version__}:{_OPSET}".encode()).hexdigest()[:32]
     path = folder / f"{name}-{key}.onnx"
     if path.is_file():

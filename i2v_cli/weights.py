@@ -1,8 +1,9 @@
-"""Weight files: Caffe ``.caffemodel`` (V1 and V2), PyTorch ``.pth`` state dicts and safetensors, in one place.
+"""Weight file formats: Caffe ``.caffemodel`` (V1 and V2), PyTorch ``.pth`` state dicts and safetensors.
 
 Everything is read into the model's own naming (``features.conv1_1.weight`` ... ``conv6_4.*`` / ``encode1.*``,
 see :func:`i2v_cli.model.layer_key`), checked against the architecture it describes, and converted to
-safetensors with a record of where it came from. Every failure is a :class:`~i2v_cli.errors.WeightsError`
+safetensors with a record of where it came from. Where weight files are looked for is :mod:`i2v_cli.store`'s
+job. Every failure is a :class:`~i2v_cli.errors.WeightsError`
 (or a subclass) whose one-line message names the file; the library never prints.
 
 The Caffe schema is read at run time from ``proto/caffe.desc`` through protobuf's public descriptor API (no
@@ -39,12 +40,26 @@ from .config import CONV_NAMES, FEATURE, TAG
 from .errors import ModelKindError, WeightsError, WeightsNotFoundError
 from .model import Architecture, Illust2VecNet, build_model, check_state_dict, layer_key, remap_legacy_state_dict
 
-PathLike = str | os.PathLike[str]
+# The store's names, re-exported so that ``from i2v_cli.weights import resolve_weights`` keeps working; new code
+# imports them from :mod:`i2v_cli.store`.
+from .store import CAFFEMODEL_FILES, WEIGHT_FILES, default_weights_dir, resolve_weights
 
-#: Converted weight files, as ``i2v weights download`` names them in the cache folder.
-WEIGHT_FILES = {TAG: "illust2vec_tag_ver200.safetensors", FEATURE: "illust2vec_ver200.safetensors"}
-#: The original release's caffemodels, by kind.
-CAFFEMODEL_FILES = {TAG: "illust2vec_tag_ver200.caffemodel", FEATURE: "illust2vec_ver200.caffemodel"}
+__all__ = [
+    "CAFFEMODEL_FILES",
+    "WEIGHT_FILES",
+    "WeightsInfo",
+    "caffe_message",
+    "convert",
+    "default_weights_dir",
+    "load_model",
+    "load_weights",
+    "read_caffemodel",
+    "read_state_dict_pth",
+    "resolve_weights",
+    "save_safetensors",
+]
+
+PathLike = str | os.PathLike[str]
 
 #: Caffe layers that carry the parameters of an Illustration2Vec network.
 PARAM_LAYERS = (*CONV_NAMES, "conv6_4", "encode1", "encode2")
@@ -417,64 +432,6 @@ def _kind_message(path: Path, have: str, need: str) -> str:
         f"{path} is a {have} model ({_HEAD[have]}); {use} needs the {need} model "
         f"({CAFFEMODEL_FILES[need]} or {WEIGHT_FILES[need]})"
     )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Where weights are found
-
-
-def default_weights_dir() -> Path:
-    """The per-user folder ``i2v weights download`` fills: ``$I2V_HOME``, else ``$XDG_CACHE_HOME/i2v``, else
-    ``~/.cache/i2v``."""
-    home = os.environ.get("I2V_HOME")
-    if home:
-        return Path(home).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore a relative path
-        return Path(xdg) / "i2v"
-    return Path.home() / ".cache" / "i2v"
-
-
-def resolve_weights(explicit: str | None, kind: str) -> Path:
-    """The weight file to use for ``kind``: ``--weights``, then ``$I2V_WEIGHTS`` (file or folder), then the cache."""
-    if kind not in WEIGHT_FILES:
-        raise ValueError(f"kind must be {TAG!r} or {FEATURE!r}, not {kind!r}")
-    if explicit:
-        return _pick(Path(explicit).expanduser(), kind, "--weights")
-    env = os.environ.get("I2V_WEIGHTS")
-    if env:
-        return _pick(Path(env).expanduser(), kind, "$I2V_WEIGHTS")
-    cache = default_weights_dir()
-    found = _in_folder(cache, kind)
-    if found is not None:
-        return found
-    target = cache / WEIGHT_FILES[kind]
-    raise WeightsNotFoundError(
-        f"no {kind} model weights found (no --weights, no $I2V_WEIGHTS, no {target}): run `i2v weights download`, "
-        f"or `i2v weights convert FILE.caffemodel -o {target}`"
-    )
-
-
-def _in_folder(folder: Path, kind: str) -> Path | None:
-    """The kind's converted file in ``folder``, else the release's caffemodel there, else None."""
-    for name in (WEIGHT_FILES[kind], CAFFEMODEL_FILES[kind]):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def _pick(path: Path, kind: str, origin: str) -> Path:
-    """``path`` itself when it is a file, the kind's file inside it when it is a folder."""
-    if path.is_dir():
-        found = _in_folder(path, kind)
-        if found is None:
-            raise WeightsNotFoundError(
-                f"{origin} folder {path} holds no {WEIGHT_FILES[kind]} (nor {CAFFEMODEL_FILES[kind]})"
-            )
-        return found
-    if not path.exists():
-        raise WeightsNotFoundError(f"{origin}: {path} does not exist")
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -19,15 +19,14 @@ from i2v_cli import weights
 from i2v_cli.config import CONV_NAMES, FEATURE, TAG
 from i2v_cli.errors import ModelKindError, WeightsError, WeightsNotFoundError
 from i2v_cli.model import Architecture, Illust2VecNet, layer_key
+from i2v_cli.store import default_weights_dir, resolve_weights
 from i2v_cli.weights import (
     caffe_message,
     convert,
-    default_weights_dir,
     load_model,
     load_weights,
     read_caffemodel,
     read_state_dict_pth,
-    resolve_weights,
     save_safetensors,
 )
 

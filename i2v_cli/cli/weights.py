@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from ..download import RELEASE_BASE_URL, fetch_release
-from ..weights import convert, default_weights_dir, load_weights
+from ..store import default_weights_dir
+from ..weights import convert, load_weights
 from .common import CONTEXT_SETTINGS, I2VGroup, progress_bar, progress_option
 
 
