@@ -15,15 +15,17 @@ length-delimited record on the wire), so a 1 GB caffemodel converts in seconds o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 import math
 import os
 import pickle
 import re
-import stat
+import struct
+import sys
 import threading
-import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -36,8 +38,9 @@ import torch
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 
+from .atomic import AtomicFile, describe_oserror, same_file
 from .config import CONV_NAMES, FEATURE, TAG
-from .errors import ModelKindError, WeightsError, WeightsNotFoundError
+from .errors import ModelKindError, OutputError, WeightsError, WeightsNotFoundError
 from .model import Architecture, Illust2VecNet, build_model, check_state_dict, layer_key, remap_legacy_state_dict
 
 # The store's names, re-exported so that ``from i2v_cli.weights import resolve_weights`` keeps working; new code
@@ -314,27 +317,49 @@ def _to_own_naming(state_dict: Mapping[str, torch.Tensor], path: Path) -> dict[s
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str]) -> None:
-    """Write ``state_dict`` with string ``metadata`` to a safetensors file, atomically (temp file + rename)."""
-    from safetensors.torch import save_file
+    """Write ``state_dict`` (float32 tensors) with string ``metadata`` as a safetensors file at ``path``.
 
-    path = Path(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    meta = {"format": "pt", **{str(k): str(v) for k, v in metadata.items()}}
-    # A unique name beside the target (same file system, so the rename is atomic). safetensors writes files
-    # readable by their owner only: give the result the permissions a plain new file gets (umask applied).
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    Written through :mod:`i2v_cli.atomic` (temp file beside the symlink-resolved target, fsync, rename; a pipe or
+    ``/dev/null`` is written in place, never replaced), streamed tensor by tensor: no second copy of a 1 GB
+    model in memory. A terminal is refused, as gzip refuses to write compressed data to one.
+    """
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(state_dict.items())}
+    header = _safetensors_header(tensors, {"format": "pt", **{str(k): str(v) for k, v in metadata.items()}})
+    folder = Path(path).parent  # e.g. the cache folder that `i2v weights convert X -o ~/.cache/i2v/...` names
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb"):
-            mode = stat.S_IMODE(os.stat(tmp).st_mode)
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except Exception as exc:  # OSError, or safetensors' own error on tensors it cannot store
-        raise WeightsError(f"cannot write {path}: {getattr(exc, 'strerror', None) or _first_line(exc)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(describe_oserror(folder, exc)) from None
+    out = AtomicFile(path)
+    try:
+        if out.stream.isatty():
+            raise OutputError(f"{path} is a terminal: safetensors is binary; name a file (or redirect the output)")
+        out.stream.write(header)
+        for tensor in tensors.values():
+            if tensor.numel():
+                out.stream.write(memoryview(tensor.numpy()).cast("B"))
+    except OSError as exc:
+        out.discard()
+        raise OutputError(describe_oserror(path, exc)) from None
+    except BaseException:
+        out.discard()
+        raise
+    out.commit()
+
+
+def _safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding ``tensors`` (float32, in this order)."""
+    if sys.byteorder != "little":  # safetensors stores little-endian values; tensors are written as they lie
+        raise WeightsError("writing safetensors needs a little-endian machine")
+    entries: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * 4
+        entries[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
+    return struct.pack("<Q", len(text)) + text
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -406,9 +431,19 @@ def _check_metadata(meta: Mapping[str, str], info: WeightsInfo, path: Path) -> N
         raise WeightsError(f"{path}: its metadata says widths {widths} but its tensors have {info.widths}")
 
 
-def convert(src: PathLike, dst: PathLike) -> WeightsInfo:
-    """Convert any supported weight file to safetensors at ``dst`` (written atomically), with its provenance."""
+def convert(src: PathLike, dst: PathLike, *, source_name: str | None = None) -> WeightsInfo:
+    """Convert any supported weight file to safetensors at ``dst``, with its provenance in the metadata.
+
+    ``dst`` naming ``src`` itself (the same file, through a link or not) is refused before anything is read;
+    ``dst`` is written through :func:`save_safetensors` (atomic; a symlink's target gets the file; a pipe or
+    ``/dev/null`` is written in place). ``source_name`` replaces ``src``'s file name in the provenance (for a
+    file downloaded under a temporary name).
+    """
+    if same_file(src, dst):
+        raise OutputError(f"{dst} is the input file {src}: write the safetensors file under another name")
     state_dict, info = load_weights(src)
+    if source_name is not None and info.source == Path(src).name:
+        info = dataclasses.replace(info, source=source_name)
     save_safetensors(state_dict, dst, info.to_metadata())
     return info
 

@@ -16,8 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from i2v_cli import weights
+from i2v_cli.atomic import is_temp_name
 from i2v_cli.config import CONV_NAMES, FEATURE, TAG
-from i2v_cli.errors import ModelKindError, WeightsError, WeightsNotFoundError
+from i2v_cli.errors import ModelKindError, OutputError, WeightsError, WeightsNotFoundError
 from i2v_cli.model import Architecture, Illust2VecNet, layer_key
 from i2v_cli.store import default_weights_dir, resolve_weights
 from i2v_cli.weights import (
@@ -217,6 +218,106 @@ def test_converted_file_has_default_permissions(tmp_path: Path) -> None:
     plain.write_bytes(b"")
     convert(MODELS / "tag_v2.caffemodel", tmp_path / "w.safetensors")
     assert (tmp_path / "w.safetensors").stat().st_mode == plain.stat().st_mode
+
+
+def test_safetensors_writer_matches_the_library(tmp_path: Path, golden_sd: dict) -> None:
+    """The streaming writer makes what safetensors itself makes: same tensors and metadata, same data bytes."""
+    from safetensors.torch import load, save
+
+    meta = {"i2v.kind": "tag", "i2v.source": "caf\u00e9.caffemodel"}
+    save_safetensors(golden_sd["tag_v2"], tmp_path / "w.safetensors", meta)
+    mine, ref = (tmp_path / "w.safetensors").read_bytes(), save(golden_sd["tag_v2"], {"format": "pt", **meta})
+    assert len(mine) == len(ref)
+    assert mine[-1_000_000:] == ref[-1_000_000:]  # the tensors, in the library's order
+    assert_same(load(mine), golden_sd["tag_v2"])
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt", **meta}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("how", ["same name", "symlink to it", "hard link", "relative name"])
+def test_convert_refuses_to_overwrite_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Issue 14.1: ``-o`` naming the input is refused before anything is read, through links too."""
+    src = _copy(MODELS / "tag_v2.caffemodel", tmp_path / "in.caffemodel")
+    before = src.read_bytes()
+    out = tmp_path / "out.safetensors"
+    if how == "same name":
+        out = src
+    elif how == "symlink to it":
+        out.symlink_to(src)
+    elif how == "hard link":
+        os.link(src, out)
+    else:
+        monkeypatch.chdir(tmp_path)
+        out = Path("./sub/../in.caffemodel")
+        (tmp_path / "sub").mkdir()
+    with pytest.raises(OutputError) as exc:
+        convert(src, out)
+    assert str(exc.value) == f"{out} is the input file {src}: write the safetensors file under another name"
+    assert src.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]
+
+
+def test_convert_writes_through_a_symlink(tmp_path: Path, golden_sd: dict) -> None:
+    """Issue 14.1: the link stays a link; the file it points to gets the weights."""
+    real = tmp_path / "store" / "tag.safetensors"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "tag.safetensors"
+    link.symlink_to(real)
+    convert(MODELS / "tag_v2.caffemodel", link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert_same(load_weights(real)[0], golden_sd["tag_v2"])
+    assert sorted(p.name for p in real.parent.iterdir()) == ["tag.safetensors"]
+
+
+def test_convert_into_a_fifo_writes_in_place(tmp_path: Path, golden_sd: dict) -> None:
+    """Issue 14.1: a special file (here a FIFO; /dev/null alike) is written to, never replaced by a regular file."""
+    import threading
+
+    from safetensors.torch import load
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    info = convert(MODELS / "tag_v2.caffemodel", fifo)
+    reader.join(10)
+    assert fifo.is_fifo()
+    assert_same(load(received[0]), golden_sd["tag_v2"])
+    assert info.kind == TAG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_convert_refuses_a_terminal(tmp_path: Path) -> None:
+    """A binary safetensors file is not written to a terminal (gzip's rule); the terminal stays as it was."""
+    master, slave = os.openpty()
+    try:
+        name = os.ttyname(slave)
+        with pytest.raises(OutputError) as exc:
+            convert(MODELS / "tag_v2.caffemodel", name)
+        assert str(exc.value) == (f"{name} is a terminal: safetensors is binary; name a file (or redirect the output)")
+        assert os.path.exists(name) and not os.path.isfile(name)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_cli_convert_onto_its_input_is_a_usage_error(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from i2v_cli.cli import cli
+
+    src = _copy(MODELS / "tag_v2.caffemodel", tmp_path / "m.caffemodel")
+    result = CliRunner().invoke(cli, ["weights", "convert", str(src), "-o", str(src)])
+    assert result.exit_code == 2
+    assert result.output == f"Error: {src} is the input file {src}: write the safetensors file under another name\n"
+    assert src.read_bytes() == (MODELS / "tag_v2.caffemodel").read_bytes()
 
 
 def test_convert_of_a_safetensors_keeps_provenance(tmp_path: Path) -> None:
@@ -516,7 +617,7 @@ def test_errors_are_one_line_and_name_the_file(tmp_path: Path, case: str) -> Non
     with pytest.raises(WeightsError) as exc:
         convert(path, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary file left
+    assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]  # no temporary file left
 
 
 def test_missing_file_and_folder(tmp_path: Path) -> None:
