@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import struct
 import sys
 import threading
@@ -178,7 +179,9 @@ def _read_caffemodel(path: Path) -> tuple[dict[str, torch.Tensor], int, str]:
     except (DecodeError, ValueError, RuntimeError) as exc:
         if kind_of_file != "caffemodel":
             raise WeightsError(f"{path} is not a weight file: it looks like {kind_of_file}") from None
-        raise WeightsError(f"{path} is not a valid caffemodel (truncated or corrupt: {_first_line(exc)})") from None
+        raise WeightsError(
+            _not_a_caffemodel(path) or f"{path} is not a valid caffemodel (truncated or corrupt: {_first_line(exc)})"
+        ) from None
     finally:
         hashing.join()
     sha256 = hasher.hexdigest()
@@ -190,7 +193,7 @@ def _read_caffemodel(path: Path) -> tuple[dict[str, torch.Tensor], int, str]:
     if not len(layers):
         if kind_of_file != "caffemodel":
             raise WeightsError(f"{path} is not a weight file: it looks like {kind_of_file}")
-        raise WeightsError(f"{path} is not a caffemodel: it holds no layers")
+        raise WeightsError(_not_a_caffemodel(path) or f"{path} is not a caffemodel: it holds no layers")
     state_dict: dict[str, torch.Tensor] = {}
     for layer in layers:
         if layer.name not in PARAM_LAYERS or not len(layer.blobs):
@@ -204,7 +207,74 @@ def _read_caffemodel(path: Path) -> tuple[dict[str, torch.Tensor], int, str]:
             state_dict[layer_key(layer.name, param)] = _blob_tensor(blob, want, raw, f"{path}: {layer.name} {param}")
     if not state_dict:
         raise WeightsError(f"{path} holds none of Illustration2Vec's layers (conv1_1 ... conv6_4, encode1)")
+    _check_layer_types(layers, version, path)
     return state_dict, version, sha256
+
+
+def _not_a_caffemodel(path: Path) -> str | None:
+    """For a file of no known format named like a safetensors or PyTorch file, a message saying so (calling it a
+    broken caffemodel would send the user looking for the wrong problem); None for any other name."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return (
+            f"{path} is not a safetensors file (it lacks the safetensors header) nor any other weight format i2v "
+            "reads: unrecognised binary data (truncated at the start, or not weights at all)"
+        )
+    if suffix in (".pth", ".pt", ".ckpt"):
+        return (
+            f"{path} is not a PyTorch file (neither a zip archive nor a pickle) nor any other weight format i2v "
+            "reads: unrecognised binary data (truncated at the start, or not weights at all)"
+        )
+    return None
+
+
+# The layers of the released networks, by name, and the kind of computation each is (see tests/data/golden's
+# README): the ReLU after each convolution, the max poolings, then the tag head (conv6_4, average pool6, sigmoid
+# prob) or the feature head (encode1, its sigmoid, encode2).
+_LAYER_TYPES: dict[str, str] = {
+    **{name: "Convolution" for name in (*CONV_NAMES, "conv6_4")},
+    **{"relu" + name.removeprefix("conv"): "ReLU" for name in CONV_NAMES},
+    **{f"pool{i}": "Pooling" for i in range(1, 7)},
+    "prob": "Sigmoid",
+    "encode1": "InnerProduct",
+    "encode1neuron": "Sigmoid",
+    "encode2": "InnerProduct",
+}
+# Layers that take no part in computing the outputs: data sources, dropout (identity at inference), losses.
+_INERT = frozenset({"data", "input", "imagedata", "hdf5data", "memorydata", "dummydata", "windowdata", "dropout",
+                    "silence", "split", "accuracy"})  # fmt: skip
+
+
+def _canonical(layer_type: str) -> str:
+    """A layer type in one spelling for V1 enum names and V2 strings (``INNER_PRODUCT`` and ``InnerProduct``)."""
+    return layer_type.replace("_", "").lower()
+
+
+def _check_layer_types(layers: Any, version: int, path: Path) -> None:
+    """Refuse a caffemodel whose layers compute something else than Illustration2Vec does: a known layer of
+    another type (a Softmax as ``prob``, a Deconvolution as ``conv3_1``), or an extra layer that would change
+    the outputs (BatchNorm, Scale, LRN, ...). Data, dropout and loss layers are ignored, as at inference."""
+    enum = caffe_message("V1LayerParameter").DESCRIPTOR.enum_types_by_name["LayerType"]
+    for layer in layers:
+        if version == 2:
+            shown = layer.type
+        else:
+            shown = enum.values_by_number[layer.type].name if layer.type in enum.values_by_number else str(layer.type)
+        kind = _canonical(shown) if shown not in ("", "NONE") else ""
+        expected = _LAYER_TYPES.get(layer.name)
+        if expected is not None:
+            if kind and kind != _canonical(expected):
+                raise WeightsError(
+                    f"{path}: layer {layer.name} is a {shown} layer, not a {expected} as in Illustration2Vec "
+                    "(i2v would compute something else than this file describes)"
+                )
+        elif not kind:
+            raise WeightsError(f"{path}: layer {layer.name!r} has no type: not an Illustration2Vec network")
+        elif kind not in _INERT and not kind.endswith("loss"):
+            raise WeightsError(
+                f"{path}: layer {layer.name!r} is a {shown} layer, which Illustration2Vec does not have "
+                "(i2v would compute something else than this file describes)"
+            )
 
 
 def _blob_shape(blob: Message, where: str) -> tuple[int, ...]:
@@ -302,6 +372,8 @@ def _find_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
 def _to_own_naming(state_dict: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """``state_dict`` in this package's naming, as float32 tensors (an earlier port's keys are renamed)."""
     for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+            raise WeightsError(f"{path}: {key} is a sparse tensor ({value.layout}); i2v reads dense tensors only")
         if not isinstance(value, torch.Tensor) or not (value.is_floating_point() and value.dim() > 0):
             raise WeightsError(f"{path}: {key} is not a floating-point tensor")
     if not set(state_dict) <= _OWN_KEYS:
@@ -405,6 +477,9 @@ def load_weights(path: PathLike, kind: str | None = None) -> tuple[dict[str, tor
         state_dict, version, sha256 = _read_caffemodel(path)
         source_format = f"caffemodel-v{version}"
     arch = _check_state_dict(state_dict, path)
+    for key, tensor in state_dict.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(f"{path}: {key} holds NaN or infinite values: the network would compute nonsense")
     info = WeightsInfo(arch.kind, arch.widths, arch.feature_dim, arch.num_tags, source, sha256, source_format)
     if fmt == "safetensors":
         _check_metadata(meta, info, path)
@@ -510,8 +585,14 @@ def _is_text(head: bytes) -> bool:
 
 
 def _read_head(path: Path) -> bytes:
-    """The first bytes of a file, with a missing or unreadable file as a WeightsError."""
+    """The first bytes of a regular file, with a missing, unreadable or special file as a WeightsError (a pipe
+    is refused before it is opened: opening one blocks, and the file is read more than once)."""
     try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise WeightsError(f"{path} is a folder, not a weight file")
+        if not stat.S_ISREG(mode):
+            raise WeightsError(f"{path} is not a regular file (a pipe or a device): save the weights to a file first")
         with path.open("rb") as f:
             return f.read(_SNIFF_BYTES)
     except FileNotFoundError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable
@@ -517,6 +518,58 @@ def _safetensors_with_meta(meta: dict[str, str]) -> Callable[[Path], Path]:
     return make
 
 
+def _golden_sd(name: str) -> dict[str, torch.Tensor]:
+    return read_caffemodel(MODELS / f"{name}.caffemodel")
+
+
+def _pth(edit: Callable[[dict[str, torch.Tensor]], object], name: str = "tag_v2") -> Callable[[Path], Path]:
+    """A .pth of a golden model's state dict after ``edit`` (which changes the dict in place)."""
+
+    def make(path: Path) -> Path:
+        sd = _golden_sd(name)
+        edit(sd)
+        torch.save(sd, path)
+        return path
+
+    return make
+
+
+def _slice(sd: dict[str, torch.Tensor], layer: str, n: int, dim: int = 0) -> None:
+    for param in ("weight", "bias"):
+        if param == "bias" and dim:
+            continue
+        key = layer_key(layer, param)
+        sd[key] = sd[key].narrow(dim, 0, n).contiguous()
+
+
+def _set_type(name: str, layer_type: str | int) -> Callable[[Message], None]:
+    def edit(net: Message) -> None:
+        find_layer(net, name).type = layer_type
+
+    return edit
+
+
+def _insert_layer(after: str, name: str, layer_type: str, blobs: int = 0) -> Callable[[Message], None]:
+    """A V2 layer of ``layer_type`` placed after ``after``, with ``blobs`` small parameter blobs."""
+
+    def edit(net: Message) -> None:
+        names = [layer.name for layer in net.layer]
+        layers = list(net.layer)
+        new = caffe_message("LayerParameter")(name=name, type=layer_type, bottom=[after], top=[after])
+        for _ in range(blobs):
+            new.blobs.add(data=[1.0, 2.0]).shape.dim.extend([2])
+        layers.insert(names.index(after) + 1, new)
+        del net.layer[:]
+        net.layer.extend(layers)
+
+    return edit
+
+
+def _random_bytes(path: Path) -> Path:
+    path.write_bytes(np.random.default_rng(7).bytes(4096))
+    return path
+
+
 ERRORS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "empty": (_bytes(b""), "{p} is not a weight file: it looks like an empty file"),
     "text": (
@@ -603,6 +656,54 @@ ERRORS: dict[str, tuple[Callable[[Path], Path], str]] = {
         _bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x03."),
         "{p} is not a readable PyTorch file",
     ),
+    # Issue 14.12: models that would compute something else, refused when read.
+    "tag_head_1000_outputs": (
+        _pth(lambda sd: _slice(sd, "conv6_4", 1000)),
+        "{p}: layer conv6_4 has 1000 outputs; Illustration2Vec predicts 1539 tags (one per entry of tag_list.json), "
+        "so the scores could not be named",
+    ),
+    "feature_encode2_10_outputs": (
+        _pth(lambda sd: _slice(sd, "encode2", 10), "feature_v1"),
+        "{p}: layer encode2 has 10 outputs; Illustration2Vec predicts 1539 tags",
+    ),
+    "zero_width": (
+        _pth(lambda sd: (_slice(sd, "conv3_1", 0), _slice(sd, "conv3_2", 0, dim=1))),
+        "{p}: layer conv3_1 has no output channels (a zero-width model computes nothing)",
+    ),
+    "zero_feature": (
+        _pth(lambda sd: (_slice(sd, "encode1", 0), _slice(sd, "encode2", 0, dim=1)), "feature_v1"),
+        "{p}: layer encode1 has no outputs (a zero-length feature)",
+    ),
+    "pth_sparse_tensor": (
+        _pth(lambda sd: sd.update({"conv6_4.bias": sd["conv6_4.bias"].to_sparse()})),
+        "{p}: conv6_4.bias is a sparse tensor (torch.sparse_coo); i2v reads dense tensors only",
+    ),
+    "pth_nan": (
+        _pth(lambda sd: sd["features.conv2_1.weight"].view(-1).__setitem__(5, float("nan"))),
+        "{p}: features.conv2_1.weight holds NaN or infinite values: the network would compute nonsense",
+    ),
+    "batchnorm": (
+        _edit("tag_v2.caffemodel", _insert_layer("conv3_1", "bn3_1", "BatchNorm", blobs=3)),
+        "{p}: layer 'bn3_1' is a BatchNorm layer, which Illustration2Vec does not have (i2v would compute something "
+        "else than this file describes)",
+    ),
+    "softmax_instead_of_sigmoid": (
+        _edit("tag_v2.caffemodel", _set_type("prob", "Softmax")),
+        "{p}: layer prob is a Softmax layer, not a Sigmoid as in Illustration2Vec (i2v would compute something "
+        "else than this file describes)",
+    ),
+    "softmax_instead_of_sigmoid_v1": (
+        _edit("tag_v1.caffemodel", _set_type("prob", 20)),  # V1 SOFTMAX
+        "{p}: layer prob is a SOFTMAX layer, not a Sigmoid as in Illustration2Vec",
+    ),
+    "deconvolution_under_a_conv_name": (
+        _edit("tag_v2.caffemodel", _set_type("conv3_1", "Deconvolution")),
+        "{p}: layer conv3_1 is a Deconvolution layer, not a Convolution as in Illustration2Vec",
+    ),
+    "lrn_without_parameters": (
+        _edit("feature_v1.caffemodel", lambda net: net.layers.add(name="norm1", type=15)),  # V1 LRN
+        "{p}: layer 'norm1' is a LRN layer, which Illustration2Vec does not have",
+    ),
 }
 
 
@@ -618,6 +719,61 @@ def test_errors_are_one_line_and_name_the_file(tmp_path: Path, case: str) -> Non
         convert(path, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]  # no temporary file left
+
+
+def test_layers_that_do_not_compute_are_accepted(tmp_path: Path, golden_sd: dict) -> None:
+    """Data, dropout and loss layers (as a training snapshot holds them) change nothing at inference."""
+    net = parse(MODELS / "tag_v2.caffemodel")
+    for after, name, layer_type in [("conv1_1", "drop1", "Dropout"), ("prob", "loss", "SigmoidCrossEntropyLoss")]:
+        _insert_layer(after, name, layer_type)(net)
+    net.layer.insert(0, caffe_message("LayerParameter")(name="data", type="Input", top=["data"]))
+    assert_same(read_caffemodel(write(net, tmp_path / "v2.caffemodel")), golden_sd["tag_v2"])
+    v1 = parse(MODELS / "feature_v1.caffemodel")
+    v1.layers.add(name="data", type=5)  # DATA
+    v1.layers.add(name="loss", type=27)  # SIGMOID_CROSS_ENTROPY_LOSS
+    assert_same(read_caffemodel(write(v1, tmp_path / "v1.caffemodel")), golden_sd["feature_v1"])
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("model.safetensors", "{p} is not a safetensors file (it lacks the safetensors header) nor any other weight "
+         "format i2v reads: unrecognised binary data (truncated at the start, or not weights at all)"),
+        ("model.pth", "{p} is not a PyTorch file (neither a zip archive nor a pickle) nor any other weight format "
+         "i2v reads: unrecognised binary data (truncated at the start, or not weights at all)"),
+        ("model.PT", "{p} is not a PyTorch file (neither a zip archive nor a pickle)"),
+        ("model.caffemodel", "{p} is not a valid caffemodel (truncated or corrupt: "),
+    ],
+)  # fmt: skip
+def test_random_bytes_are_named_for_what_they_claim_to_be(tmp_path: Path, name: str, message: str) -> None:
+    """Issue 13.5: random bytes named .safetensors/.pth are not called a broken caffemodel."""
+    path = _random_bytes(tmp_path / name)
+    with pytest.raises(WeightsError) as exc:
+        load_weights(path)
+    assert one_line_error(exc, path).startswith(message.format(p=path))
+
+
+def test_a_pipe_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO as the weight file is refused before it is opened (opening blocks; the file is read twice)."""
+    import threading
+
+    fifo = tmp_path / "weights.caffemodel"
+    os.mkfifo(fifo)
+
+    def feed() -> None:  # so that the old code, which opened the pipe, does not hang the test
+        with contextlib.suppress(OSError), open(fifo, "wb") as f:
+            f.write((MODELS / "tag_v2.caffemodel").read_bytes())
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(WeightsError) as exc:
+            load_weights(fifo)
+        assert str(exc.value) == f"{fifo} is not a regular file (a pipe or a device): save the weights to a file first"
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # releases the writer
+        writer.join(5)
 
 
 def test_missing_file_and_folder(tmp_path: Path) -> None:
