@@ -436,13 +436,13 @@ def _safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[s
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, with any failure as a WeightsError naming it."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except Exception as exc:  # safetensors raises its own SafetensorError, OSError or ValueError
+    except (SafetensorError, OSError, ValueError) as exc:  # what safe_open raises for a bad file
         raise WeightsError(
             f"{path} is not a valid safetensors file (truncated or corrupt: {_first_line(exc)})"
         ) from None
