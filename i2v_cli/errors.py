@@ -43,3 +43,12 @@ class CaptionError(I2VError):
 class OutputError(I2VError):
     """An output cannot be written (full disk, no permission, a folder where a file is needed), or the
     command would destroy something it must not (an input, a foreign file, another run's output)."""
+
+
+class I2VWarning(UserWarning):
+    """Something a user should know that did not stop the work; the CLI prints each as one line on stderr."""
+
+
+class BackendWarning(I2VWarning):
+    """The inference backend asked for (or chosen by ``auto``) was not used as asked: its ONNX cache entry was
+    unusable and rebuilt, or it could not run and another backend computed the outputs instead."""
