@@ -33,8 +33,8 @@ from .model import Illust2VecNet
 from .store import onnx_cache_dir
 
 #: Numeric precisions of ``--precision``. fp32 gives the reference results (IEEE float32 arithmetic, TF32 off);
-#: tf32 lets CUDA convolutions and matrix products use TensorFloat-32 (Ampere and newer); bf16/fp16 run the
-#: convolutions under autocast.
+#: tf32 lets CUDA convolutions use TensorFloat-32 (Ampere and newer GPUs); bf16/fp16 run them under autocast.
+#: The three move scores by about 1e-2 and run about 4-5 times faster than fp32 on a recent GPU.
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 #: Inference backends of ``--backend``.
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -168,10 +168,10 @@ def fp32_mode(mode: str = "ieee") -> Iterator[None]:
 
 
 class TorchNet(_Described, nn.Module):
-    """The network in channels_last (fast convolutions on CUDA and oneDNN), its trunk under autocast when a
-    lower precision is asked for. The head (conv6_4 or encode1) stays in fp32: it costs under a tenth of the
-    work and keeps more scores on the right side of a threshold (measured on the golden models). fp32 runs in
-    IEEE arithmetic (see :func:`fp32_mode`), tf32 in TensorFloat-32."""
+    """The network in channels_last (fast convolutions on CUDA and oneDNN). fp32 runs in IEEE arithmetic (see
+    :func:`fp32_mode`), tf32 in TensorFloat-32. bf16 and fp16 run the trunk under autocast and the head (conv6_4
+    or encode1) in IEEE fp32: it costs under a tenth of the work and keeps more scores on the right side of a
+    threshold (measured on the golden models)."""
 
     def __init__(self, model: Illust2VecNet, precision: str = "fp32") -> None:
         super().__init__()
@@ -187,8 +187,8 @@ class TorchNet(_Described, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output in float32, computed in the asked precision."""
         x = x.contiguous(memory_format=torch.channels_last)
-        if self.dtype is None:
-            with fp32_mode("tf32" if self.precision == "tf32" else "ieee"):
+        if self.dtype is None:  # fp32 (IEEE), or tf32 all through: an IEEE head cost tf32 a third of its speed
+            with fp32_mode("tf32" if self.precision == "tf32" else "ieee"):  # on an H200, agreement unchanged
                 return self.model(x)
         with torch.autocast(x.device.type, dtype=self.dtype):
             h = self.model.forward_features(x)
@@ -471,9 +471,9 @@ def prepare_for_inference(
 ) -> Predictor:
     """The fastest measured way to compute ``model(x)`` on the model's device in ``precision``.
 
-    fp32 keeps results within 1e-5 of eager IEEE fp32; tf32 (CUDA) about 1e-3; bf16/fp16 trade about 1e-2 in
-    scores for speed (autocast). The result's ``describe()`` says what runs it; when ONNX Runtime cannot be used
-    the torch backend runs instead, with a note and a :class:`~i2v_cli.errors.BackendWarning`.
+    fp32 keeps results within 1e-5 of eager IEEE fp32; tf32 (CUDA), bf16 and fp16 trade about 1e-2 in scores for
+    speed (bench/precision_cuda.py). The result's ``describe()`` says what runs it; when ONNX Runtime cannot be
+    used the torch backend runs instead, with a note and a :class:`~i2v_cli.errors.BackendWarning`.
     """
     device = model_device(model)
     check_precision(precision, device)
