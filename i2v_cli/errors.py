@@ -52,3 +52,7 @@ class I2VWarning(UserWarning):
 class BackendWarning(I2VWarning):
     """The inference backend asked for (or chosen by ``auto``) was not used as asked: its ONNX cache entry was
     unusable and rebuilt, or it could not run and another backend computed the outputs instead."""
+
+
+class ServerUnreachableError(DownloadError):
+    """No answer from the server at all (no network, a name that does not resolve, a refused connection)."""
