@@ -63,7 +63,7 @@ class Illust2VecNet(nn.Module):
             self.encode2 = nn.Linear(arch.feature_dim, arch.num_tags)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """conv6_3's ReLU output, (N, C, 7, 7) for a 224x224 input."""
+        """conv6_3's ReLU output, (N, C, FINAL_MAP_SIZE, FINAL_MAP_SIZE) for an INPUT_SIZE x INPUT_SIZE input."""
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:

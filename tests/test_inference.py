@@ -130,9 +130,13 @@ def test_golden_scores_with_each_backend(golden, golden_order, backend, tmp_path
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize(("precision", "agreement"), [("fp16", 0.995), ("bf16", 0.995), ("tf32", 0.99)])
-def test_cuda_autocast_agrees_with_fp32(tag_weights, inputs, precision, agreement):
-    """The lower precisions keep decisions at 0.5 (tf32 measured 99.45% on an H200, the others above 99.5%)."""
+@pytest.mark.parametrize(
+    ("precision", "agreement", "distance"), [("fp16", 0.995, 0.05), ("bf16", 0.99, 0.1), ("tf32", 0.995, 0.05)]
+)
+def test_cuda_autocast_agrees_with_fp32(tag_weights, inputs, precision, agreement, distance):
+    """The lower precisions against IEEE fp32 on the golden tag model: the share of equal decisions at 0.5 and
+    the largest difference. Measured on an H200 (torch 2.11): fp16 99.94% / 7.1e-3, tf32 99.92% / 1.0e-2, bf16
+    99.45% / 8.2e-2 (its 8-bit mantissa; the model puts 293 of its 18,468 scores within 1e-2 of 0.5)."""
     model, _ = load_model(tag_weights, device="cuda")
     x = inputs.cuda()
     with fp32_mode("ieee"):
@@ -142,7 +146,7 @@ def test_cuda_autocast_agrees_with_fp32(tag_weights, inputs, precision, agreemen
     with torch.inference_mode():
         got = net(x)
     assert ((got > 0.5) == (want > 0.5)).float().mean().item() >= agreement
-    assert (got - want).abs().max().item() < 0.05
+    assert (got - want).abs().max().item() < distance
 
 
 def test_cli_precision_and_backend(golden, golden_order, tag_weights, tmp_path, monkeypatch):
