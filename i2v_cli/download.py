@@ -1,36 +1,53 @@
-"""Fetching the original release: resumable HTTP downloads, then conversion of the caffemodels to safetensors.
+"""Fetching the original release: checked, resumable HTTP downloads, then conversion of the caffemodels.
 
-Only the standard library's urllib is used. A download goes to ``DEST.part`` and is renamed when complete, so
-an interrupted one resumes with an HTTP Range request; a server that ignores Range (answers 200) restarts it.
-Failures are :class:`~i2v_cli.errors.DownloadError`; progress goes to a callback, the library never prints.
+Only the standard library's urllib is used. A download's bytes go to ``DEST.part``, the resumable state (as
+curl's ``-C``), with the server's validator (ETag or Last-Modified) recorded beside it in ``DEST.part.json``; an
+interrupted download resumes with ``Range`` + ``If-Range``, so a server whose file changed sends the new file
+whole instead of bytes to splice onto the old ones. A finished file is checked against the release's pinned
+SHA-256 (:data:`RELEASE_SHA256`), whatever server sent it (``--base-url`` mirrors too), and only then reaches its
+name, through :mod:`i2v_cli.atomic`. Failures are :class:`~i2v_cli.errors.DownloadError`; progress goes to a
+callback, the library never prints.
+
+:func:`fetch_release` uses what is already in the folder before the network: a converted model is checked and
+kept; a caffemodel the user put there is converted and left in place (only what the command itself fetched is
+ever deleted).
 """
 
 from __future__ import annotations
 
-import gzip
+import contextlib
+import dataclasses
+import hashlib
 import http.client
+import json
 import os
 import re
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
-import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from .atomic import AtomicFile, is_special, resolve_target, write_text
 from .config import FEATURE, TAG
-from .errors import DownloadError, TagListError, WeightsError
-from .tags import load_tag_list
-from .weights import CAFFEMODEL_FILES, WEIGHT_FILES, convert
+from .errors import DownloadError, I2VError, ServerUnreachableError, WeightsError
+from .store import CAFFEMODEL_FILES, WEIGHT_FILES
+from .weights import load_weights, save_safetensors
 
 #: The GitHub release of Illustration2Vec v2.0.0 ($I2V_BASE_URL overrides it).
 RELEASE_BASE_URL = "https://github.com/rezoo/illustration2vec/releases/download/v2.0.0/"
-#: The release's gzipped tag list.
-TAG_LIST_FILE = "tag_list.json.gz"
-#: The files of the release, as served.
-RELEASE_FILES = (CAFFEMODEL_FILES[TAG], CAFFEMODEL_FILES[FEATURE], TAG_LIST_FILE)
+#: The files of the release that i2v fetches. (The release's ``tag_list.json.gz`` is not fetched: i2v ships the
+#: same 1,539 tags in its package, and the models' columns are defined by that packaged list.)
+RELEASE_FILES = (CAFFEMODEL_FILES[TAG], CAFFEMODEL_FILES[FEATURE])
+#: SHA-256 of each release file; a download that does not match is refused, from any server. None: not pinned.
+#: Source: `sha256sum` of both files as posted in the upstream project's issue "Checksums to verify downloaded
+#: models" (github.com/rezoo/illustration2vec/issues/10, comment of 2018-11-20); the only published values
+#: found, not yet checked against a fresh download of the v2.0.0 release from here (no network).
+RELEASE_SHA256: dict[str, str | None] = {
+    CAFFEMODEL_FILES[TAG]: "a942bd80db6f46db7277c493f84b8a2f0a421f64bec12107dda112f73f26fdb1",
+    CAFFEMODEL_FILES[FEATURE]: "63ca0a56323ba30ce1edaf752836211e808ba2ce2647fd1c7f17a1473a621509",
+}
 
 _CHUNK = 1 << 20
 _USER_AGENT = "i2v (Illustration2Vec in PyTorch; +https://github.com/rezoo/illustration2vec)"
@@ -51,43 +68,127 @@ ProgressCallback = Callable[[int, "int | None"], None]
 ProgressFactory = Callable[[str, "int | None"], Progress]
 
 
+# --------------------------------------------------------------------------------------------------------------
+# One file
+
+
 def download(
     url: str,
     dest: str | os.PathLike[str],
     progress: ProgressCallback | Progress | None = None,
     *,
     timeout: float = 60.0,
+    sha256: str | None = None,
 ) -> Path:
-    """Download ``url`` to ``dest``, resuming ``dest.part`` if present, and rename it into place when complete.
+    """Download ``url`` to ``dest``, resuming ``dest.part`` if present, and put it in place when complete.
 
     ``progress`` is a callback ``(done, total)`` or a tqdm-like bar (``update``/``total``); ``total`` is None
-    when the server does not say. Returns ``dest``.
+    when the server does not say. With ``sha256``, a file whose hash differs is refused (and removed).
+    ``dest`` is written through :mod:`i2v_cli.atomic` (a symlink's target gets the file). Returns ``dest``.
     """
     dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
+    part = fetch(url, _part_path(dest), progress, timeout=timeout, sha256=sha256)
+    try:
+        _install(part, dest)
+    finally:
+        _drop(part)
+    return dest
+
+
+def fetch(
+    url: str,
+    part: Path,
+    progress: ProgressCallback | Progress | None = None,
+    *,
+    timeout: float = 60.0,
+    sha256: str | None = None,
+) -> Path:
+    """Bring ``part`` (a ``.part`` file, resumed if present) to the whole of ``url``, checked against ``sha256``
+    when given; returns ``part``, complete. The caller installs it and removes it with its validator file."""
     report = _as_callback(progress)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        part.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DownloadError(f"cannot create {dest.parent}: {exc.strerror or exc}") from None
-    for _attempt in range(2):  # a second attempt only after a stale or unusable partial file was dropped
+        raise DownloadError(f"cannot create {part.parent}: {exc.strerror or exc}") from None
+    # Attempts after the first follow a partial file dropped as stale or unusable, or a resumed file whose hash
+    # was wrong (it is then fetched again whole, once).
+    for _attempt in range(3):
         have = part.stat().st_size if part.is_file() else 0
-        outcome = _fetch(url, part, have, report, timeout)
-        if outcome == "done":
-            try:
-                os.replace(part, dest)
-            except OSError as exc:
-                raise DownloadError(f"cannot write {dest}: {exc.strerror or exc}") from None
-            return dest
-        part.unlink(missing_ok=True)  # "restart": the partial file cannot be continued
+        meta = _read_meta(part) if have else None
+        if have and sha256 is not None and meta and meta.get("size") == have and _sha256_file(part) == sha256:
+            return part  # finished and checked by an earlier run that stopped before using it: no request needed
+        if have and not _resumable(meta, url, sha256):
+            _drop(part)
+            have, meta = 0, None
+        outcome = _fetch(url, part, have, meta, report, timeout)
+        if outcome == "restart":
+            _drop(part)
+            continue
+        if sha256 is None:
+            return part
+        got = _sha256_file(part)
+        if got == sha256:
+            return part
+        _drop(part)  # fetched by us, and wrong: never left to be resumed or installed
+        if have:
+            continue  # the bytes before the resume point may be another file's: fetch it whole once more
+        raise DownloadError(
+            f"{url} is not the expected file: its SHA-256 is {got}, the release's is {sha256} (a damaged download, "
+            "or a server sending another file); removed it"
+        )
     raise DownloadError(f"{url}: the server does not resume or restart the download cleanly")
 
 
-def _fetch(url: str, part: Path, have: int, report: ProgressCallback | None, timeout: float) -> str:
+def _part_path(dest: Path) -> Path:
+    """The ``.part`` beside the file ``dest`` leads to (through symlinks), so that it is on the same disk."""
+    target = resolve_target(dest)
+    if is_special(target):
+        raise DownloadError(f"{dest} is not a regular file (a device or a pipe): download to a file")
+    return target.with_name(target.name + ".part")
+
+
+def _meta_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _read_meta(part: Path) -> dict[str, Any] | None:
+    """The validator recorded when ``part`` was started (url, etag, last_modified, size), or None."""
+    try:
+        meta = json.loads(_meta_path(part).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _resumable(meta: dict[str, Any] | None, url: str, sha256: str | None) -> bool:
+    """Whether a partial file may be continued: its validator was recorded for this URL, or the pinned hash will
+    catch bytes of another file at the end. Otherwise it is started again (never spliced blindly)."""
+    if sha256 is not None:
+        return True
+    return meta is not None and meta.get("url") == url and bool(_if_range(meta))
+
+
+def _if_range(meta: dict[str, Any] | None) -> str | None:
+    """The ``If-Range`` value: a strong ETag (weak ones are not allowed there), else the Last-Modified date."""
+    if not meta:
+        return None
+    etag = meta.get("etag")
+    if isinstance(etag, str) and etag and not etag.startswith("W/"):
+        return etag
+    modified = meta.get("last_modified")
+    return modified if isinstance(modified, str) and modified else None
+
+
+def _fetch(
+    url: str, part: Path, have: int, meta: dict[str, Any] | None, report: ProgressCallback | None, timeout: float
+) -> str:
     """One request: append to ``part`` (from ``have`` bytes) up to the end; "done", or "restart" without it."""
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
+        validator = _if_range(meta)
+        if validator:
+            headers["If-Range"] = validator
     request = urllib.request.Request(url, headers=headers)
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
@@ -98,9 +199,9 @@ def _fetch(url: str, part: Path, have: int, report: ProgressCallback | None, tim
             return "done" if total == have else "restart"
         raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
-        raise DownloadError(f"cannot reach {url}: {exc.reason}") from None
+        raise ServerUnreachableError(f"cannot reach {url}: {exc.reason}") from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise DownloadError(f"cannot reach {url}: {exc}") from None
+        raise ServerUnreachableError(f"cannot reach {url}: {exc}") from None
     with response:
         status = getattr(response, "status", None) or 200  # file:// URLs (a local mirror) have no status
         if status == 206 and have:
@@ -108,11 +209,14 @@ def _fetch(url: str, part: Path, have: int, report: ProgressCallback | None, tim
             if not match or int(match.group(1)) != have:
                 return "restart"
             total = None if match.group(3) == "*" else int(match.group(3))
+            if not _same_file(meta, response.headers, total):
+                return "restart"  # a server that ignored If-Range for a file that changed
             mode, done = "ab", have
         elif status == 200:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            mode, done = "wb", 0  # a fresh download, or a server that ignored Range: start from zero
+            mode, done = "wb", 0  # a fresh download, or the file changed / Range ignored: start from zero
+            _write_meta(part, url, response.headers, total)
         else:
             raise DownloadError(f"{url}: unexpected HTTP {status} {response.reason}")
         try:
@@ -145,6 +249,62 @@ def _fetch(url: str, part: Path, have: int, report: ProgressCallback | None, tim
     return "done"
 
 
+def _write_meta(part: Path, url: str, headers: Any, total: int | None) -> None:
+    """Record what identifies the file being downloaded, for ``If-Range`` when it resumes."""
+    meta = {"url": url, "etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified"), "size": total}
+    try:
+        write_text(_meta_path(part), json.dumps(meta))
+    except I2VError as exc:  # OutputError: the folder refuses files; the .part would fail next, with its name
+        raise DownloadError(str(exc)) from None
+
+
+def _same_file(meta: dict[str, Any] | None, headers: Any, total: int | None) -> bool:
+    """Whether a 206 answer continues the file the partial one was started from (same ETag, same size)."""
+    if not meta:
+        return True  # nothing recorded: only the pinned hash can tell (see _resumable)
+    etag = headers.get("ETag")
+    if etag and meta.get("etag") and etag != meta["etag"]:
+        return False
+    size = meta.get("size")
+    return not (isinstance(size, int) and total is not None and size != total)
+
+
+def _install(part: Path, dest: Path) -> None:
+    """Copy a finished download to ``dest`` through atomic.py (whole or not at all; symlinks kept)."""
+    try:
+        with part.open("rb") as src:
+            out = AtomicFile(dest)
+            try:
+                while chunk := src.read(_CHUNK):
+                    out.stream.write(chunk)
+            except BaseException:
+                out.discard()
+                raise
+            out.commit()
+    except OSError as exc:
+        raise DownloadError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    except I2VError as exc:
+        raise DownloadError(str(exc)) from None
+
+
+def _drop(part: Path) -> None:
+    """Remove a partial download and its validator."""
+    for path in (part, _meta_path(part)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    except OSError as exc:
+        raise DownloadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
 def _range_total(content_range: str) -> int | None:
     """The full size in a ``Content-Range: bytes */SIZE`` (or ``bytes A-B/SIZE``) header."""
     match = re.match(r"^bytes (?:\*|\d+-\d+)/(\d+)$", content_range.strip())
@@ -171,6 +331,10 @@ def _as_callback(progress: ProgressCallback | Progress | None) -> ProgressCallba
     return report
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The release
+
+
 def fetch_release(
     dest_dir: str | os.PathLike[str],
     base_url: str | None = None,
@@ -180,11 +344,13 @@ def fetch_release(
     force: bool = False,
     keep_caffemodels: bool = False,
 ) -> list[Path]:
-    """Download the release's tag list and caffemodels into ``dest_dir`` and convert the models to safetensors.
+    """Put each model of the release into ``dest_dir`` as safetensors; returns their paths.
 
-    ``base_url`` defaults to ``$I2V_BASE_URL``, else :data:`RELEASE_BASE_URL`. Files already converted are kept
-    unless ``force``; the caffemodels are deleted once converted unless ``keep_caffemodels``. Returns the paths
-    of ``tag_list.json`` and of each model's safetensors file.
+    What is already there comes first and needs no network: a converted model is checked (kind, shapes) and
+    kept; the release's caffemodel put there by the user is converted and left as it is. Otherwise the
+    caffemodel is downloaded from ``base_url`` (default ``$I2V_BASE_URL``, else :data:`RELEASE_BASE_URL`),
+    checked against :data:`RELEASE_SHA256`, converted, and deleted unless ``keep_caffemodels``. ``force``
+    downloads and converts again whatever is there.
     """
     which = tuple(dict.fromkeys(which))
     unknown = [k for k in which if k not in CAFFEMODEL_FILES]
@@ -194,65 +360,86 @@ def fetch_release(
     if not base.endswith("/"):
         base += "/"
     dest = Path(dest_dir).expanduser()
-    written = [_fetch_tag_list(base, dest, progress_factory, force)]
+    written = []
     for kind in which:
         target = dest / WEIGHT_FILES[kind]
-        if target.is_file() and not force:
-            written.append(target)
-            continue
         name = CAFFEMODEL_FILES[kind]
-        url = urllib.parse.urljoin(base, name)
-        caffemodel = dest / name
-        if force or not caffemodel.is_file():  # a caffemodel left by an interrupted conversion is reused
-            _download_with_bar(url, caffemodel, name, progress_factory)
-        # Convert beside the target and rename only when the model is the kind its name promises.
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            try:
-                info = convert(caffemodel, tmp)
-            except WeightsError as exc:
-                caffemodel.unlink(missing_ok=True)
-                raise DownloadError(f"{url} did not give a usable caffemodel (removed; run again): {exc}") from None
-            if info.kind != kind:
-                raise DownloadError(f"{url} holds a {info.kind} model, not the {kind} model its name says")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        if not keep_caffemodels:
-            caffemodel.unlink(missing_ok=True)
+        local = dest / name
+        if target.exists() and not force:
+            _check_converted(target, kind)
+        elif local.is_file() and not force:
+            _convert_local(local, target, kind)
+        else:
+            _download_and_convert(urllib.parse.urljoin(base, name), dest, kind, progress_factory, keep_caffemodels)
         written.append(target)
     return written
 
 
-def _fetch_tag_list(base: str, dest: Path, progress_factory: ProgressFactory | None, force: bool) -> Path:
-    """Download ``tag_list.json.gz``, check it holds the 1,539 tags and write it un-gzipped as ``tag_list.json``."""
-    target = dest / "tag_list.json"
-    if target.is_file() and not force:
-        return target
-    url = urllib.parse.urljoin(base, TAG_LIST_FILE)
-    gz = _download_with_bar(url, dest / TAG_LIST_FILE, TAG_LIST_FILE, progress_factory)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+def _check_converted(target: Path, kind: str) -> None:
+    """A converted model already in the folder is used only when it reads as the kind its name says."""
     try:
-        try:
-            with gzip.open(gz, "rb") as f:
-                tmp.write_bytes(f.read())
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DownloadError(f"{url} is not a gzip file ({exc})") from None
-        try:
-            load_tag_list(tmp)
-        except TagListError as exc:
-            raise DownloadError(f"{url}: {str(exc).replace(str(tmp), 'the tag list')}") from None
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    gz.unlink(missing_ok=True)
-    return target
+        load_weights(target, kind)
+    except WeightsError as exc:
+        raise DownloadError(f"{exc} (found in the download folder: delete it to download the model again)") from None
 
 
-def _download_with_bar(url: str, dest: Path, name: str, factory: ProgressFactory | None) -> Path:
-    """:func:`download` with a bar from ``factory``, made once the size is known and closed at the end."""
+def _convert_local(local: Path, target: Path, kind: str) -> None:
+    """Convert a caffemodel that was in the folder before this command (the user's: never deleted)."""
+    left = "it was left as it is; delete or move it to download the release's"
+    try:
+        state_dict, info = load_weights(local, kind)
+    except WeightsError as exc:
+        raise DownloadError(f"{exc} (found in the download folder, not downloaded: {left})") from None
+    expected = RELEASE_SHA256.get(local.name)
+    if expected is not None and info.sha256 != expected:
+        raise DownloadError(
+            f"{local} is not the release's file (its SHA-256 is {info.sha256}, the release's is {expected}); {left}, "
+            f"or convert it yourself: i2v weights convert {local} -o {target}"
+        )
+    _save(state_dict, info, target)
+
+
+def _download_and_convert(
+    url: str, dest: Path, kind: str, progress_factory: ProgressFactory | None, keep: bool
+) -> None:
+    """Download a release caffemodel (checked), convert it, and delete it unless ``keep``."""
+    name = CAFFEMODEL_FILES[kind]
+    target = dest / WEIGHT_FILES[kind]
+    try:
+        part = _fetch_with_bar(url, _part_path(dest / name), name, progress_factory, RELEASE_SHA256.get(name))
+    except ServerUnreachableError as exc:
+        raise ServerUnreachableError(
+            f"{exc}. Without this server: use a mirror (--base-url URL, or $I2V_BASE_URL), or download {name} "
+            f"by hand, put it in {dest} and run this again (or: i2v weights convert {name} -o {target})"
+        ) from None
+    # The caffemodel was fetched by this command: it is removed once converted or found unusable (an interrupted
+    # conversion leaves the .part, complete, for the next run: with a pinned hash it needs no request then).
+    try:
+        state_dict, info = load_weights(part)
+    except WeightsError as exc:
+        _drop(part)
+        reason = str(exc).replace(str(part), name)
+        raise DownloadError(f"{url} did not give a usable caffemodel (removed; run again): {reason}") from None
+    if info.kind != kind:
+        _drop(part)
+        raise DownloadError(f"{url} holds a {info.kind} model, not the {kind} model its name says")
+    _save(state_dict, dataclasses.replace(info, source=name), target)
+    if keep:
+        _install(part, dest / name)
+    _drop(part)
+
+
+def _save(state_dict: Any, info: Any, target: Path) -> None:
+    try:
+        save_safetensors(state_dict, target, info.to_metadata())
+    except I2VError as exc:
+        raise DownloadError(str(exc)) from None
+
+
+def _fetch_with_bar(url: str, part: Path, name: str, factory: ProgressFactory | None, sha256: str | None) -> Path:
+    """:func:`fetch` with a bar from ``factory``, made once the size is known and closed at the end."""
     if factory is None:
-        return download(url, dest)
+        return fetch(url, part, sha256=sha256)
     bar: Any = None
     reports: list[ProgressCallback] = []
 
@@ -264,7 +451,7 @@ def _download_with_bar(url: str, dest: Path, name: str, factory: ProgressFactory
         reports[0](done, total)
 
     try:
-        return download(url, dest, progress)
+        return fetch(url, part, progress, sha256=sha256)
     finally:
         if bar is not None and hasattr(bar, "close"):
             bar.close()

@@ -56,3 +56,16 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+class I2VWarning(UserWarning):
+    """Something a user should know that did not stop the work; the CLI prints each as one line on stderr."""
+
+
+class BackendWarning(I2VWarning):
+    """The inference backend asked for (or chosen by ``auto``) was not used as asked: its ONNX cache entry was
+    unusable and rebuilt, or it could not run and another backend computed the outputs instead."""
+
+
+class ServerUnreachableError(DownloadError):
+    """No answer from the server at all (no network, a name that does not resolve, a refused connection)."""

@@ -4,6 +4,11 @@ Measured on a 2-core AVX-512 CPU (full-size tag network, batch 8): eager NCHW 3.
 oneDNN convolutions with weights reordered once and ReLU fused (:class:`PackedCPUNet`) about 13-14, ONNX
 Runtime about 15. So on a CPU in fp32 the ``auto`` backend is ONNX Runtime when it is installed (the ``onnx``
 extra), else the packed oneDNN network; other precisions and CUDA run in PyTorch (channels_last, autocast).
+
+Every predictor says what runs it: ``name`` (``"torch packed oneDNN fp32 on cpu"``), ``notes`` (what did not go
+as asked, e.g. a fallback) and ``describe()`` (both in one line). Whenever a backend is not used as asked (an
+ONNX cache entry rebuilt, ONNX Runtime or the packed path replaced by plain PyTorch) a
+:class:`~i2v_cli.errors.BackendWarning` is issued with the same text; the library never prints.
 """
 
 from __future__ import annotations
@@ -11,30 +16,58 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
-import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TAG
-from .errors import I2VError
+from .atomic import write_bytes
+from .config import INPUT_SIZE, TAG
+from .errors import BackendWarning, I2VError, OutputError
 from .model import Illust2VecNet
+from .store import onnx_cache_dir
 
-#: Numeric precisions of ``--precision``: fp32 gives the reference results; bf16/fp16 run under autocast.
-PRECISIONS = ("fp32", "bf16", "fp16")
+#: Numeric precisions of ``--precision``. fp32 gives the reference results (IEEE float32 arithmetic, TF32 off);
+#: tf32 lets CUDA convolutions use TensorFloat-32 (Ampere and newer GPUs); bf16/fp16 run them under autocast.
+#: The three move scores by about 1e-2 and run about 4-5 times faster than fp32 on a recent GPU.
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 #: Inference backends of ``--backend``.
 BACKENDS = ("auto", "torch", "onnxruntime")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: ONNX opset used for the export; part of the cache key.
 _OPSET = 17
+#: Batch size the packed weights' memory layout is chosen for (the CLI's default); any batch size runs.
+_PACK_BATCH_HINT = 16
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+class Predictor(Protocol):
+    """What :func:`prepare_for_inference` returns: ``net(x)`` maps a float32 batch (N, 3, INPUT_SIZE,
+    INPUT_SIZE) on the model's device to its (N, out) output, and says what computes it."""
+
+    #: What computes the outputs, in words: ``"onnxruntime fp32 on cpu (cached export)"``.
+    name: str
+    #: What did not go as asked (a rebuilt cache entry, a fallback), one line each; empty when all went well.
+    notes: list[str]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def describe(self) -> str: ...
+
+
+class _Described:
+    """``name``, ``notes`` and ``describe()`` for the predictors of this module."""
+
+    name: str = ""
+    notes: list[str]
+
+    def describe(self) -> str:
+        """``name``, then each note: one line for ``--verbose`` or a summary."""
+        return "; ".join([self.name, *self.notes])
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -43,11 +76,15 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse, in one line, a precision the device cannot run (fp16 needs CUDA) or an unknown one."""
+    """Refuse, in one line, a precision the device cannot run (fp16 and tf32 need CUDA) or an unknown one."""
     if precision not in PRECISIONS:
         raise I2VError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise I2VError("--precision fp16 needs a CUDA device; on a CPU use bf16 (or fp32, the default)")
+    if precision == "tf32" and device.type != "cuda":
+        raise I2VError(
+            "--precision tf32 is TensorFloat-32 on CUDA (Ampere and newer GPUs); on a CPU use fp32 (or bf16)"
+        )
 
 
 def onnxruntime_available() -> bool:
@@ -74,34 +111,152 @@ def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
         if precision != "fp32":
             raise I2VError(f"--backend onnxruntime computes in fp32: use --backend torch for --precision {precision}")
         if not onnxruntime_available():
-            raise I2VError("--backend onnxruntime needs ONNX Runtime: pip install 'i2v[onnx]'")
+            raise I2VError("--backend onnxruntime needs ONNX Runtime: pip install onnx onnxruntime")
     return backend
 
 
-class PackedCPUNet(nn.Module):
+# --------------------------------------------------------------------------------------------------------------
+# float32 arithmetic: the reference is IEEE fp32, whatever the process-wide TF32 / oneDNN settings are
+
+_CUDA_SWITCHES = (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"))
+_CPU_SWITCHES = (("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))
+
+
+def _switches(names: Sequence[tuple[str, str]]) -> list[Any]:
+    """The ``torch.backends.X.Y`` objects that have an ``fp32_precision`` setting in this torch (2.9 and later)."""
+    found = []
+    for backend, op in names:
+        obj = getattr(getattr(torch.backends, backend, None), op, None)
+        if obj is not None and hasattr(obj, "fp32_precision"):
+            found.append(obj)
+    return found
+
+
+@contextlib.contextmanager
+def fp32_mode(mode: str = "ieee") -> Iterator[None]:
+    """Inside the block, float32 convolutions and matrix products run in ``mode``: ``"ieee"`` (the reference:
+    no TF32 on CUDA, no reduced-precision oneDNN on the CPU) or ``"tf32"`` (TensorFloat-32 on CUDA).
+
+    torch 2.13 lets cuDNN convolutions use TF32 by default, so plain fp32 on a recent GPU is not the reference.
+    These are process-wide settings: they are set on entry and the previous ones restored on exit (exceptions
+    included), so a caller's own choice outside i2v's network calls is left alone.
+    """
+    if mode not in ("ieee", "tf32"):
+        raise ValueError(f"mode must be 'ieee' or 'tf32', not {mode!r}")
+    switches = _switches(_CUDA_SWITCHES + (_CPU_SWITCHES if mode == "ieee" else ()))
+    if switches:
+        saved = [s.fp32_precision for s in switches]
+        try:
+            for s in switches:
+                s.fp32_precision = mode
+            yield
+        finally:
+            for s, value in zip(switches, saved, strict=True):
+                s.fp32_precision = value
+        return
+    # torch before 2.9: the legacy flags (cuBLAS and cuDNN), which default to TF32 on for cuDNN.
+    saved_flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "tf32"
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_flags
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PyTorch
+
+
+class TorchNet(_Described, nn.Module):
+    """The network in channels_last (fast convolutions on CUDA and oneDNN). fp32 runs in IEEE arithmetic (see
+    :func:`fp32_mode`), tf32 in TensorFloat-32. bf16 and fp16 run the trunk under autocast and the head (conv6_4
+    or encode1) in IEEE fp32: it costs under a tenth of the work and keeps more scores on the right side of a
+    threshold (measured on the golden models)."""
+
+    def __init__(self, model: Illust2VecNet, precision: str = "fp32") -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+        self.precision = precision
+        self.dtype = _DTYPES.get(precision)
+        device = model_device(model)
+        self.name = f"torch channels_last {precision} on {device}"
+        self.notes = []
+        if precision == "tf32" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            self.notes.append(f"{torch.cuda.get_device_name(device)} has no TF32: tf32 runs as fp32 there")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output in float32, computed in the asked precision."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.dtype is None:  # fp32 (IEEE), or tf32 all through: on an H200 an IEEE head halved tf32's error
+            with fp32_mode("tf32" if self.precision == "tf32" else "ieee"):  # (1e-2 to 5e-3) but cost a third
+                return self.model(x)  # of its speed, and 1e-2 is what every lower precision promises
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            h = self.model.forward_features(x)
+        with fp32_mode("ieee"):
+            out = self.model.forward_head(h.float())
+        return torch.sigmoid(out) if self.model.arch.kind == TAG else out
+
+
+class PackedCPUNet(_Described, nn.Module):
     """The network on oneDNN with each convolution's weights reordered once and its ReLU fused in.
 
     Eager PyTorch reorders the weights on every call; doing it once is what makes TorchScript's
-    ``optimize_for_inference`` and inductor's freezing fast, without their tracing or compile time.
-    Same arithmetic as eager fp32 (differences around 1e-6).
+    ``optimize_for_inference`` and inductor's freezing fast, without their tracing or compile time. Same
+    arithmetic as eager fp32 (differences around 1e-6). The operators are private to PyTorch, so they are
+    trusted only where they were seen to agree with eager: the first batch of each input shape is checked
+    (its first and last image against the eager network); a disagreement, or an operator that fails, switches
+    this predictor to :class:`TorchNet` for good, with a note and a :class:`~i2v_cli.errors.BackendWarning`.
     """
 
     def __init__(self, model: Illust2VecNet) -> None:
         super().__init__()
         self.kind = model.arch.kind
+        self.reference = model  # eager: what the packed path must agree with
         self.steps: list[tuple[str, torch.Tensor | None, torch.Tensor | None]] = []
+        size = INPUT_SIZE  # each layer's input side, for the layout the weights are packed in
         for module in model.features:
             if isinstance(module, nn.Conv2d):
-                self.steps.append(("conv", *_pack_conv(module)))
+                self.steps.append(("conv", *_pack_conv(module, size)))
             elif isinstance(module, nn.MaxPool2d):
                 self.steps.append(("pool", None, None))
+                size //= 2
         if self.kind == TAG:
-            self.head = _pack_conv(model.conv6_4)
+            self.head = _pack_conv(model.conv6_4, size)
         else:  # the Linear layer stays as it is, sharing the model's weight (no copy of a 800 MB matrix)
             self.encode1 = model.encode1
+        self.checked: set[tuple[int, ...]] = set()
+        self.fallback: TorchNet | None = None
+        self.name = "torch packed oneDNN fp32 on cpu"
+        self.notes = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tag probabilities or ``encode1``, as :meth:`Illust2VecNet.forward`."""
+        if self.fallback is not None:
+            return self.fallback(x)
+        shape = tuple(x.shape)
+        try:
+            with fp32_mode("ieee"):
+                out = self.packed_forward(x)
+                if shape in self.checked:
+                    return out
+                problem = self._disagreement(x, out)
+        except (RuntimeError, NotImplementedError) as exc:  # what a private operator raises for a shape it rejects
+            problem = f"its operators failed ({_one_line(exc)})"
+        if problem is None:
+            self.checked.add(shape)
+            return out
+        with torch.inference_mode(False):  # the model's parameters stay normal tensors, usable outside it too
+            self.fallback = TorchNet(self.reference)
+        note = (
+            f"packed oneDNN path not used: on a {'x'.join(map(str, shape))} batch {problem}; using {self.fallback.name}"
+        )
+        self.name = self.fallback.name
+        self.notes.append(note)
+        warnings.warn(note, BackendWarning, stacklevel=2)
+        return self.fallback(x)
+
+    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The packed computation alone, unchecked."""
         x = x.contiguous(memory_format=torch.channels_last)
         for op, weight, bias in self.steps:
             x = _conv(x, weight, bias, "relu") if op == "conv" else F.max_pool2d(x, 2, 2)
@@ -109,11 +264,25 @@ class PackedCPUNet(nn.Module):
             return torch.sigmoid(_conv(x, *self.head, "none").mean(dim=(2, 3)))
         return self.encode1(torch.flatten(x.contiguous(), 1))
 
+    def _disagreement(self, x: torch.Tensor, out: torch.Tensor) -> str | None:
+        """None when ``out`` agrees with eager on the batch's first and last image, else what differs."""
+        rows = sorted({0, len(x) - 1})
+        with torch.no_grad():
+            want = self.reference(x[rows].contiguous())
+        got = out[rows]
+        tolerance = 1e-4 * max(1.0, float(want.abs().max()))
+        if got.shape == want.shape and torch.allclose(got, want, atol=tolerance, rtol=1e-4):
+            return None
+        if got.shape != want.shape:
+            return f"it gave shape {tuple(got.shape)}, eager {tuple(want.shape)}"
+        return f"it differs from eager PyTorch by {float((got - want).abs().max()):.3g}"
 
-def _pack_conv(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+
+def _pack_conv(conv: nn.Conv2d, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A convolution's weight in oneDNN's blocked layout for a ``size`` x ``size`` input, and its bias."""
     weight = conv.weight.detach()
     packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-        weight.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, [8, weight.shape[1], 56, 56]
+        weight.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, [_PACK_BATCH_HINT, weight.shape[1], size, size]
     )
     return packed, None if conv.bias is None else conv.bias.detach()
 
@@ -122,49 +291,28 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, attr
     return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, attr, [], "")
 
 
-class TorchNet(nn.Module):
-    """The network in channels_last (fast convolutions on CUDA and oneDNN), its trunk under autocast when a
-    lower precision is asked for. The head (conv6_4 or encode1) stays in fp32: it costs under a tenth of the
-    work and keeps more scores on the right side of a threshold (measured on the golden models)."""
-
-    def __init__(self, model: Illust2VecNet, precision: str = "fp32") -> None:
-        super().__init__()
-        self.model = model.to(memory_format=torch.channels_last)
-        self.dtype = _DTYPES.get(precision)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's output in float32, computed in the asked precision."""
-        x = x.contiguous(memory_format=torch.channels_last)
-        if self.dtype is None:
-            return self.model(x)
-        with torch.autocast(x.device.type, dtype=self.dtype):
-            h = self.model.forward_features(x)
-        out = self.model.forward_head(h.float())
-        return torch.sigmoid(out) if self.model.arch.kind == TAG else out
-
-
-def pack_for_cpu(model: Illust2VecNet) -> nn.Module:
-    """:class:`PackedCPUNet` when this torch build has the oneDNN operators it needs and they agree with
-    eager on a small input; otherwise the model in channels_last."""
+def pack_for_cpu(model: Illust2VecNet) -> PackedCPUNet | TorchNet:
+    """:class:`PackedCPUNet` when this torch build has the oneDNN operators it needs (each input shape is then
+    checked against eager on first use); otherwise the model in channels_last, with a note saying why."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
-        return TorchNet(model)
+        net = TorchNet(model)
+        net.notes.append("packed oneDNN path not available in this torch build")
+        return net
     try:
-        packed = PackedCPUNet(model)
-        probe = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 50
-        with torch.inference_mode():
-            got, want = _trunk(packed, probe), model.features(probe)
-        if not torch.allclose(got, want, atol=1e-4 * max(1.0, float(want.abs().max())), rtol=1e-4):
-            return TorchNet(model)
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return TorchNet(model)
-    return packed
+        return PackedCPUNet(model)
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:  # the weight reorder refused
+        net = TorchNet(model)
+        net.notes.append(f"packed oneDNN path not available ({_one_line(exc)})")
+        return net
 
 
-def _trunk(packed: PackedCPUNet, x: torch.Tensor) -> torch.Tensor:
-    x = x.contiguous(memory_format=torch.channels_last)
-    for op, weight, bias in packed.steps:
-        x = _conv(x, weight, bias, "relu") if op == "conv" else F.max_pool2d(x, 2, 2)
-    return x
+# --------------------------------------------------------------------------------------------------------------
+# ONNX Runtime
+
+
+class OnnxUnusableError(Exception):
+    """ONNX Runtime cannot run this network here (the export failed, or the runtime refused the model); internal:
+    :func:`prepare_for_inference` falls back to PyTorch."""
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -177,8 +325,8 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def export_onnx(model: nn.Module, target: str | os.PathLike[str] | io.BytesIO) -> None:
-    """Export a network (or its trunk) to ONNX (dynamic batch, 224x224 input) with torch's exporter."""
+def export_onnx(model: nn.Module, target: str | Path | io.BytesIO) -> None:
+    """Export a network (or its trunk) to ONNX (dynamic batch, INPUT_SIZE x INPUT_SIZE input) with torch's exporter."""
     model = model.eval()
     device = model_device(model)
     with warnings.catch_warnings(), torch.no_grad():
@@ -186,7 +334,7 @@ def export_onnx(model: nn.Module, target: str | os.PathLike[str] | io.BytesIO) -
         kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
         torch.onnx.export(
             model,
-            (torch.zeros(1, 3, 224, 224, device=device),),
+            (torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE, device=device),),
             target,
             input_names=["input"],
             output_names=["output"],
@@ -196,29 +344,30 @@ def export_onnx(model: nn.Module, target: str | os.PathLike[str] | io.BytesIO) -
         )
 
 
-def cached_onnx(model: nn.Module, name: str, cache_dir: Path | None = None) -> str | bytes:
-    """``model``'s ONNX file in the cache (exported once per weights, torch version and opset), or the model
-    bytes when the cache cannot be written; ``name`` starts the file's name."""
-    from .weights import default_weights_dir
-
-    folder = (cache_dir or default_weights_dir()) / "onnx"
+def onnx_cache_path(model: nn.Module, name: str, cache_dir: Path | None = None) -> Path:
+    """Where ``model``'s export is cached: one file per weights, torch version and opset; ``name`` starts it."""
     key = hashlib.sha256(f"{weights_digest(model)}:{torch.__version__}:{_OPSET}".encode()).hexdigest()[:32]
-    path = folder / f"{name}-{key}.onnx"
-    if path.is_file():
-        return str(path)
-    tmp = folder / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    return onnx_cache_dir(cache_dir) / f"{name}-{key}.onnx"
+
+
+def _export_bytes(model: nn.Module) -> bytes:
+    """The ONNX export of ``model`` in memory; any failure of the exporter is an :class:`OnnxUnusableError`."""
+    buffer = io.BytesIO()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        export_onnx(model, tmp)
-        os.replace(tmp, path)
-        return str(path)
-    except OSError:
-        buffer = io.BytesIO()
         export_onnx(model, buffer)
-        return buffer.getvalue()
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    except Exception as exc:
+        # Deliberately broad: the exporter is third-party machinery; whatever it raises for this model means "no
+        # ONNX here", the torch backend computes the same, and the reason is kept in the message.
+        raise OnnxUnusableError(f"the ONNX export failed ({type(exc).__name__}: {_one_line(exc)})") from exc
+    return buffer.getvalue()
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """What ONNX Runtime raises for a model it cannot load (its own exception classes, not RuntimeError's)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    own = tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+    return (*own, RuntimeError, ValueError, OSError)
 
 
 class _Trunk(nn.Module):
@@ -232,12 +381,18 @@ class _Trunk(nn.Module):
         return self.features(x)
 
 
-class OnnxRuntimeNet:
-    """The network as an ONNX Runtime CPU session: a callable from a (N, 3, 224, 224) tensor to its output.
+class OnnxRuntimeNet(_Described):
+    """The network as an ONNX Runtime CPU session: a callable from a (N, 3, INPUT_SIZE, INPUT_SIZE) tensor to its
+    output.
 
     The tag network runs whole in the session. Of the feature network only the conv trunk does, where all its
     time goes; ``encode1`` (a matrix-vector product a row) stays in torch with the model's own 800 MB weight,
     so the session does not hold a second copy of it.
+
+    The export is cached (:func:`onnx_cache_path`). A cached file ONNX Runtime cannot load (empty, cut short by
+    an interrupted write, made by another version) is deleted and exported again, with a note; a cache that
+    cannot be written keeps the export in memory. Raises :class:`OnnxUnusableError` when the export fails or
+    ONNX Runtime refuses a fresh export.
     """
 
     def __init__(self, model: Illust2VecNet, cache_dir: Path | None = None, threads: int | None = None) -> None:
@@ -246,14 +401,44 @@ class OnnxRuntimeNet:
         self.head = None if model.arch.kind == TAG else model.forward_head
         exported = model if self.head is None else _Trunk(model)
         name = model.arch.kind if self.head is None else f"{model.arch.kind}-trunk"
+        self.notes = []
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()  # as many as PyTorch would use
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        onnx_model = cached_onnx(exported, name, cache_dir)
-        self.session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+
+        def session(model_or_path: str | bytes) -> Any:
+            return ort.InferenceSession(model_or_path, options, providers=["CPUExecutionProvider"])
+
+        path = onnx_cache_path(exported, name, cache_dir)
+        self.session, where = None, "cached export"
+        if path.is_file():
+            try:
+                self.session = session(str(path))
+            except _ort_errors() as exc:
+                note = f"the cached ONNX export {path} could not be loaded ({_one_line(exc)}): exported it again"
+                self.notes.append(note)
+                warnings.warn(note, BackendWarning, stacklevel=3)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        if self.session is None:
+            data = _export_bytes(exported)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_bytes(path, data)
+            except (OSError, OutputError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
+                where = f"export kept in memory: cannot write the cache ({reason})"
+            try:
+                self.session = session(data)
+            except _ort_errors() as exc:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                raise OnnxUnusableError(f"ONNX Runtime cannot load the fresh export ({_one_line(exc)})") from None
         self.input_name = self.session.get_inputs()[0].name
+        part = "" if self.head is None else ", conv trunk (encode1 in torch)"
+        self.name = f"onnxruntime fp32 on cpu{part} ({where})"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Run a float32 CPU batch through the session."""
@@ -262,11 +447,15 @@ class OnnxRuntimeNet:
         return out if self.head is None else self.head(out)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Choosing and running
+
+
 def predict(
     net: Predictor, inputs: torch.Tensor | Sequence[torch.Tensor], device: torch.device, batch_size: int | None = None
 ) -> np.ndarray:
-    """``net`` over network inputs (a (N, 3, 224, 224) tensor, or a list of (3, 224, 224) ones, stacked a batch at
-    a time), ``batch_size`` at a time (all at once when None), on ``device``; float32 (N, out)."""
+    """``net`` over network inputs (a (N, 3, S, S) tensor, or a list of (3, S, S) ones, stacked a batch at a time;
+    S is INPUT_SIZE), ``batch_size`` at a time (all at once when None), on ``device``; float32 (N, out)."""
     step = batch_size or max(len(inputs), 1)
     outs = []
     with torch.inference_mode():
@@ -282,28 +471,34 @@ def prepare_for_inference(
 ) -> Predictor:
     """The fastest measured way to compute ``model(x)`` on the model's device in ``precision``.
 
-    fp32 keeps results within 1e-5 of eager; bf16/fp16 trade about 1e-2 in scores for speed (autocast).
+    fp32 keeps results within 1e-5 of eager IEEE fp32; tf32 (CUDA), bf16 and fp16 trade about 1e-2 in scores for
+    speed (bench/precision_cuda.py). The result's ``describe()`` says what runs it; when ONNX Runtime cannot be
+    used the torch backend runs instead, with a note and a :class:`~i2v_cli.errors.BackendWarning`.
     """
     device = model_device(model)
     check_precision(precision, device)
     model = model.eval()
     if resolve_backend(backend, device, precision) == "onnxruntime":
-        return OnnxRuntimeNet(model, cache_dir)
+        try:
+            return OnnxRuntimeNet(model, cache_dir)
+        except OnnxUnusableError as exc:
+            net = pack_for_cpu(model)
+            note = f"ONNX Runtime not used: {exc}; running {net.name} instead"
+            net.notes.insert(0, note)
+            warnings.warn(note, BackendWarning, stacklevel=2)
+            return net
     if device.type == "cpu" and precision == "fp32":
         return pack_for_cpu(model)
     return TorchNet(model, precision)
 
 
 def describe(net: Predictor) -> str:
-    """Which backend and arithmetic run a prepared network, in words (for the summary line)."""
-    name = getattr(net, "name", None)
-    if isinstance(name, str):
-        return name
-    if isinstance(net, OnnxRuntimeNet):
-        return "onnxruntime fp32 on cpu"
-    if isinstance(net, PackedCPUNet):
-        return "torch, packed oneDNN, fp32 on cpu"
-    if isinstance(net, TorchNet):
-        device = model_device(net.model)
-        return f"torch, {'fp32' if net.dtype is None else str(net.dtype).replace('torch.', '')} on {device}"
-    return type(net).__name__
+    """Which backend and arithmetic run a prepared network, in words, with its notes (for the summary line)."""
+    describe_net = getattr(net, "describe", None)
+    return describe_net() if callable(describe_net) else type(net).__name__
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its first), for notes and warnings."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

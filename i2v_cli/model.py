@@ -63,7 +63,7 @@ class Illust2VecNet(nn.Module):
             self.encode2 = nn.Linear(arch.feature_dim, arch.num_tags)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """conv6_3's ReLU output, (N, C, 7, 7) for a 224x224 input."""
+        """conv6_3's ReLU output, (N, C, FINAL_MAP_SIZE, FINAL_MAP_SIZE) for an INPUT_SIZE x INPUT_SIZE input."""
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,24 +87,42 @@ def layer_key(layer: str, param: str) -> str:
 
 
 def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> Architecture:
-    """Work out kind, widths and feature length from a state dict in this module's naming."""
+    """Work out kind, widths and feature length from a state dict in this module's naming, refusing what no
+    Illustration2Vec network has: a layer with no outputs, or a tag head without one output per tag."""
     widths = []
     for name in CONV_NAMES:
         w = state_dict.get(layer_key(name, "weight"))
         if w is None:
             raise WeightsError(f"layer {name} is missing")
+        if w.dim() == 0 or w.shape[0] == 0:
+            raise WeightsError(f"layer {name} has no output channels (a zero-width model computes nothing)")
         widths.append(int(w.shape[0]))
     has_tag = layer_key("conv6_4", "weight") in state_dict
     has_feature = layer_key("encode1", "weight") in state_dict
-    if has_tag and not has_feature:
-        return Architecture(TAG, tuple(widths), 0, int(state_dict[layer_key("conv6_4", "weight")].shape[0]))
-    if has_feature and not has_tag:
-        dim = int(state_dict[layer_key("encode1", "weight")].shape[0])
-        enc2 = state_dict.get(layer_key("encode2", "weight"))
-        return Architecture(FEATURE, tuple(widths), dim, NUM_TAGS if enc2 is None else int(enc2.shape[0]))
     if has_tag and has_feature:
         raise WeightsError("holds both conv6_4 (tag head) and encode1 (feature head): not a known model")
-    raise WeightsError("layer conv6_4 (tag model) or encode1 (feature model) is missing")
+    if not (has_tag or has_feature):
+        raise WeightsError("layer conv6_4 (tag model) or encode1 (feature model) is missing")
+    if has_tag:
+        return Architecture(TAG, tuple(widths), 0, _tag_outputs(state_dict, "conv6_4"))
+    encode1 = state_dict[layer_key("encode1", "weight")]
+    if encode1.dim() == 0 or encode1.shape[0] == 0:
+        raise WeightsError("layer encode1 has no outputs (a zero-length feature)")
+    has_encode2 = layer_key("encode2", "weight") in state_dict
+    num_tags = _tag_outputs(state_dict, "encode2") if has_encode2 else NUM_TAGS
+    return Architecture(FEATURE, tuple(widths), int(encode1.shape[0]), num_tags)
+
+
+def _tag_outputs(state_dict: Mapping[str, torch.Tensor], layer: str) -> int:
+    """The outputs of a tag head (conv6_4, or the feature model's encode2), which must be one per tag."""
+    weight = state_dict[layer_key(layer, "weight")]
+    outputs = int(weight.shape[0]) if weight.dim() else 0
+    if outputs != NUM_TAGS:
+        raise WeightsError(
+            f"layer {layer} has {outputs} outputs; Illustration2Vec predicts {NUM_TAGS} tags (one per entry of "
+            "tag_list.json), so the scores could not be named"
+        )
+    return outputs
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Architecture:

@@ -1,8 +1,9 @@
-"""Weight files: Caffe ``.caffemodel`` (V1 and V2), PyTorch ``.pth`` state dicts and safetensors, in one place.
+"""Weight file formats: Caffe ``.caffemodel`` (V1 and V2), PyTorch ``.pth`` state dicts and safetensors.
 
 Everything is read into the model's own naming (``features.conv1_1.weight`` ... ``conv6_4.*`` / ``encode1.*``,
 see :func:`i2v_cli.model.layer_key`), checked against the architecture it describes, and converted to
-safetensors with a record of where it came from. Every failure is a :class:`~i2v_cli.errors.WeightsError`
+safetensors with a record of where it came from. Where weight files are looked for is :mod:`i2v_cli.store`'s
+job. Every failure is a :class:`~i2v_cli.errors.WeightsError`
 (or a subclass) whose one-line message names the file; the library never prints.
 
 The Caffe schema is read at run time from ``proto/caffe.desc`` through protobuf's public descriptor API (no
@@ -14,15 +15,18 @@ length-delimited record on the wire), so a 1 GB caffemodel converts in seconds o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 import math
 import os
 import pickle
 import re
 import stat
+import struct
+import sys
 import threading
-import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -35,16 +39,31 @@ import torch
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 
+from .atomic import AtomicFile, describe_oserror, same_file
 from .config import CONV_NAMES, FEATURE, TAG
-from .errors import ModelKindError, WeightsError, WeightsNotFoundError
+from .errors import ModelKindError, OutputError, WeightsError, WeightsNotFoundError
 from .model import Architecture, Illust2VecNet, build_model, check_state_dict, layer_key, remap_legacy_state_dict
 
-PathLike = str | os.PathLike[str]
+# The store's names, re-exported so that ``from i2v_cli.weights import resolve_weights`` keeps working; new code
+# imports them from :mod:`i2v_cli.store`.
+from .store import CAFFEMODEL_FILES, WEIGHT_FILES, default_weights_dir, resolve_weights
 
-#: Converted weight files, as ``i2v weights download`` names them in the cache folder.
-WEIGHT_FILES = {TAG: "illust2vec_tag_ver200.safetensors", FEATURE: "illust2vec_ver200.safetensors"}
-#: The original release's caffemodels, by kind.
-CAFFEMODEL_FILES = {TAG: "illust2vec_tag_ver200.caffemodel", FEATURE: "illust2vec_ver200.caffemodel"}
+__all__ = [
+    "CAFFEMODEL_FILES",
+    "WEIGHT_FILES",
+    "WeightsInfo",
+    "caffe_message",
+    "convert",
+    "default_weights_dir",
+    "load_model",
+    "load_weights",
+    "read_caffemodel",
+    "read_state_dict_pth",
+    "resolve_weights",
+    "save_safetensors",
+]
+
+PathLike = str | os.PathLike[str]
 
 #: Caffe layers that carry the parameters of an Illustration2Vec network.
 PARAM_LAYERS = (*CONV_NAMES, "conv6_4", "encode1", "encode2")
@@ -160,7 +179,9 @@ def _read_caffemodel(path: Path) -> tuple[dict[str, torch.Tensor], int, str]:
     except (DecodeError, ValueError, RuntimeError) as exc:
         if kind_of_file != "caffemodel":
             raise WeightsError(f"{path} is not a weight file: it looks like {kind_of_file}") from None
-        raise WeightsError(f"{path} is not a valid caffemodel (truncated or corrupt: {_first_line(exc)})") from None
+        raise WeightsError(
+            _not_a_caffemodel(path) or f"{path} is not a valid caffemodel (truncated or corrupt: {_first_line(exc)})"
+        ) from None
     finally:
         hashing.join()
     sha256 = hasher.hexdigest()
@@ -172,7 +193,7 @@ def _read_caffemodel(path: Path) -> tuple[dict[str, torch.Tensor], int, str]:
     if not len(layers):
         if kind_of_file != "caffemodel":
             raise WeightsError(f"{path} is not a weight file: it looks like {kind_of_file}")
-        raise WeightsError(f"{path} is not a caffemodel: it holds no layers")
+        raise WeightsError(_not_a_caffemodel(path) or f"{path} is not a caffemodel: it holds no layers")
     state_dict: dict[str, torch.Tensor] = {}
     for layer in layers:
         if layer.name not in PARAM_LAYERS or not len(layer.blobs):
@@ -186,7 +207,74 @@ def _read_caffemodel(path: Path) -> tuple[dict[str, torch.Tensor], int, str]:
             state_dict[layer_key(layer.name, param)] = _blob_tensor(blob, want, raw, f"{path}: {layer.name} {param}")
     if not state_dict:
         raise WeightsError(f"{path} holds none of Illustration2Vec's layers (conv1_1 ... conv6_4, encode1)")
+    _check_layer_types(layers, version, path)
     return state_dict, version, sha256
+
+
+def _not_a_caffemodel(path: Path) -> str | None:
+    """For a file of no known format named like a safetensors or PyTorch file, a message saying so (calling it a
+    broken caffemodel would send the user looking for the wrong problem); None for any other name."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return (
+            f"{path} is not a safetensors file (it lacks the safetensors header) nor any other weight format i2v "
+            "reads: unrecognised binary data (truncated at the start, or not weights at all)"
+        )
+    if suffix in (".pth", ".pt", ".ckpt"):
+        return (
+            f"{path} is not a PyTorch file (neither a zip archive nor a pickle) nor any other weight format i2v "
+            "reads: unrecognised binary data (truncated at the start, or not weights at all)"
+        )
+    return None
+
+
+# The layers of the released networks, by name, and the kind of computation each is (see tests/data/golden's
+# README): the ReLU after each convolution, the max poolings, then the tag head (conv6_4, average pool6, sigmoid
+# prob) or the feature head (encode1, its sigmoid, encode2).
+_LAYER_TYPES: dict[str, str] = {
+    **{name: "Convolution" for name in (*CONV_NAMES, "conv6_4")},
+    **{"relu" + name.removeprefix("conv"): "ReLU" for name in CONV_NAMES},
+    **{f"pool{i}": "Pooling" for i in range(1, 7)},
+    "prob": "Sigmoid",
+    "encode1": "InnerProduct",
+    "encode1neuron": "Sigmoid",
+    "encode2": "InnerProduct",
+}
+# Layers that take no part in computing the outputs: data sources, dropout (identity at inference), losses.
+_INERT = frozenset({"data", "input", "imagedata", "hdf5data", "memorydata", "dummydata", "windowdata", "dropout",
+                    "silence", "split", "accuracy"})  # fmt: skip
+
+
+def _canonical(layer_type: str) -> str:
+    """A layer type in one spelling for V1 enum names and V2 strings (``INNER_PRODUCT`` and ``InnerProduct``)."""
+    return layer_type.replace("_", "").lower()
+
+
+def _check_layer_types(layers: Any, version: int, path: Path) -> None:
+    """Refuse a caffemodel whose layers compute something else than Illustration2Vec does: a known layer of
+    another type (a Softmax as ``prob``, a Deconvolution as ``conv3_1``), or an extra layer that would change
+    the outputs (BatchNorm, Scale, LRN, ...). Data, dropout and loss layers are ignored, as at inference."""
+    enum = caffe_message("V1LayerParameter").DESCRIPTOR.enum_types_by_name["LayerType"]
+    for layer in layers:
+        if version == 2:
+            shown = layer.type
+        else:
+            shown = enum.values_by_number[layer.type].name if layer.type in enum.values_by_number else str(layer.type)
+        kind = _canonical(shown) if shown not in ("", "NONE") else ""
+        expected = _LAYER_TYPES.get(layer.name)
+        if expected is not None:
+            if kind and kind != _canonical(expected):
+                raise WeightsError(
+                    f"{path}: layer {layer.name} is a {shown} layer, not a {expected} as in Illustration2Vec "
+                    "(i2v would compute something else than this file describes)"
+                )
+        elif not kind:
+            raise WeightsError(f"{path}: layer {layer.name!r} has no type: not an Illustration2Vec network")
+        elif kind not in _INERT and not kind.endswith("loss"):
+            raise WeightsError(
+                f"{path}: layer {layer.name!r} is a {shown} layer, which Illustration2Vec does not have "
+                "(i2v would compute something else than this file describes)"
+            )
 
 
 def _blob_shape(blob: Message, where: str) -> tuple[int, ...]:
@@ -284,6 +372,8 @@ def _find_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
 def _to_own_naming(state_dict: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """``state_dict`` in this package's naming, as float32 tensors (an earlier port's keys are renamed)."""
     for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+            raise WeightsError(f"{path}: {key} is a sparse tensor ({value.layout}); i2v reads dense tensors only")
         if not isinstance(value, torch.Tensor) or not (value.is_floating_point() and value.dim() > 0):
             raise WeightsError(f"{path}: {key} is not a floating-point tensor")
     if not set(state_dict) <= _OWN_KEYS:
@@ -299,38 +389,60 @@ def _to_own_naming(state_dict: Mapping[str, torch.Tensor], path: Path) -> dict[s
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str]) -> None:
-    """Write ``state_dict`` with string ``metadata`` to a safetensors file, atomically (temp file + rename)."""
-    from safetensors.torch import save_file
+    """Write ``state_dict`` (float32 tensors) with string ``metadata`` as a safetensors file at ``path``.
 
-    path = Path(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    meta = {"format": "pt", **{str(k): str(v) for k, v in metadata.items()}}
-    # A unique name beside the target (same file system, so the rename is atomic). safetensors writes files
-    # readable by their owner only: give the result the permissions a plain new file gets (umask applied).
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    Written through :mod:`i2v_cli.atomic` (temp file beside the symlink-resolved target, fsync, rename; a pipe or
+    ``/dev/null`` is written in place, never replaced), streamed tensor by tensor: no second copy of a 1 GB
+    model in memory. A terminal is refused, as gzip refuses to write compressed data to one.
+    """
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(state_dict.items())}
+    header = _safetensors_header(tensors, {"format": "pt", **{str(k): str(v) for k, v in metadata.items()}})
+    folder = Path(path).parent  # e.g. the cache folder that `i2v weights convert X -o ~/.cache/i2v/...` names
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb"):
-            mode = stat.S_IMODE(os.stat(tmp).st_mode)
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except Exception as exc:  # OSError, or safetensors' own error on tensors it cannot store
-        raise WeightsError(f"cannot write {path}: {getattr(exc, 'strerror', None) or _first_line(exc)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(describe_oserror(folder, exc)) from None
+    out = AtomicFile(path)
+    try:
+        if out.stream.isatty():
+            raise OutputError(f"{path} is a terminal: safetensors is binary; name a file (or redirect the output)")
+        out.stream.write(header)
+        for tensor in tensors.values():
+            if tensor.numel():
+                out.stream.write(memoryview(tensor.numpy()).cast("B"))
+    except OSError as exc:
+        out.discard()
+        raise OutputError(describe_oserror(path, exc)) from None
+    except BaseException:
+        out.discard()
+        raise
+    out.commit()
+
+
+def _safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding ``tensors`` (float32, in this order)."""
+    if sys.byteorder != "little":  # safetensors stores little-endian values; tensors are written as they lie
+        raise WeightsError("writing safetensors needs a little-endian machine")
+    entries: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * 4
+        entries[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8-byte alignment
+    return struct.pack("<Q", len(text)) + text
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, with any failure as a WeightsError naming it."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except Exception as exc:  # safetensors raises its own SafetensorError, OSError or ValueError
+    except (SafetensorError, OSError, ValueError) as exc:  # what safe_open raises for a bad file
         raise WeightsError(
             f"{path} is not a valid safetensors file (truncated or corrupt: {_first_line(exc)})"
         ) from None
@@ -365,6 +477,9 @@ def load_weights(path: PathLike, kind: str | None = None) -> tuple[dict[str, tor
         state_dict, version, sha256 = _read_caffemodel(path)
         source_format = f"caffemodel-v{version}"
     arch = _check_state_dict(state_dict, path)
+    for key, tensor in state_dict.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(f"{path}: {key} holds NaN or infinite values: the network would compute nonsense")
     info = WeightsInfo(arch.kind, arch.widths, arch.feature_dim, arch.num_tags, source, sha256, source_format)
     if fmt == "safetensors":
         _check_metadata(meta, info, path)
@@ -391,9 +506,19 @@ def _check_metadata(meta: Mapping[str, str], info: WeightsInfo, path: Path) -> N
         raise WeightsError(f"{path}: its metadata says widths {widths} but its tensors have {info.widths}")
 
 
-def convert(src: PathLike, dst: PathLike) -> WeightsInfo:
-    """Convert any supported weight file to safetensors at ``dst`` (written atomically), with its provenance."""
+def convert(src: PathLike, dst: PathLike, *, source_name: str | None = None) -> WeightsInfo:
+    """Convert any supported weight file to safetensors at ``dst``, with its provenance in the metadata.
+
+    ``dst`` naming ``src`` itself (the same file, through a link or not) is refused before anything is read;
+    ``dst`` is written through :func:`save_safetensors` (atomic; a symlink's target gets the file; a pipe or
+    ``/dev/null`` is written in place). ``source_name`` replaces ``src``'s file name in the provenance (for a
+    file downloaded under a temporary name).
+    """
+    if same_file(src, dst):
+        raise OutputError(f"{dst} is the input file {src}: write the safetensors file under another name")
     state_dict, info = load_weights(src)
+    if source_name is not None and info.source == Path(src).name:
+        info = dataclasses.replace(info, source=source_name)
     save_safetensors(state_dict, dst, info.to_metadata())
     return info
 
@@ -417,64 +542,6 @@ def _kind_message(path: Path, have: str, need: str) -> str:
         f"{path} is a {have} model ({_HEAD[have]}); {use} needs the {need} model "
         f"({CAFFEMODEL_FILES[need]} or {WEIGHT_FILES[need]})"
     )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Where weights are found
-
-
-def default_weights_dir() -> Path:
-    """The per-user folder ``i2v weights download`` fills: ``$I2V_HOME``, else ``$XDG_CACHE_HOME/i2v``, else
-    ``~/.cache/i2v``."""
-    home = os.environ.get("I2V_HOME")
-    if home:
-        return Path(home).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore a relative path
-        return Path(xdg) / "i2v"
-    return Path.home() / ".cache" / "i2v"
-
-
-def resolve_weights(explicit: str | None, kind: str) -> Path:
-    """The weight file to use for ``kind``: ``--weights``, then ``$I2V_WEIGHTS`` (file or folder), then the cache."""
-    if kind not in WEIGHT_FILES:
-        raise ValueError(f"kind must be {TAG!r} or {FEATURE!r}, not {kind!r}")
-    if explicit:
-        return _pick(Path(explicit).expanduser(), kind, "--weights")
-    env = os.environ.get("I2V_WEIGHTS")
-    if env:
-        return _pick(Path(env).expanduser(), kind, "$I2V_WEIGHTS")
-    cache = default_weights_dir()
-    found = _in_folder(cache, kind)
-    if found is not None:
-        return found
-    target = cache / WEIGHT_FILES[kind]
-    raise WeightsNotFoundError(
-        f"no {kind} model weights found (no --weights, no $I2V_WEIGHTS, no {target}): run `i2v weights download`, "
-        f"or `i2v weights convert FILE.caffemodel -o {target}`"
-    )
-
-
-def _in_folder(folder: Path, kind: str) -> Path | None:
-    """The kind's converted file in ``folder``, else the release's caffemodel there, else None."""
-    for name in (WEIGHT_FILES[kind], CAFFEMODEL_FILES[kind]):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def _pick(path: Path, kind: str, origin: str) -> Path:
-    """``path`` itself when it is a file, the kind's file inside it when it is a folder."""
-    if path.is_dir():
-        found = _in_folder(path, kind)
-        if found is None:
-            raise WeightsNotFoundError(
-                f"{origin} folder {path} holds no {WEIGHT_FILES[kind]} (nor {CAFFEMODEL_FILES[kind]})"
-            )
-        return found
-    if not path.exists():
-        raise WeightsNotFoundError(f"{origin}: {path} does not exist")
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -518,8 +585,14 @@ def _is_text(head: bytes) -> bool:
 
 
 def _read_head(path: Path) -> bytes:
-    """The first bytes of a file, with a missing or unreadable file as a WeightsError."""
+    """The first bytes of a regular file, with a missing, unreadable or special file as a WeightsError (a pipe
+    is refused before it is opened: opening one blocks, and the file is read more than once)."""
     try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise WeightsError(f"{path} is a folder, not a weight file")
+        if not stat.S_ISREG(mode):
+            raise WeightsError(f"{path} is not a regular file (a pipe or a device): save the weights to a file first")
         with path.open("rb") as f:
             return f.read(_SNIFF_BYTES)
     except FileNotFoundError:

@@ -25,8 +25,8 @@ import pytest
 from click.testing import CliRunner
 
 from i2v_cli.cli import cli
-from i2v_cli.writers import record_path
 from i2v_cli.features import read_features
+from i2v_cli.writers import record_path
 
 ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
 RAY = Path(sys.executable).with_name("ray")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable
@@ -16,18 +17,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from i2v_cli import weights
+from i2v_cli.atomic import is_temp_name
 from i2v_cli.config import CONV_NAMES, FEATURE, TAG
-from i2v_cli.errors import ModelKindError, WeightsError, WeightsNotFoundError
+from i2v_cli.errors import ModelKindError, OutputError, WeightsError, WeightsNotFoundError
 from i2v_cli.model import Architecture, Illust2VecNet, layer_key
+from i2v_cli.store import default_weights_dir, resolve_weights
 from i2v_cli.weights import (
     caffe_message,
     convert,
-    default_weights_dir,
     load_model,
     load_weights,
     read_caffemodel,
     read_state_dict_pth,
-    resolve_weights,
     save_safetensors,
 )
 
@@ -218,6 +219,106 @@ def test_converted_file_has_default_permissions(tmp_path: Path) -> None:
     plain.write_bytes(b"")
     convert(MODELS / "tag_v2.caffemodel", tmp_path / "w.safetensors")
     assert (tmp_path / "w.safetensors").stat().st_mode == plain.stat().st_mode
+
+
+def test_safetensors_writer_matches_the_library(tmp_path: Path, golden_sd: dict) -> None:
+    """The streaming writer makes what safetensors itself makes: same tensors and metadata, same data bytes."""
+    from safetensors.torch import load, save
+
+    meta = {"i2v.kind": "tag", "i2v.source": "caf\u00e9.caffemodel"}
+    save_safetensors(golden_sd["tag_v2"], tmp_path / "w.safetensors", meta)
+    mine, ref = (tmp_path / "w.safetensors").read_bytes(), save(golden_sd["tag_v2"], {"format": "pt", **meta})
+    assert len(mine) == len(ref)
+    assert mine[-1_000_000:] == ref[-1_000_000:]  # the tensors, in the library's order
+    assert_same(load(mine), golden_sd["tag_v2"])
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt", **meta}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("how", ["same name", "symlink to it", "hard link", "relative name"])
+def test_convert_refuses_to_overwrite_its_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Issue 14.1: ``-o`` naming the input is refused before anything is read, through links too."""
+    src = _copy(MODELS / "tag_v2.caffemodel", tmp_path / "in.caffemodel")
+    before = src.read_bytes()
+    out = tmp_path / "out.safetensors"
+    if how == "same name":
+        out = src
+    elif how == "symlink to it":
+        out.symlink_to(src)
+    elif how == "hard link":
+        os.link(src, out)
+    else:
+        monkeypatch.chdir(tmp_path)
+        out = Path("./sub/../in.caffemodel")
+        (tmp_path / "sub").mkdir()
+    with pytest.raises(OutputError) as exc:
+        convert(src, out)
+    assert str(exc.value) == f"{out} is the input file {src}: write the safetensors file under another name"
+    assert src.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]
+
+
+def test_convert_writes_through_a_symlink(tmp_path: Path, golden_sd: dict) -> None:
+    """Issue 14.1: the link stays a link; the file it points to gets the weights."""
+    real = tmp_path / "store" / "tag.safetensors"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "tag.safetensors"
+    link.symlink_to(real)
+    convert(MODELS / "tag_v2.caffemodel", link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert_same(load_weights(real)[0], golden_sd["tag_v2"])
+    assert sorted(p.name for p in real.parent.iterdir()) == ["tag.safetensors"]
+
+
+def test_convert_into_a_fifo_writes_in_place(tmp_path: Path, golden_sd: dict) -> None:
+    """Issue 14.1: a special file (here a FIFO; /dev/null alike) is written to, never replaced by a regular file."""
+    import threading
+
+    from safetensors.torch import load
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    info = convert(MODELS / "tag_v2.caffemodel", fifo)
+    reader.join(10)
+    assert fifo.is_fifo()
+    assert_same(load(received[0]), golden_sd["tag_v2"])
+    assert info.kind == TAG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_convert_refuses_a_terminal(tmp_path: Path) -> None:
+    """A binary safetensors file is not written to a terminal (gzip's rule); the terminal stays as it was."""
+    master, slave = os.openpty()
+    try:
+        name = os.ttyname(slave)
+        with pytest.raises(OutputError) as exc:
+            convert(MODELS / "tag_v2.caffemodel", name)
+        assert str(exc.value) == (f"{name} is a terminal: safetensors is binary; name a file (or redirect the output)")
+        assert os.path.exists(name) and not os.path.isfile(name)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_cli_convert_onto_its_input_is_a_usage_error(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from i2v_cli.cli import cli
+
+    src = _copy(MODELS / "tag_v2.caffemodel", tmp_path / "m.caffemodel")
+    result = CliRunner().invoke(cli, ["weights", "convert", str(src), "-o", str(src)])
+    assert result.exit_code == 2
+    assert result.output == f"Error: {src} is the input file {src}: write the safetensors file under another name\n"
+    assert src.read_bytes() == (MODELS / "tag_v2.caffemodel").read_bytes()
 
 
 def test_convert_of_a_safetensors_keeps_provenance(tmp_path: Path) -> None:
@@ -417,6 +518,58 @@ def _safetensors_with_meta(meta: dict[str, str]) -> Callable[[Path], Path]:
     return make
 
 
+def _golden_sd(name: str) -> dict[str, torch.Tensor]:
+    return read_caffemodel(MODELS / f"{name}.caffemodel")
+
+
+def _pth(edit: Callable[[dict[str, torch.Tensor]], object], name: str = "tag_v2") -> Callable[[Path], Path]:
+    """A .pth of a golden model's state dict after ``edit`` (which changes the dict in place)."""
+
+    def make(path: Path) -> Path:
+        sd = _golden_sd(name)
+        edit(sd)
+        torch.save(sd, path)
+        return path
+
+    return make
+
+
+def _slice(sd: dict[str, torch.Tensor], layer: str, n: int, dim: int = 0) -> None:
+    for param in ("weight", "bias"):
+        if param == "bias" and dim:
+            continue
+        key = layer_key(layer, param)
+        sd[key] = sd[key].narrow(dim, 0, n).contiguous()
+
+
+def _set_type(name: str, layer_type: str | int) -> Callable[[Message], None]:
+    def edit(net: Message) -> None:
+        find_layer(net, name).type = layer_type
+
+    return edit
+
+
+def _insert_layer(after: str, name: str, layer_type: str, blobs: int = 0) -> Callable[[Message], None]:
+    """A V2 layer of ``layer_type`` placed after ``after``, with ``blobs`` small parameter blobs."""
+
+    def edit(net: Message) -> None:
+        names = [layer.name for layer in net.layer]
+        layers = list(net.layer)
+        new = caffe_message("LayerParameter")(name=name, type=layer_type, bottom=[after], top=[after])
+        for _ in range(blobs):
+            new.blobs.add(data=[1.0, 2.0]).shape.dim.extend([2])
+        layers.insert(names.index(after) + 1, new)
+        del net.layer[:]
+        net.layer.extend(layers)
+
+    return edit
+
+
+def _random_bytes(path: Path) -> Path:
+    path.write_bytes(np.random.default_rng(7).bytes(4096))
+    return path
+
+
 ERRORS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "empty": (_bytes(b""), "{p} is not a weight file: it looks like an empty file"),
     "text": (
@@ -503,6 +656,54 @@ ERRORS: dict[str, tuple[Callable[[Path], Path], str]] = {
         _bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x03."),
         "{p} is not a readable PyTorch file",
     ),
+    # Issue 14.12: models that would compute something else, refused when read.
+    "tag_head_1000_outputs": (
+        _pth(lambda sd: _slice(sd, "conv6_4", 1000)),
+        "{p}: layer conv6_4 has 1000 outputs; Illustration2Vec predicts 1539 tags (one per entry of tag_list.json), "
+        "so the scores could not be named",
+    ),
+    "feature_encode2_10_outputs": (
+        _pth(lambda sd: _slice(sd, "encode2", 10), "feature_v1"),
+        "{p}: layer encode2 has 10 outputs; Illustration2Vec predicts 1539 tags",
+    ),
+    "zero_width": (
+        _pth(lambda sd: (_slice(sd, "conv3_1", 0), _slice(sd, "conv3_2", 0, dim=1))),
+        "{p}: layer conv3_1 has no output channels (a zero-width model computes nothing)",
+    ),
+    "zero_feature": (
+        _pth(lambda sd: (_slice(sd, "encode1", 0), _slice(sd, "encode2", 0, dim=1)), "feature_v1"),
+        "{p}: layer encode1 has no outputs (a zero-length feature)",
+    ),
+    "pth_sparse_tensor": (
+        _pth(lambda sd: sd.update({"conv6_4.bias": sd["conv6_4.bias"].to_sparse()})),
+        "{p}: conv6_4.bias is a sparse tensor (torch.sparse_coo); i2v reads dense tensors only",
+    ),
+    "pth_nan": (
+        _pth(lambda sd: sd["features.conv2_1.weight"].view(-1).__setitem__(5, float("nan"))),
+        "{p}: features.conv2_1.weight holds NaN or infinite values: the network would compute nonsense",
+    ),
+    "batchnorm": (
+        _edit("tag_v2.caffemodel", _insert_layer("conv3_1", "bn3_1", "BatchNorm", blobs=3)),
+        "{p}: layer 'bn3_1' is a BatchNorm layer, which Illustration2Vec does not have (i2v would compute something "
+        "else than this file describes)",
+    ),
+    "softmax_instead_of_sigmoid": (
+        _edit("tag_v2.caffemodel", _set_type("prob", "Softmax")),
+        "{p}: layer prob is a Softmax layer, not a Sigmoid as in Illustration2Vec (i2v would compute something "
+        "else than this file describes)",
+    ),
+    "softmax_instead_of_sigmoid_v1": (
+        _edit("tag_v1.caffemodel", _set_type("prob", 20)),  # V1 SOFTMAX
+        "{p}: layer prob is a SOFTMAX layer, not a Sigmoid as in Illustration2Vec",
+    ),
+    "deconvolution_under_a_conv_name": (
+        _edit("tag_v2.caffemodel", _set_type("conv3_1", "Deconvolution")),
+        "{p}: layer conv3_1 is a Deconvolution layer, not a Convolution as in Illustration2Vec",
+    ),
+    "lrn_without_parameters": (
+        _edit("feature_v1.caffemodel", lambda net: net.layers.add(name="norm1", type=15)),  # V1 LRN
+        "{p}: layer 'norm1' is a LRN layer, which Illustration2Vec does not have",
+    ),
 }
 
 
@@ -517,7 +718,62 @@ def test_errors_are_one_line_and_name_the_file(tmp_path: Path, case: str) -> Non
     with pytest.raises(WeightsError) as exc:
         convert(path, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary file left
+    assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]  # no temporary file left
+
+
+def test_layers_that_do_not_compute_are_accepted(tmp_path: Path, golden_sd: dict) -> None:
+    """Data, dropout and loss layers (as a training snapshot holds them) change nothing at inference."""
+    net = parse(MODELS / "tag_v2.caffemodel")
+    for after, name, layer_type in [("conv1_1", "drop1", "Dropout"), ("prob", "loss", "SigmoidCrossEntropyLoss")]:
+        _insert_layer(after, name, layer_type)(net)
+    net.layer.insert(0, caffe_message("LayerParameter")(name="data", type="Input", top=["data"]))
+    assert_same(read_caffemodel(write(net, tmp_path / "v2.caffemodel")), golden_sd["tag_v2"])
+    v1 = parse(MODELS / "feature_v1.caffemodel")
+    v1.layers.add(name="data", type=5)  # DATA
+    v1.layers.add(name="loss", type=27)  # SIGMOID_CROSS_ENTROPY_LOSS
+    assert_same(read_caffemodel(write(v1, tmp_path / "v1.caffemodel")), golden_sd["feature_v1"])
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("model.safetensors", "{p} is not a safetensors file (it lacks the safetensors header) nor any other weight "
+         "format i2v reads: unrecognised binary data (truncated at the start, or not weights at all)"),
+        ("model.pth", "{p} is not a PyTorch file (neither a zip archive nor a pickle) nor any other weight format "
+         "i2v reads: unrecognised binary data (truncated at the start, or not weights at all)"),
+        ("model.PT", "{p} is not a PyTorch file (neither a zip archive nor a pickle)"),
+        ("model.caffemodel", "{p} is not a valid caffemodel (truncated or corrupt: "),
+    ],
+)  # fmt: skip
+def test_random_bytes_are_named_for_what_they_claim_to_be(tmp_path: Path, name: str, message: str) -> None:
+    """Issue 13.5: random bytes named .safetensors/.pth are not called a broken caffemodel."""
+    path = _random_bytes(tmp_path / name)
+    with pytest.raises(WeightsError) as exc:
+        load_weights(path)
+    assert one_line_error(exc, path).startswith(message.format(p=path))
+
+
+def test_a_pipe_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO as the weight file is refused before it is opened (opening blocks; the file is read twice)."""
+    import threading
+
+    fifo = tmp_path / "weights.caffemodel"
+    os.mkfifo(fifo)
+
+    def feed() -> None:  # so that the old code, which opened the pipe, does not hang the test
+        with contextlib.suppress(OSError), open(fifo, "wb") as f:
+            f.write((MODELS / "tag_v2.caffemodel").read_bytes())
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(WeightsError) as exc:
+            load_weights(fifo)
+        assert str(exc.value) == f"{fifo} is not a regular file (a pipe or a device): save the weights to a file first"
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # releases the writer
+        writer.join(5)
 
 
 def test_missing_file_and_folder(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .common import CONTEXT_SETTINGS, I2VGroup, exit_status, install_signal_handlers
+from .common import CONTEXT_SETTINGS, I2VGroup, exit_status, install_signal_handlers, show_warnings
 
 #: Command name -> (module, one-line help shown by ``i2v --help``).
 COMMANDS = {
@@ -79,6 +79,7 @@ def cli() -> None:
 def main() -> Any:
     """Console-script entry point: signals first (SIGTERM and SIGHUP stop a run as Ctrl-C does), then the CLI."""
     install_signal_handlers()
+    show_warnings()
     try:
         return cli(prog_name="i2v")
     except KeyboardInterrupt as exc:  # before or after a command ran: no traceback either way

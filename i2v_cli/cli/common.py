@@ -62,6 +62,25 @@ def install_signal_handlers() -> None:
             signal.signal(sig, _raise_interrupted)
 
 
+def show_warnings() -> None:
+    """i2v's warnings (a backend not used as asked, ...) as one ``i2v: warning:`` line each on stderr, every time;
+    other libraries' warnings as Python shows them."""
+    import warnings
+
+    from ..errors import I2VWarning
+
+    default = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, I2VWarning):
+            click.echo(f"i2v: warning: {one_line(str(message))}", err=True)
+        else:
+            default(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", I2VWarning)
+
+
 def exit_status(exc: KeyboardInterrupt) -> int:
     """128 + the signal that stopped the run (130 for Ctrl-C)."""
     return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
@@ -142,8 +161,8 @@ def model_options(f: F) -> F:
                 type=click.Choice(PRECISIONS),
                 default="fp32",
                 show_default=True,
-                help="Arithmetic of the network. fp32 gives the reference scores; bf16 (CPU or CUDA) and fp16 "
-                "(CUDA) are faster and move scores by about 1e-2.",
+                help="Arithmetic of the network. fp32 gives the reference scores (IEEE, also on CUDA); tf32 "
+                "(CUDA), bf16 (CPU or CUDA) and fp16 (CUDA) are faster and move scores by about 1e-2.",
             ),
             click.option(
                 "--backend",

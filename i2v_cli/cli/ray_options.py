@@ -17,7 +17,7 @@ from ..tags import Selection, load_tag_list
 from ..weights import load_weights, resolve_weights
 from .common import EXIT_SOME_FAILED, F, UsageFailure, report_failure
 
-NEEDS_EXTRA = "--engine ray needs the ray extra: pip install 'i2v[ray]'"
+NEEDS_EXTRA = "--engine ray needs Ray: pip install 'ray[data]' pyarrow (or, in the i2v checkout, pip install '.[ray]')"
 _RAY_ONLY = ("ray_address", "num_workers", "gpus_per_worker", "shard_size")
 
 

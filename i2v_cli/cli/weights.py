@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
 from ..download import RELEASE_BASE_URL, fetch_release
-from ..weights import convert, default_weights_dir, load_weights
-from .common import CONTEXT_SETTINGS, I2VGroup, progress_bar, progress_option
+from ..store import default_weights_dir
+from ..weights import convert, load_weights
+from .common import CONTEXT_SETTINGS, I2VGroup, progress_option
 
 
 @click.group(cls=I2VGroup, context_settings=CONTEXT_SETTINGS)
@@ -24,7 +27,8 @@ def weights() -> None:
     "-o",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The .safetensors file to write.",
+    help="The .safetensors file to write (never the input itself; through a symlink, the file it names; a pipe "
+    "is written to as it is).",
 )
 def convert_cmd(model: Path, output: Path) -> None:
     """Convert a .caffemodel (Caffe V1 or V2 layers) or an earlier port's .pth into safetensors.
@@ -64,14 +68,17 @@ convert_cmd.name = "convert"
     envvar="I2V_BASE_URL",
     default=RELEASE_BASE_URL,
     show_default=True,
-    help="Where the release files are served ($I2V_BASE_URL).",
+    help="Where the release files are served ($I2V_BASE_URL): a mirror, or a file:// folder.",
 )
 @progress_option
 def download(dest: Path | None, only: tuple[str, ...], base_url: str, progress: bool | None) -> None:
-    """Fetch the original release's caffemodels and tag list, then convert them to safetensors.
+    """Fetch the original release's caffemodels, check them and convert them to safetensors.
 
-    A partial download resumes where it stopped. The caffemodels are large (the feature model is about
-    1 GB); once converted, i2v finds them without --weights.
+    Files already in --dir are used without the network: a converted model is kept, and a caffemodel you put
+    there (downloaded by hand) is converted and left in place. Downloads are checked against the release's
+    SHA-256, from any --base-url too, and a partial one resumes where it stopped (if the server's file is still
+    the same). The caffemodels are large (the feature model is about 1 GB); once converted, i2v finds them
+    without --weights.
 
     \b
     Example:
@@ -79,8 +86,8 @@ def download(dest: Path | None, only: tuple[str, ...], base_url: str, progress: 
     """
     dest = dest or default_weights_dir()
 
-    def bar(name: str, total: int | None):  # type: ignore[no-untyped-def]
-        return progress_bar(total, progress, unit="B", desc=name)
+    def bar(name: str, total: int | None) -> tqdm:
+        return byte_bar(total, progress, name)
 
     written = fetch_release(dest, base_url=base_url, which=only or ("tag", "feature"), progress_factory=bar)
     for path in written:
@@ -93,3 +100,19 @@ def info(file: Path) -> None:
     """Print what a weight file holds (kind, widths, source and its SHA-256) as JSON."""
     _, meta = load_weights(file)
     click.echo(json.dumps(meta.as_dict(), indent=2))
+
+
+def byte_bar(total: int | None, enabled: bool | None, name: str) -> tqdm:
+    """A download bar on stderr in scaled binary units (``12.3M/245M [00:04, 55.1MB/s]``, not raw bytes), shown
+    when asked for or when stderr is a terminal."""
+    show = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(
+        total=total,
+        disable=not show,
+        file=sys.stderr,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=name,
+        dynamic_ncols=True,
+    )

@@ -1,0 +1,79 @@
+"""Where weights live: the per-user cache folder, the release's file names, and finding the file to use.
+
+Reading and writing weight files is the job of :mod:`i2v_cli.weights`; this module only knows names and folders,
+so it imports neither torch nor protobuf.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import FEATURE, TAG
+from .errors import WeightsNotFoundError
+
+#: Converted weight files, as ``i2v weights download`` names them in the cache folder.
+WEIGHT_FILES = {TAG: "illust2vec_tag_ver200.safetensors", FEATURE: "illust2vec_ver200.safetensors"}
+#: The original release's caffemodels, by kind.
+CAFFEMODEL_FILES = {TAG: "illust2vec_tag_ver200.caffemodel", FEATURE: "illust2vec_ver200.caffemodel"}
+#: Sub-folder of the cache that holds ONNX exports (one per weights, torch version and opset).
+ONNX_FOLDER = "onnx"
+
+
+def default_weights_dir() -> Path:
+    """The per-user folder ``i2v weights download`` fills: ``$I2V_HOME``, else ``$XDG_CACHE_HOME/i2v``, else
+    ``~/.cache/i2v``."""
+    home = os.environ.get("I2V_HOME")
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore a relative path
+        return Path(xdg) / "i2v"
+    return Path.home() / ".cache" / "i2v"
+
+
+def onnx_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder of ONNX exports: ``onnx/`` under ``cache_dir``, else under :func:`default_weights_dir`."""
+    return (Path(cache_dir) if cache_dir is not None else default_weights_dir()) / ONNX_FOLDER
+
+
+def resolve_weights(explicit: str | None, kind: str) -> Path:
+    """The weight file to use for ``kind``: ``--weights``, then ``$I2V_WEIGHTS`` (file or folder), then the cache."""
+    if kind not in WEIGHT_FILES:
+        raise ValueError(f"kind must be {TAG!r} or {FEATURE!r}, not {kind!r}")
+    if explicit:
+        return _pick(Path(explicit).expanduser(), kind, "--weights")
+    env = os.environ.get("I2V_WEIGHTS")
+    if env:
+        return _pick(Path(env).expanduser(), kind, "$I2V_WEIGHTS")
+    cache = default_weights_dir()
+    found = _in_folder(cache, kind)
+    if found is not None:
+        return found
+    target = cache / WEIGHT_FILES[kind]
+    raise WeightsNotFoundError(
+        f"no {kind} model weights found (no --weights, no $I2V_WEIGHTS, no {target}): run `i2v weights download`, "
+        f"or `i2v weights convert FILE.caffemodel -o {target}`"
+    )
+
+
+def _in_folder(folder: Path, kind: str) -> Path | None:
+    """The kind's converted file in ``folder``, else the release's caffemodel there, else None."""
+    for name in (WEIGHT_FILES[kind], CAFFEMODEL_FILES[kind]):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _pick(path: Path, kind: str, origin: str) -> Path:
+    """``path`` itself when it is a file, the kind's file inside it when it is a folder."""
+    if path.is_dir():
+        found = _in_folder(path, kind)
+        if found is None:
+            raise WeightsNotFoundError(
+                f"{origin} folder {path} holds no {WEIGHT_FILES[kind]} (nor {CAFFEMODEL_FILES[kind]})"
+            )
+        return found
+    if not path.exists():
+        raise WeightsNotFoundError(f"{origin}: {path} does not exist")
+    return path
