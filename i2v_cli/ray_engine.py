@@ -420,7 +420,9 @@ def run_job(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> Ite
     try:
         import ray
     except ImportError:
-        raise RayEngineError("--engine ray needs Ray: pip install 'ray[data]' pyarrow (or, in the i2v checkout, pip install '.[ray]')") from None
+        raise RayEngineError(
+            "--engine ray needs Ray: pip install 'ray[data]' pyarrow (or, in the i2v checkout, pip install '.[ray]')"
+        ) from None
     plan, done = prepare_output(job, inputs, model)
     started = time.perf_counter()
     n = -(-len(inputs) // job.shard_size)
