@@ -11,13 +11,7 @@ The API is imported on first use, so that ``i2v --help`` does not load torch.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
-
-try:
-    __version__ = version("i2v")
-except PackageNotFoundError:  # a source tree that was not installed
-    __version__ = "0+unknown"
 
 _API = ("Illustration2Vec", "load", "make_i2v_with_chainer", "make_i2v_with_pytorch")
 _ERRORS = (
@@ -36,6 +30,13 @@ __all__ = sorted([*_API, *_ERRORS, "__version__"])
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read from the installed metadata when asked (importlib.metadata is slow to load)
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("i2v")
+        except PackageNotFoundError:  # a source tree that was not installed
+            return "0+unknown"
     if name in _API:
         return getattr(importlib.import_module(".api", __name__), name)
     if name in _ERRORS:

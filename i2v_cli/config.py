@@ -53,3 +53,8 @@ CATEGORIES: tuple[Category, ...] = (
 #: Model kinds, as recorded in converted weight files.
 TAG = "tag"
 FEATURE = "feature"
+
+#: Numeric precisions of ``--precision``: fp32 gives the reference results (IEEE, also on CUDA).
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+#: Inference backends of ``--backend``.
+BACKENDS = ("auto", "torch", "onnxruntime")

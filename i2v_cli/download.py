@@ -32,11 +32,10 @@ from typing import Any, Protocol
 from .atomic import AtomicFile, is_special, resolve_target, write_text
 from .config import FEATURE, TAG
 from .errors import DownloadError, I2VError, ServerUnreachableError, WeightsError
-from .store import CAFFEMODEL_FILES, WEIGHT_FILES
+from .store import CAFFEMODEL_FILES, RELEASE_BASE_URL, WEIGHT_FILES
 from .weights import load_weights, save_safetensors
 
 #: The GitHub release of Illustration2Vec v2.0.0 ($I2V_BASE_URL overrides it).
-RELEASE_BASE_URL = "https://github.com/rezoo/illustration2vec/releases/download/v2.0.0/"
 #: The files of the release that i2v fetches. (The release's ``tag_list.json.gz`` is not fetched: i2v ships the
 #: same 1,539 tags in its package, and the models' columns are defined by that packaged list.)
 RELEASE_FILES = (CAFFEMODEL_FILES[TAG], CAFFEMODEL_FILES[FEATURE])

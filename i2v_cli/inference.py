@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_bytes
-from .config import INPUT_SIZE, TAG
+from .config import BACKENDS, INPUT_SIZE, PRECISIONS, TAG
 from .errors import BackendWarning, I2VError, OutputError
 from .model import Illust2VecNet
 from .store import onnx_cache_dir
@@ -35,9 +35,6 @@ from .store import onnx_cache_dir
 #: Numeric precisions of ``--precision``. fp32 gives the reference results (IEEE float32 arithmetic, TF32 off);
 #: tf32 lets CUDA convolutions use TensorFloat-32 (Ampere and newer GPUs); bf16/fp16 run them under autocast.
 #: The three move scores by about 1e-2 and run about 4-5 times faster than fp32 on a recent GPU.
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-#: Inference backends of ``--backend``.
-BACKENDS = ("auto", "torch", "onnxruntime")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: ONNX opset used for the export; part of the cache key.
 _OPSET = 17

@@ -355,3 +355,17 @@ def test_summary_line_and_version(folder, tag_weights):
     import i2v_cli
 
     assert i2v_cli.__version__ in version.output
+
+
+# Start-up: help and usage errors without loading torch ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [[], ["tag"], ["features"], ["similar"], ["weights"], ["weights", "convert"]])
+def test_help_does_not_load_torch(args):
+    code = (
+        "import sys\nfrom i2v_cli.cli import cli\n"
+        f"try:\n    cli({[*args, '-h']!r}, prog_name='i2v')\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip().splitlines()[-1] == "False False", proc.stderr

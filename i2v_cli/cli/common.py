@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 import click
 
+from ..config import BACKENDS, PRECISIONS
 from ..errors import I2VError, Interrupted, OutputError, WriteError
-from ..writers import one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,6 +46,13 @@ class WriteFailure(UsageFailure):
     """An output that could not be written midway, exit status 3."""
 
     exit_code = EXIT_WRITE
+
+
+def one_line(text: str) -> str:
+    """:func:`i2v_cli.writers.one_line`, imported when first needed (it brings NumPy)."""
+    from ..writers import one_line as _one_line
+
+    return _one_line(text)
 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
@@ -123,8 +130,6 @@ def default_workers() -> int:
 
 def model_options(f: F) -> F:
     """--weights, --device, --batch-size, --workers, --precision and --backend: how to run a network."""
-    from ..inference import BACKENDS, PRECISIONS
-
     for option in reversed(
         [
             click.option(

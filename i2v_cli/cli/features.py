@@ -11,14 +11,7 @@ import click
 
 from ..config import FEATURE
 from ..errors import I2VError
-from ..features import FeatureJsonlWriter, FeatureWriter, paths_file_for
-from ..inference import describe, prepare_for_inference, resolve_backend
 from ..inputs import expand_inputs
-from ..pipeline import FeatureRecords, run_job
-from ..resume import claim_output, make_job
-from ..runner import resolve_device
-from ..weights import load_model, resolve_weights
-from ..writers import check_output, display, format_for, writes_in_place
 from .common import (
     CONTEXT_SETTINGS,
     EXIT_SOME_FAILED,
@@ -91,6 +84,15 @@ def features(
       i2v features a.png b.png --format jsonl | jq -c '.feature[:4]'
       i2v features ./dump -r --engine ray --ray-address head:6379 -o features/
     """
+    # The library is imported here, not at the top: `i2v features -h` answers without loading torch.
+    from ..features import FeatureJsonlWriter, FeatureWriter, paths_file_for
+    from ..inference import describe, prepare_for_inference, resolve_backend
+    from ..pipeline import FeatureRecords, run_job
+    from ..resume import claim_output, make_job
+    from ..runner import resolve_device
+    from ..weights import load_model, resolve_weights
+    from ..writers import check_output, display, format_for, writes_in_place
+
     if run_engine(FEATURE):
         return
     started = time.perf_counter()

@@ -13,8 +13,6 @@ import click
 from click.core import ParameterSource
 
 from ..config import FEATURE
-from ..tags import Selection, load_tag_list
-from ..weights import load_weights, resolve_weights
 from .common import EXIT_SOME_FAILED, F, UsageFailure, report_failure
 
 NEEDS_EXTRA = "--engine ray needs Ray: pip install 'ray[data]' pyarrow (or, in the i2v checkout, pip install '.[ray]')"
@@ -60,6 +58,8 @@ def run_engine(kind: str) -> bool:
 
 def _job_settings(kind: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The shard format and the job's fields particular to ``kind``."""
+    from ..tags import Selection, load_tag_list
+
     if kind == FEATURE:
         if params["fmt"] not in (None, "npy"):
             raise UsageFailure("--engine ray writes features as .npy shards: leave out --format, or use --format npy")
@@ -116,6 +116,7 @@ def _check_local_options(params: dict[str, Any]) -> str:
 
 def _run(kind: str, params: dict[str, Any]) -> None:
     from ..ray_engine import DEFAULT_SHARD_SIZE, RayJob, expand_ray_inputs, run_job
+    from ..weights import load_weights, resolve_weights
 
     out = params["output"]
     if not out:

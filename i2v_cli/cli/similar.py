@@ -15,9 +15,6 @@ from ..errors import I2VError
 from ..features import FeatureFile, binarize, read_features
 from ..inputs import expand_inputs
 from ..resume import claim_output, make_job
-from ..runner import resolve_device, run_model
-from ..similar import result_record, search
-from ..weights import load_model, resolve_weights
 from ..writers import Writer, check_output, display, format_for, one_line, open_writer
 from .common import (
     CONTEXT_SETTINGS,
@@ -123,6 +120,11 @@ def similar(
       i2v similar ./illustrations/miku.png --index vecs.npy -k 5
       i2v similar new.jpg --index vecs.npy --format jsonl | jq -r '.results[].path'
     """
+    # torch comes with these: imported here so that `i2v similar -h` answers at once.
+    from ..runner import resolve_device, run_model
+    from ..similar import result_record, search
+    from ..weights import load_model, resolve_weights
+
     try:
         fmt = format_for(fmt, output, SIMILAR_FORMATS, "text")
         index = read_features(index_path)

@@ -17,14 +17,7 @@ from ..atomic import resolve_target
 from ..captions import CaptionOptions, caption_path, check_collisions, common_root, tag_key
 from ..config import TAG
 from ..errors import CaptionError, I2VError
-from ..inference import describe, prepare_for_inference, resolve_backend
 from ..inputs import expand_inputs
-from ..pipeline import CaptionSink, TagRecords, run_job
-from ..resume import claim_output, make_job
-from ..runner import resolve_device
-from ..tags import Selection, load_tag_list
-from ..weights import load_model, resolve_weights
-from ..writers import FORMATS, Tee, check_output, display, format_for, open_writer
 from .common import (
     CONTEXT_SETTINGS,
     EXIT_SOME_FAILED,
@@ -131,7 +124,7 @@ def same_target(a: str | os.PathLike[str], b: str) -> bool:
     "--format",
     "-f",
     "fmt",
-    type=click.Choice([*FORMATS, "parquet"]),
+    type=click.Choice(["json", "jsonl", "csv", "parquet"]),
     help="Output format (parquet: --engine ray only). Default: from -o's extension, else jsonl.",
 )
 @click.option("--output", "-o", metavar="FILE", help="Write here instead of stdout.")
@@ -183,6 +176,15 @@ def tag(
       i2v tag ./dataset -r --captions --threshold 0.4 --exclude "simple background" --underscores
       i2v tag ./dump -r --engine ray --ray-address head:6379 -f parquet -o tags/
     """
+    # The library is imported here, not at the top: `i2v tag -h` answers without loading torch.
+    from ..inference import describe, prepare_for_inference, resolve_backend
+    from ..pipeline import CaptionSink, TagRecords, run_job
+    from ..resume import claim_output, make_job
+    from ..runner import resolve_device
+    from ..tags import Selection, load_tag_list
+    from ..weights import load_model, resolve_weights
+    from ..writers import Tee, check_output, display, format_for, open_writer
+
     if run_engine(TAG):
         return
     started = time.perf_counter()
@@ -196,7 +198,7 @@ def tag(
     captions_wanted = caption_params["captions"] or caption_params["captions_dir"]
     wants_records = not captions_wanted or fmt is not None or output is not None
     try:
-        fmt = format_for(fmt, output, FORMATS, "jsonl")
+        fmt = format_for(fmt, output, ("json", "jsonl", "csv"), "jsonl")
         inputs = expand_inputs(paths, recursive=recursive, stdin=sys.stdin.buffer if "-" in paths else None, nul=nul)
         if wants_records:
             check_output(output, inputs)

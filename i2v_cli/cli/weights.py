@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
-from tqdm import tqdm
 
-from ..download import RELEASE_BASE_URL, fetch_release
-from ..store import default_weights_dir
-from ..weights import convert, load_weights
+from ..store import RELEASE_BASE_URL, default_weights_dir
 from .common import CONTEXT_SETTINGS, I2VGroup, progress_option
 
 
@@ -37,6 +35,8 @@ def convert_cmd(model: Path, output: Path) -> None:
     Example:
       i2v weights convert illust2vec_tag_ver200.caffemodel -o illust2vec_tag_ver200.safetensors
     """
+    from ..weights import convert
+
     info = convert(model, output)
     click.echo(
         f"{output}: {info.kind} model, widths {'/'.join(map(str, info.widths))}"
@@ -86,8 +86,10 @@ def download(dest: Path | None, only: tuple[str, ...], base_url: str, progress: 
     """
     dest = dest or default_weights_dir()
 
-    def bar(name: str, total: int | None) -> tqdm:
+    def bar(name: str, total: int | None) -> Any:
         return byte_bar(total, progress, name)
+
+    from ..download import fetch_release
 
     written = fetch_release(dest, base_url=base_url, which=only or ("tag", "feature"), progress_factory=bar)
     for path in written:
@@ -98,14 +100,18 @@ def download(dest: Path | None, only: tuple[str, ...], base_url: str, progress: 
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def info(file: Path) -> None:
     """Print what a weight file holds (kind, widths, source and its SHA-256) as JSON."""
+    from ..weights import load_weights
+
     _, meta = load_weights(file)
     click.echo(json.dumps(meta.as_dict(), indent=2))
 
 
-def byte_bar(total: int | None, enabled: bool | None, name: str) -> tqdm:
+def byte_bar(total: int | None, enabled: bool | None, name: str) -> Any:
     """A download bar on stderr in scaled binary units (``12.3M/245M [00:04, 55.1MB/s]``, not raw bytes), shown
     when asked for or when stderr is a terminal."""
     show = sys.stderr.isatty() if enabled is None else enabled
+    from tqdm import tqdm
+
     return tqdm(
         total=total,
         disable=not show,
