@@ -78,5 +78,6 @@ def _pick(path: Path, kind: str, origin: str) -> Path:
         raise WeightsNotFoundError(f"{origin}: {path} does not exist")
     return path
 
+
 #: Where `i2v weights download` fetches the original release's files.
 RELEASE_BASE_URL = "https://github.com/rezoo/illustration2vec/releases/download/v2.0.0/"
