@@ -20,6 +20,7 @@ COMMANDS = {
     "similar": ("similar", "Find the indexed images most similar to each QUERY."),
     "index": ("index", "Index images into an SQLite collection: tags, features, kept current incrementally."),
     "search": ("search", "Search an index by tags (booru-style query) and by similarity (--like IMAGE)."),
+    "dupes": ("dupes", "Find groups of near-duplicate images in an index, each with the copy to keep."),
     "weights": ("weights", "Download, convert and inspect weight files."),
 }
 
