@@ -21,6 +21,7 @@ COMMANDS = {
     "index": ("index", "Index images into an SQLite collection: tags, features, kept current incrementally."),
     "search": ("search", "Search an index by tags (booru-style query) and by similarity (--like IMAGE)."),
     "dupes": ("dupes", "Find groups of near-duplicate images in an index, each with the copy to keep."),
+    "export": ("export", "Write an index's tags as sidecars beside the images: XMP keywords or Hydrus tag files."),
     "weights": ("weights", "Download, convert and inspect weight files."),
 }
 
