@@ -9,7 +9,8 @@ import click
 
 from ..errors import I2VError
 from ..index import Index
-from ..sidecars import SIDECAR_KINDS, export as write_sidecars
+from ..sidecars import SIDECAR_KINDS
+from ..sidecars import export as write_sidecars
 from ..tags import Selection
 from .common import CONTEXT_SETTINGS, EXIT_SOME_FAILED, UsageFailure, echo, report_failure
 from .index import db_option
