@@ -107,10 +107,11 @@ def main() -> None:
             found = sum(len(g.others) for g in groups)
             print(f"dupes: {len(groups)} groups ({found} copies) in {seconds:.1f} s")
             subset = min(args.images, 100_000)
-            ids, unit = load_features(idx)
+            _, unit = load_features(idx)
             exact = {(i, j) for i, j, _ in similar_pairs(unit[:subset], 0.95)}
             got = {(i, j) for i, j, _ in similar_pairs(unit[:subset], 0.95, block=997)}
-            print(f"dupes recall against exact all-pairs on {subset} images: {len(got & exact) / max(1, len(exact)):.4f}"
+            recall = len(got & exact) / max(1, len(exact))
+            print(f"dupes recall against exact all-pairs on {subset} images: {recall:.4f}"
                   f" ({len(exact)} pairs; the search is exact, so 1.0 by construction)")  # fmt: skip
     size = sum(os.path.getsize(f"{db}{s}") for s in ("", "-wal") if os.path.exists(f"{db}{s}"))
     print(f"file size: {size / 1e9:.2f} GB ({size / args.images:.0f} bytes per image)")
