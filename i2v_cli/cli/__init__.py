@@ -18,6 +18,10 @@ COMMANDS = {
     "tag": ("tag", "Tag images: files, folders, glob patterns, or '-' to read paths from stdin."),
     "features": ("features", "Extract semantic features (the feature model's encode1) of images."),
     "similar": ("similar", "Find the indexed images most similar to each QUERY."),
+    "index": ("index", "Index images into an SQLite collection: tags, features, kept current incrementally."),
+    "search": ("search", "Search an index by tags (booru-style query) and by similarity (--like IMAGE)."),
+    "dupes": ("dupes", "Find groups of near-duplicate images in an index, each with the copy to keep."),
+    "export": ("export", "Write an index's tags as sidecars beside the images: XMP keywords or Hydrus tag files."),
     "weights": ("weights", "Download, convert and inspect weight files."),
 }
 

@@ -1,0 +1,147 @@
+"""Near-duplicates in an index: pairs of images whose semantic features have a cosine similarity of at least S,
+joined into groups, each with the copy to keep.
+
+Pairs are found exactly: the features are normalised and multiplied block by block (``A @ B.T`` with torch,
+which uses every core), keeping the upper triangle only, so every pair at or above S is found and memory is one
+block of scores at a time plus the features (N x D float32). Groups are the connected components of the pairs.
+
+The copy to keep: the largest resolution (width x height), then a lossless format (PNG, BMP, TIFF, GIF), then the
+oldest file (mtime), then the path. It only reports: nothing is deleted or moved. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .index import Index, iter_chunks
+from .writers import path_fields
+
+DEFAULT_MIN_SIMILARITY = 0.95
+#: Formats whose files keep every pixel (Pillow's format names): kept before lossy copies of the same size.
+LOSSLESS = frozenset({"PNG", "BMP", "TIFF", "GIF", "PPM", "TGA"})
+#: Rows of the score matrix computed at once.
+BLOCK_ROWS = 2048
+
+
+@dataclass
+class Image:
+    """What the keep rule needs of one image."""
+
+    row: int
+    path: str
+    width: int
+    height: int
+    format: str | None
+    mtime_ns: int
+
+    def keep_key(self) -> tuple[int, int, int, bytes]:
+        """Smaller is better: largest resolution, then lossless, then oldest, then path."""
+        return (-(self.width or 0) * (self.height or 0), 0 if self.format in LOSSLESS else 1, self.mtime_ns,
+                os.fsencode(self.path))  # fmt: skip
+
+
+@dataclass
+class Group:
+    """Near-duplicates: the image to keep and the others, with the lowest similarity of a pair that joined them."""
+
+    keep: Image
+    others: list[Image]
+    min_similarity: float
+
+    def record(self) -> dict[str, object]:
+        """``{"keep", "paths", "min_similarity"}`` (``paths`` holds every copy, the kept one first). Names that
+        are not UTF-8 are shown readably, with their exact bytes in ``keep_b64`` / ``paths_b64`` (base64, null
+        for a UTF-8 name), as every i2v record does."""
+        paths = [self.keep.path, *(o.path for o in self.others)]
+        fields = [path_fields("path", p) for p in paths]
+        out: dict[str, object] = {**path_fields("keep", self.keep.path), "paths": [f["path"] for f in fields]}
+        if any("path_b64" in f for f in fields):
+            out["paths_b64"] = [f.get("path_b64") for f in fields]
+        out["min_similarity"] = self.min_similarity
+        return out
+
+
+def load_features(index: Index) -> tuple[np.ndarray, np.ndarray]:
+    """Row ids and unit-length features (float32, N x D) of every image that has results."""
+    ids: list[np.ndarray] = []
+    blocks: list[np.ndarray] = []
+    cursor = index.conn.execute("SELECT id, feature FROM images WHERE feature IS NOT NULL ORDER BY id")
+    for chunk in iter_chunks(cursor, 8192):
+        ids.append(np.fromiter((r[0] for r in chunk), np.int64, len(chunk)))
+        vecs = np.frombuffer(b"".join(r[1] for r in chunk), np.float32).reshape(len(chunk), -1)
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        blocks.append((vecs / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32))
+    if not ids:
+        return np.empty(0, np.int64), np.empty((0, index.feature_dim or 0), np.float32)
+    return np.concatenate(ids), np.concatenate(blocks)
+
+
+def similar_pairs(unit: np.ndarray, min_similarity: float, block: int = BLOCK_ROWS) -> Iterator[tuple[int, int, float]]:
+    """Every pair ``(i, j, cosine)`` with ``i < j`` of unit rows whose cosine is at least ``min_similarity``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        all_rows = torch.from_numpy(unit)
+    n = len(unit)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        sims = (all_rows[start:stop] @ all_rows[start:].T).numpy()
+        sims[np.tril_indices(stop - start)] = -np.inf  # the diagonal block's lower triangle and diagonal
+        ii, jj = np.nonzero(sims >= min_similarity)
+        for i, j in zip(ii.tolist(), jj.tolist(), strict=True):
+            yield start + i, start + j, float(sims[i, j])
+
+
+def groups_of(pairs: Iterator[tuple[int, int, float]], n: int) -> dict[int, tuple[list[int], float]]:
+    """Connected components of the pairs (union-find): root -> (members, lowest joining similarity)."""
+    parent = list(range(n))
+    low: dict[int, float] = {}
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    edges: list[tuple[int, float]] = []
+    for i, j, s in pairs:
+        a, b = find(i), find(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+        edges.append((i, s))
+    for i, s in edges:
+        r = find(i)
+        low[r] = min(low.get(r, 1.0), s)
+    members: dict[int, list[int]] = {}
+    for r in low:
+        members[r] = []
+    for x in range(n):
+        r = find(x)
+        if r in members:
+            members[r].append(x)
+    return {r: (m, low[r]) for r, m in members.items()}
+
+
+def find_dupes(index: Index, min_similarity: float = DEFAULT_MIN_SIMILARITY) -> list[Group]:
+    """Groups of near-duplicates in the index, each with the copy to keep, ordered by the kept path."""
+    ids, unit = load_features(index)
+    components = groups_of(similar_pairs(unit, min_similarity), len(ids))
+    out = []
+    for members, low in components.values():
+        images = [_image(index, int(ids[m])) for m in members]
+        images.sort(key=Image.keep_key)
+        out.append(Group(images[0], images[1:], float(np.float32(min(low, 1.0)))))
+    out.sort(key=lambda g: os.fsencode(g.keep.path))
+    return out
+
+
+def _image(index: Index, row: int) -> Image:
+    path, width, height, fmt, mtime = index.conn.execute(
+        "SELECT path, width, height, format, mtime_ns FROM images WHERE id = ?", (row,)
+    ).fetchone()
+    return Image(row, os.fsdecode(bytes(path)), width or 0, height or 0, fmt, mtime)

@@ -1,0 +1,606 @@
+"""A collection as one SQLite file: every image's exact path, size, mtime, content hash, pixel size, all 1,539
+tag scores, its semantic feature and binary code; kept current by incremental runs.
+
+The file is a plain SQLite database (any ``sqlite3``, datasette or pandas reads it; the README documents the
+tables). SQLite is its own atomic writer (journal, fsync), so this is the one file i2v writes that does not go
+through :mod:`i2v_cli.atomic`: a run commits a batch at a time in WAL mode, so a killed run keeps what it
+committed and readers (``i2v search``) work while a run writes.
+
+An update (:func:`update`) is planned before any network runs (:func:`plan_update`):
+
+- a file whose path, size and mtime are those of its row is unchanged (not read again);
+- a new or changed file is hashed (SHA-256 of its bytes); when a row with that hash has results, the results
+  are copied (a moved or renamed file takes over its old row when the old path is gone; a copy gets a new row):
+  no network run;
+- the rest go through :func:`i2v_cli.pipeline.run_job` (both networks on each decoded batch) into
+  :class:`IndexSink`, which commits each batch;
+- rows whose file no longer exists are removed.
+
+Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import CATEGORIES, NUM_TAGS
+from .errors import OutputError, WriteError
+from .features import binarize
+from .writers import Record, Sink, display
+
+#: Recorded as ``PRAGMA user_version``; a file with another version is refused with a clear message.
+SCHEMA_VERSION = 1
+#: ``PRAGMA application_id`` of an i2v index ("i2vX"), so another program's SQLite file is never taken for one.
+APPLICATION_ID = 0x69327658
+#: Scores at or above this go into ``tag_scores`` (indexed by tag and score) too; a query bound below it reads the
+#: ``scores`` BLOBs instead (correct, but a scan of the whole table).
+TAG_FLOOR = 0.05
+#: Rows a network batch commits at a time are the run's batches; metadata-only changes commit this many at once.
+COMMIT_ROWS = 2000
+_HASH_CHUNK = 1 << 20
+_RATING = next(c for c in CATEGORIES if c.name == "rating")
+
+SCHEMA = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE images (
+    id         INTEGER PRIMARY KEY,
+    path       BLOB NOT NULL UNIQUE,
+    path_text  TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    mtime_ns   INTEGER NOT NULL,
+    sha256     BLOB NOT NULL,
+    width      INTEGER,
+    height     INTEGER,
+    format     TEXT,
+    error      TEXT,
+    rating     TEXT,
+    scores     BLOB,
+    feature    BLOB,
+    code       BLOB,
+    indexed_at REAL NOT NULL
+);
+CREATE INDEX images_sha256 ON images (sha256);
+CREATE TABLE tag_scores (
+    tag   INTEGER NOT NULL,
+    score REAL NOT NULL,
+    image INTEGER NOT NULL,
+    PRIMARY KEY (tag, score, image)
+) WITHOUT ROWID;
+"""
+
+
+class IndexDbError(OutputError):
+    """An index file that cannot be opened or used: not an i2v index, another schema version, other models."""
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What the index knows of a file without running a network: exact path, size, mtime, content hash, pixels."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: bytes = b""
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+
+
+def fs_path(path: str) -> bytes:
+    """The exact bytes of a path (as stored in ``images.path``)."""
+    return os.fsencode(path)
+
+
+def file_sha256(path: str) -> bytes:
+    """SHA-256 of a file's bytes (raises OSError)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.digest()
+
+
+def probe(path: str, st: os.stat_result, sha256: bytes | None = None) -> FileState:
+    """A file's state: hash (computed unless given) and pixel size and format from its header (None when the
+    header cannot be read: the decoding stage then records why)."""
+    from PIL import Image, UnidentifiedImageError
+
+    digest = sha256 if sha256 is not None else file_sha256(path)
+    width = height = fmt = None
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            fmt = img.format
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        pass
+    return FileState(path, st.st_size, st.st_mtime_ns, digest, width, height, fmt)
+
+
+def top_rating(scores: np.ndarray) -> str:
+    """The rating with the highest score (``rating:safe`` means safe is the highest)."""
+    from .tags import load_tag_list
+
+    names = load_tag_list()[_RATING.start : _RATING.stop]
+    return names[int(np.argmax(scores[_RATING.start : _RATING.stop]))]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The file
+
+
+class Index:
+    """An open index file. ``create`` makes a new one when the file does not exist; ``readonly`` never writes."""
+
+    def __init__(self, path: str, *, create: bool = False, readonly: bool = False) -> None:
+        self.path = path
+        shown = display(path)
+        exists = os.path.exists(path)
+        if not exists and not create:
+            raise IndexDbError(f"{shown}: no such index (make one with `i2v index FOLDER --db {shown}`)")
+        if os.path.isdir(path):
+            raise IndexDbError(f"--db {shown} is a folder: name a file")
+        try:
+            uri = "file:" + _uri_path(path) + ("?mode=ro" if readonly else "")
+            self.conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            self.conn.execute("PRAGMA busy_timeout = 10000")
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            app = self.conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise IndexDbError(f"{shown} is not an i2v index ({exc})") from None
+        if tables == 0 and not readonly:
+            self._create()
+        elif app != APPLICATION_ID:
+            self.conn.close()
+            raise IndexDbError(f"{shown} is an SQLite file, but not an i2v index: choose another --db")
+        elif version != SCHEMA_VERSION:
+            self.conn.close()
+            raise IndexDbError(
+                f"{shown} is an i2v index of schema version {version}; this i2v reads version {SCHEMA_VERSION}: "
+                "index the images again into a new file"
+            )
+        self._meta = dict(self.conn.execute("SELECT key, value FROM meta"))
+        self._tags: list[str] | None = None
+
+    def _create(self) -> None:
+        try:
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            with self.transaction():
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self.conn.execute("INSERT INTO meta VALUES ('format', 'i2v-index'), ('tag_floor', ?)", (TAG_FLOOR,))
+        except sqlite3.Error as exc:
+            raise IndexDbError(f"cannot create the index {display(self.path)}: {exc}") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # ---- transactions and metadata
+
+    def transaction(self) -> _Transaction:
+        """``with index.transaction():`` one write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
+        return _Transaction(self)
+
+    def meta(self, key: str) -> str | None:
+        return self._meta.get(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        self._meta[key] = value
+
+    @property
+    def tags(self) -> list[str]:
+        """The tag list of the stored scores (the columns of each ``scores`` BLOB, in order)."""
+        if self._tags is None:
+            stored = self.meta("tags")
+            if stored is None:
+                from .tags import load_tag_list
+
+                self._tags = load_tag_list()
+            else:
+                self._tags = json.loads(stored)
+        return self._tags
+
+    @property
+    def feature_dim(self) -> int | None:
+        dim = self.meta("feature_dim")
+        return int(dim) if dim is not None else None
+
+    def check_models(self, tag_model: dict[str, str], feature_model: dict[str, str], feature_dim: int) -> None:
+        """Record the models of the first run; refuse others later (scores and vectors of two models never mix)."""
+        for key, model in (("tag_model", tag_model), ("feature_model", feature_model)):
+            stored = self.meta(key)
+            if stored is not None and json.loads(stored).get("sha256") != model.get("sha256"):
+                old = json.loads(stored)
+                raise IndexDbError(
+                    f"{display(self.path)} was indexed with the {key.replace('_', ' ')} {old.get('source')} "
+                    f"(sha256 {str(old.get('sha256'))[:12]}), not {model.get('source')}: use the same weights, "
+                    "or another --db"
+                )
+        if self.meta("tag_model") is None:
+            from .tags import load_tag_list
+
+            with self.transaction():
+                self.set_meta("tag_model", json.dumps(tag_model))
+                self.set_meta("feature_model", json.dumps(feature_model))
+                self.set_meta("feature_dim", str(feature_dim))
+                self.set_meta("tags", json.dumps(load_tag_list(), ensure_ascii=False))
+                self._tags = None
+
+    # ---- reading
+
+    def count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM images").fetchone()[0]
+
+    def known(self) -> dict[bytes, tuple[int, int, int, bytes]]:
+        """Every row's ``path -> (id, size, mtime_ns, sha256)``."""
+        rows = self.conn.execute("SELECT path, id, size, mtime_ns, sha256 FROM images")
+        return {bytes(p): (i, s, m, bytes(h)) for p, i, s, m, h in rows}
+
+    def with_results(self, sha256: bytes) -> int | None:
+        """A row holding results (not an error) for this content, or None."""
+        row = self.conn.execute(
+            "SELECT id FROM images WHERE sha256 = ? AND error IS NULL ORDER BY id LIMIT 1", (sha256,)
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def row_id(self, path: str) -> int | None:
+        row = self.conn.execute("SELECT id FROM images WHERE path = ?", (fs_path(path),)).fetchone()
+        return None if row is None else row[0]
+
+    def scores(self, row: int) -> np.ndarray | None:
+        (blob,) = self.conn.execute("SELECT scores FROM images WHERE id = ?", (row,)).fetchone() or (None,)
+        return None if blob is None else np.frombuffer(blob, np.float32)
+
+    def feature(self, row: int) -> np.ndarray | None:
+        (blob,) = self.conn.execute("SELECT feature FROM images WHERE id = ?", (row,)).fetchone() or (None,)
+        return None if blob is None else np.frombuffer(blob, np.float32)
+
+    # ---- writing (inside a transaction)
+
+    def put(self, state: FileState, scores: np.ndarray | None, feature: np.ndarray | None, error: str | None) -> None:
+        """Insert or replace the row of ``state.path`` with these results (or this error)."""
+        key = fs_path(state.path)
+        old = self.conn.execute("SELECT id, scores FROM images WHERE path = ?", (key,)).fetchone()
+        if old is not None:
+            self._drop_tag_scores(old[0], old[1])
+        blobs: tuple[Any, ...] = (None, None, None, None)
+        if scores is not None and feature is not None:
+            scores = np.ascontiguousarray(scores, dtype="<f4")
+            feature = np.ascontiguousarray(feature, dtype="<f4")
+            code = binarize(feature[None, :])[0]
+            blobs = (top_rating(scores), scores.tobytes(), feature.tobytes(), code.tobytes())
+        values = (state.size, state.mtime_ns, state.sha256, state.width, state.height, state.format, error, *blobs,
+                  time.time())  # fmt: skip
+        if old is None:
+            cur = self.conn.execute(
+                "INSERT INTO images (path, path_text, size, mtime_ns, sha256, width, height, format, error, rating, "
+                "scores, feature, code, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, display(state.path), *values),
+            )
+            row = cur.lastrowid
+        else:
+            row = old[0]
+            self.conn.execute(
+                "UPDATE images SET size = ?, mtime_ns = ?, sha256 = ?, width = ?, height = ?, format = ?, error = ?, "
+                "rating = ?, scores = ?, feature = ?, code = ?, indexed_at = ? WHERE id = ?",
+                (*values, row),
+            )
+        if scores is not None:
+            self._add_tag_scores(row, scores)
+
+    def copy_results(self, source: int, state: FileState) -> None:
+        """Give ``state.path`` the results of row ``source`` (same content): no network run."""
+        rating, scores, feature = self.conn.execute(
+            "SELECT rating, scores, feature FROM images WHERE id = ?", (source,)
+        ).fetchone()
+        del rating
+        self.put(state, np.frombuffer(scores, np.float32), np.frombuffer(feature, np.float32), None)
+
+    def move(self, row: int, state: FileState) -> None:
+        """Row ``row``'s file is now at ``state.path`` (a move or rename, recognised by its hash)."""
+        self.conn.execute(
+            "UPDATE images SET path = ?, path_text = ?, size = ?, mtime_ns = ? WHERE id = ?",
+            (fs_path(state.path), display(state.path), state.size, state.mtime_ns, row),
+        )
+
+    def touch(self, row: int, state: FileState) -> None:
+        """A file whose mtime changed but whose content did not: only its size and mtime are updated."""
+        self.conn.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE id = ?", (state.size, state.mtime_ns, row))
+
+    def remove(self, row: int) -> None:
+        old = self.conn.execute("SELECT scores FROM images WHERE id = ?", (row,)).fetchone()
+        if old is not None:
+            self._drop_tag_scores(row, old[0])
+            self.conn.execute("DELETE FROM images WHERE id = ?", (row,))
+
+    def _add_tag_scores(self, row: int, scores: np.ndarray) -> None:
+        cols = np.flatnonzero(scores >= TAG_FLOOR)
+        self.conn.executemany(
+            "INSERT INTO tag_scores VALUES (?, ?, ?)", [(int(c), float(scores[c]), row) for c in cols]
+        )
+
+    def _drop_tag_scores(self, row: int, blob: bytes | None) -> None:
+        if blob is None:
+            return
+        scores = np.frombuffer(blob, np.float32)
+        cols = np.flatnonzero(scores >= TAG_FLOOR)
+        self.conn.executemany(
+            "DELETE FROM tag_scores WHERE tag = ? AND score = ? AND image = ?",
+            [(int(c), float(scores[c]), row) for c in cols],
+        )
+
+
+def _uri_path(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(os.fsencode(os.path.abspath(path)))
+
+
+class _Transaction:
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def __enter__(self) -> None:
+        try:
+            self.index.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise IndexDbError(f"cannot write the index {display(self.index.path)}: {exc}") from None
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        conn = self.index.conn
+        if exc_type is not None:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise WriteError(f"{display(self.index.path)}: cannot commit to the index: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Incremental update
+
+
+@dataclass
+class UpdateSummary:
+    """What one run did, in counts (``--format json``), and the failures (path, error)."""
+
+    added: int = 0
+    updated: int = 0
+    moved: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("added", "updated", "moved", "removed", "unchanged", "failed")}
+
+
+@dataclass
+class Plan:
+    """What an update must do: rows to compute with the networks (``todo``, with ``changed`` marking which of
+    them are updates of an existing row), and the metadata-only work done before."""
+
+    todo: list[FileState] = field(default_factory=list)
+    changed: set[str] = field(default_factory=set)
+    moves: list[tuple[int, FileState]] = field(default_factory=list)
+    copies: list[tuple[int, FileState, bool]] = field(default_factory=list)
+    touches: list[tuple[int, FileState]] = field(default_factory=list)
+    removals: list[int] = field(default_factory=list)
+    unchanged: int = 0
+    missing: list[tuple[str, str]] = field(default_factory=list)
+
+
+def plan_update(index: Index, paths: Sequence[str], on_file: Callable[[], Any] | None = None) -> Plan:
+    """Compare the files named with the index: what is new, changed, moved, copied, gone or unchanged.
+
+    Only new files and files whose size or mtime changed are read (hashed). ``on_file`` is called per path.
+    """
+    plan = Plan()
+    known = index.known()
+    by_hash: dict[bytes, list[bytes]] = {}
+    for key, (_, _, _, digest) in known.items():
+        by_hash.setdefault(digest, []).append(key)
+    seen: set[bytes] = set()
+    fresh: list[tuple[FileState, tuple[int, int, int, bytes] | None]] = []
+    for path in dict.fromkeys(os.path.abspath(p) for p in paths):
+        if on_file is not None:
+            on_file()
+        key = fs_path(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            plan.missing.append((path, f"{display(path)}: cannot read the file ({exc.strerror or exc})"))
+            continue
+        seen.add(key)
+        row = known.get(key)
+        if row is not None and row[1] == st.st_size and row[2] == st.st_mtime_ns:
+            plan.unchanged += 1
+            continue
+        try:
+            state = probe(path, st)
+        except OSError as exc:
+            plan.missing.append((path, f"{display(path)}: cannot read the file ({exc.strerror or exc})"))
+            continue
+        fresh.append((state, row))
+    gone = {key for key in known if key not in seen and not os.path.lexists(os.fsdecode(key))}
+    for state, row in fresh:
+        if row is not None:
+            if row[3] == state.sha256:
+                plan.touches.append((row[0], state))
+                continue
+            source = index.with_results(state.sha256)
+            if source is not None:
+                plan.copies.append((source, state, True))
+            else:
+                plan.todo.append(state)
+                plan.changed.add(state.path)
+            continue
+        old = next((k for k in by_hash.get(state.sha256, ()) if k in gone), None)
+        if old is not None:
+            gone.discard(old)
+            plan.moves.append((known[old][0], state))
+            continue
+        source = index.with_results(state.sha256)
+        if source is not None:
+            plan.copies.append((source, state, False))
+        else:
+            plan.todo.append(state)
+    plan.removals = [known[key][0] for key in sorted(gone)]
+    return plan
+
+
+def update(
+    index: Index,
+    paths: Sequence[str],
+    *,
+    model: Any,
+    net: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 16,
+    workers: int = 0,
+    on_file: Callable[[], Any] | None = None,
+    on_plan: Callable[[Plan], Any] | None = None,
+    on_batch: Callable[[list[Record]], Any] | None = None,
+) -> UpdateSummary:
+    """Bring the index up to date with ``paths``: plan, apply the metadata-only changes, then run ``net`` (a
+    :class:`CombinedNet`; ``model`` gives the device) over the new and changed files, a batch per commit."""
+    from .pipeline import run_job
+
+    plan = plan_update(index, paths, on_file)
+    if on_plan is not None:
+        on_plan(plan)
+    summary = UpdateSummary()
+    apply_plan(index, plan, summary)
+    if plan.todo:
+        states = {s.path: s for s in plan.todo}
+
+        def count(records: list[Record]) -> None:
+            for record in records:
+                if "error" in record:
+                    summary.failed += 1
+                    summary.failures.append((record["path"], record["error"]))
+                elif record["path"] in plan.changed:
+                    summary.updated += 1
+                else:
+                    summary.added += 1
+            if on_batch is not None:
+                on_batch(records)
+
+        run_job(model, [s.path for s in plan.todo], records=IndexRecords(), sink=IndexSink(index, states),
+                batch_size=batch_size, workers=workers, net=net, on_batch=count)  # fmt: skip
+    return summary
+
+
+class CombinedNet:
+    """Both networks on one decoded batch: ``[tag probabilities | feature]`` per image, so each image is decoded
+    once. Any :data:`~i2v_cli.inference.Predictor` pair."""
+
+    def __init__(
+        self, tag_net: Callable[[torch.Tensor], torch.Tensor], feature_net: Callable[[torch.Tensor], torch.Tensor]
+    ):
+        self.tag_net = tag_net
+        self.feature_net = feature_net
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.tag_net(x).float(), self.feature_net(x).float()], dim=1)
+
+
+@dataclass(frozen=True)
+class IndexRecords:
+    """Records of a combined batch: ``{"path", "scores", "feature"}`` or ``{"path", "error"}``."""
+
+    def __call__(self, results: Sequence[Any]) -> list[Record]:
+        out: list[Record] = []
+        for r in results:
+            if r.output is None:
+                out.append({"path": r.path, "error": r.error or "no output"})
+            else:
+                out.append({"path": r.path, "scores": r.output[:NUM_TAGS], "feature": r.output[NUM_TAGS:]})
+        return out
+
+
+class IndexSink(Sink):
+    """Writes each batch of :class:`IndexRecords` into the index in one transaction (a killed run keeps every
+    batch committed). ``states`` gives each path's :class:`FileState`."""
+
+    def __init__(self, index: Index, states: dict[str, FileState]) -> None:
+        self.index = index
+        self.states = states
+
+    def write(self, records: Iterable[Record]) -> None:
+        with self.index.transaction():
+            for record in records:
+                state = self.states[record["path"]]
+                if "error" in record:
+                    self.index.put(state, None, None, record["error"])
+                else:
+                    self.index.put(state, record["scores"], record["feature"], None)
+
+    def close(self) -> None:
+        """Every batch is committed when written: nothing to finish."""
+
+    def abort(self) -> None:
+        """A batch not committed was rolled back: nothing to undo."""
+
+
+def apply_plan(index: Index, plan: Plan, summary: UpdateSummary) -> None:
+    """The metadata-only part of a plan (moves, copies, touches, removals), committed in batches."""
+    steps: list[Callable[[], None]] = []
+    for row, state in plan.moves:
+        steps.append(lambda row=row, state=state: index.move(row, state))
+    for source, state, _ in plan.copies:
+        steps.append(lambda source=source, state=state: index.copy_results(source, state))
+    for row, state in plan.touches:
+        steps.append(lambda row=row, state=state: index.touch(row, state))
+    for row in plan.removals:
+        steps.append(lambda row=row: index.remove(row))
+    for start in range(0, len(steps), COMMIT_ROWS):
+        with index.transaction():
+            for step in steps[start : start + COMMIT_ROWS]:
+                step()
+    summary.moved += len(plan.moves)
+    summary.added += sum(not changed for _, _, changed in plan.copies)
+    summary.updated += sum(changed for _, _, changed in plan.copies)
+    summary.unchanged += plan.unchanged + len(plan.touches)
+    summary.removed += len(plan.removals)
+    summary.failed += len(plan.missing)
+    summary.failures.extend(plan.missing)
+
+
+def iter_chunks(cursor: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    """Rows of a cursor ``size`` at a time."""
+    chunk: list[tuple[Any, ...]] = []
+    for row in cursor:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

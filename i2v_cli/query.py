@@ -1,0 +1,207 @@
+"""Searching an index: the booru-style query grammar, tag filters as SQL, and ``--like`` (cosine on the feature).
+
+Grammar: space-separated terms that must all hold.
+
+- ``long_hair`` (or ``"long hair"``): the tag's score is at least the threshold (default 0.5);
+- ``tag>=0.8``, ``tag>0.8``, ``tag<=0.2``, ``tag<0.2``: the term's own bound;
+- ``-term``: the term does not hold;
+- ``rating:safe`` (questionable, explicit): that rating has the highest of the three scores.
+
+Tag names are matched case-insensitively, underscores standing for spaces; an unknown tag is an error naming
+the closest tags. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import I2VError
+from .index import TAG_FLOOR, Index, fs_path, iter_chunks
+
+_TOKEN = re.compile(r'(?:"[^"]*"|[^\s"])+|"[^"]*$')
+_BOUND = re.compile(r"^(?P<tag>.+?)(?P<op>>=|<=|>|<)(?P<value>\d*\.?\d+)$")
+RATINGS = ("safe", "questionable", "explicit")
+#: Rows whose features are scored at a time by ``--like``.
+LIKE_CHUNK = 4096
+
+
+class QueryError(I2VError):
+    """A query that cannot be understood: an unknown tag (with the closest ones), a bad bound or rating."""
+
+
+@dataclass(frozen=True)
+class TagTerm:
+    """``score(tag) op value``, or its negation."""
+
+    tag: int
+    op: str
+    value: float
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class RatingTerm:
+    """The highest of the three ratings is ``rating`` (or, negated, is not)."""
+
+    rating: str
+    negate: bool = False
+
+
+Term = TagTerm | RatingTerm
+
+
+def tokens(query: str) -> list[str]:
+    """The terms of a query: split on spaces, except inside double quotes (which are then dropped)."""
+    out = []
+    for m in _TOKEN.finditer(query):
+        token = m.group(0)
+        if token.count('"') % 2:
+            raise QueryError(f"unbalanced double quote in the query: {query!r}")
+        out.append(token.replace('"', ""))
+    return out
+
+
+def parse(query: str, tags: Sequence[str], threshold: float = 0.5) -> list[Term]:
+    """The terms of ``query`` against the tag list ``tags``; raises QueryError for what cannot be understood."""
+    lookup = {t.casefold(): i for i, t in enumerate(tags)}
+    terms: list[Term] = []
+    for token in tokens(query):
+        negate = token.startswith("-") and len(token) > 1 and token.casefold().replace("_", " ") not in lookup
+        body = token[1:] if negate else token
+        if body.casefold().startswith("rating:"):
+            name = body.split(":", 1)[1].casefold()
+            if name not in RATINGS:
+                raise QueryError(
+                    f"unknown rating {name!r} in {token!r}: use {', '.join('rating:' + r for r in RATINGS)}"
+                )
+            terms.append(RatingTerm(name, negate))
+            continue
+        name, op, value = body, ">=", threshold
+        if body.casefold().replace("_", " ") not in lookup and (m := _BOUND.match(body)):
+            name, op, value = m["tag"], m["op"], float(m["value"])
+            if not 0.0 <= value <= 1.0:
+                raise QueryError(f"{token!r}: a score bound is between 0 and 1")
+        key = name.casefold().replace("_", " ")
+        if key not in lookup:
+            raise QueryError(unknown_tag(name, tags))
+        terms.append(TagTerm(lookup[key], op, value, negate))
+    return terms
+
+
+def unknown_tag(name: str, tags: Sequence[str]) -> str:
+    """The message for a tag that is not in the list, naming the closest ones (underscored, as typed in queries)."""
+    key = name.casefold().replace("_", " ")
+    close = difflib.get_close_matches(key, tags, n=5, cutoff=0.6)
+    if not close:
+        close = [t for t in tags if key in t][:5]
+    hint = f": did you mean {', '.join(t.replace(' ', '_') for t in close)}?" if close else " (no tag is close)"
+    return f"unknown tag {name!r}{hint}"
+
+
+def _negated(op: str) -> str:
+    return {">=": "<", ">": "<=", "<": ">=", "<=": ">"}[op]
+
+
+def where(terms: Sequence[Term]) -> tuple[str, list[object]]:
+    """An SQL condition on ``images`` for the terms (always excludes rows without results), and its parameters.
+
+    ``score >= v`` / ``score > v`` with ``v`` at or above the index's floor is a range of the ``tag_scores``
+    primary key; ``<`` / ``<=`` are its complement. A bound below the floor reads each row's ``scores`` BLOB.
+    """
+    clauses, params = ["images.error IS NULL"], []
+    for term in terms:
+        if isinstance(term, RatingTerm):
+            clauses.append("images.rating " + ("!=" if term.negate else "=") + " ?")
+            params.append(term.rating)
+            continue
+        op = _negated(term.op) if term.negate else term.op
+        bound = float(np.float32(term.value))
+        if bound < TAG_FLOOR:
+            clauses.append(f"i2v_score(images.scores, ?) {op} ?")
+        else:
+            upper = op in ("<", "<=")
+            clauses.append(
+                f"images.id {'NOT IN' if upper else 'IN'} "
+                f"(SELECT image FROM tag_scores WHERE tag = ? AND score {_negated(op) if upper else op} ?)"
+            )
+        params.extend([term.tag, bound])
+    return " AND ".join(clauses), params
+
+
+def _score(blob: bytes, column: int) -> float:
+    return float(np.frombuffer(blob, np.float32, count=1, offset=4 * column)[0])
+
+
+@dataclass
+class Hit:
+    """One result: the row, its exact path, and the cosine similarity with ``--like`` (None without)."""
+
+    row: int
+    path: str
+    score: float | None = None
+
+
+def search(
+    index: Index,
+    terms: Sequence[Term],
+    *,
+    like: np.ndarray | None = None,
+    exclude: int | None = None,
+    k: int | None = None,
+) -> list[Hit]:
+    """The rows matching every term: in path order (the first ``k``), or with ``like`` (a feature) the ``k``
+    most similar by cosine, most similar first (ties by row), leaving out row ``exclude``."""
+    index.conn.create_function("i2v_score", 2, _score, deterministic=True)
+    cond, params = where(terms)
+    if like is None:
+        sql = f"SELECT id, path FROM images WHERE {cond} ORDER BY path" + (" LIMIT ?" if k else "")
+        rows = index.conn.execute(sql, [*params, *([k] if k else [])])
+        return [Hit(i, os.fsdecode(bytes(p))) for i, p in rows]
+    return _like(index, cond, params, like, exclude, k or 10)
+
+
+def _like(index: Index, cond: str, params: list[object], like: np.ndarray, exclude: int | None, k: int) -> list[Hit]:
+    query = np.asarray(like, np.float32)
+    norm = float(np.linalg.norm(query.astype(np.float64)))
+    unit = query / max(norm, np.finfo(np.float32).tiny)
+    best_rows = np.empty(0, np.int64)
+    best = np.empty(0, np.float32)
+    cursor = index.conn.execute(f"SELECT id, feature FROM images WHERE {cond}", params)
+    for chunk in iter_chunks(cursor, LIKE_CHUNK):
+        ids = np.fromiter((r[0] for r in chunk), np.int64, len(chunk))
+        vecs = np.frombuffer(b"".join(r[1] for r in chunk), np.float32).reshape(len(chunk), -1)
+        if vecs.shape[1] != unit.shape[0]:
+            raise QueryError(f"the query feature has {unit.shape[0]} values, the index's {vecs.shape[1]}")
+        sims = (vecs @ unit) / np.maximum(np.linalg.norm(vecs, axis=1), np.finfo(np.float32).tiny)
+        if exclude is not None:
+            sims[ids == exclude] = -np.inf
+        best_rows = np.concatenate([best_rows, ids])
+        best = np.concatenate([best, sims.astype(np.float32)])
+        order = np.lexsort((best_rows, -best))[:k]
+        best_rows, best = best_rows[order], best[order]
+    keep = np.isfinite(best)
+    best_rows, best = best_rows[keep], best[keep]
+    paths = dict(_paths(index, best_rows.tolist()))
+    return [Hit(int(r), paths[int(r)], float(s)) for r, s in zip(best_rows, best, strict=True)]
+
+
+def _paths(index: Index, rows: Sequence[int]) -> Iterator[tuple[int, str]]:
+    for row in rows:
+        (p,) = index.conn.execute("SELECT path FROM images WHERE id = ?", (row,)).fetchone()
+        yield row, os.fsdecode(bytes(p))
+
+
+def like_row(index: Index, path: str) -> tuple[int | None, np.ndarray | None]:
+    """The row and stored feature of an indexed file (by its exact absolute path), or (None, None)."""
+    row = index.conn.execute(
+        "SELECT id, feature FROM images WHERE path = ?", (fs_path(os.path.abspath(path)),)
+    ).fetchone()
+    if row is None or row[1] is None:
+        return (None if row is None else row[0]), None
+    return row[0], np.frombuffer(row[1], np.float32)

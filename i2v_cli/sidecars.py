@@ -1,0 +1,160 @@
+"""Sidecar files beside the images of an index: XMP keywords (``IMAGE.xmp``: exiftool, digiKam, darktable read
+``dc:subject``) and Hydrus import-folder tags (``IMAGE.txt``: a tag a line, ``character:``, ``series:`` and
+``rating:`` namespaces).
+
+Existing sidecars are merged, never clobbered: the tags already there stay, in their order, and the new ones
+are appended (a union; i2v never removes a tag, so a tag a person added, or one from an earlier export at
+another threshold, stays). In an XMP file everything else (other properties, other namespaces) is kept. A
+sidecar that cannot be parsed is left as it is and reported. Every sidecar is written through
+:mod:`i2v_cli.atomic`. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .atomic import write_text
+from .errors import I2VError, OutputError
+from .index import Index
+from .tags import Selection, select_tags
+from .writers import display
+
+SIDECAR_KINDS = ("xmp", "hydrus")
+#: Hydrus namespaces of the categories (general tags have none).
+HYDRUS_NAMESPACES = {"general": "", "character": "character:", "copyright": "series:", "rating": "rating:"}
+_NS = {
+    "x": "adobe:ns:meta/",
+    "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
+    "dc": "http://purl.org/dc/elements/1.1/",
+}
+for _prefix, _uri in _NS.items():
+    ET.register_namespace(_prefix, _uri)
+_PACKET_BEGIN = '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+_PACKET_END = '\n<?xpacket end="w"?>\n'
+
+
+class SidecarError(I2VError):
+    """A sidecar that exists but cannot be read or merged (not XML, not XMP, not UTF-8)."""
+
+
+def sidecar_path(image: str, kind: str) -> str:
+    """``IMAGE.xmp`` or ``IMAGE.txt`` (the image's full name plus the suffix, as darktable and Hydrus expect)."""
+    return image + (".xmp" if kind == "xmp" else ".txt")
+
+
+def image_tags(scores: np.ndarray, tags: Sequence[str], selection: Selection) -> list[str]:
+    """The keywords of one image, for both kinds: the selected tags, highest score first per category, in the
+    Hydrus namespaces (``character:``, ``series:``, none for general tags), then ``rating:`` the top rating."""
+    selected = select_tags(scores, tags, selection)
+    rating = max(selected["rating"], key=selected["rating"].__getitem__)
+    out = []
+    for category in ("character", "copyright", "general"):
+        out.extend(HYDRUS_NAMESPACES[category] + t for t in selected[category])
+    out.append("rating:" + rating)
+    return out
+
+
+def merge_hydrus(existing: str | None, new: Sequence[str]) -> str:
+    """A Hydrus tag file: the existing lines (order kept), then the new tags not already there."""
+    lines = [] if existing is None else [line.strip() for line in existing.splitlines() if line.strip()]
+    have = set(lines)
+    lines.extend(t for t in new if t not in have and not have.add(t))  # type: ignore[func-returns-value]
+    return "".join(line + "\n" for line in lines)
+
+
+def merge_xmp(existing: str | None, new: Sequence[str], name: str = "sidecar") -> str:
+    """An XMP packet whose ``dc:subject`` bag holds its keywords, then the new ones not already there; every
+    other element of an existing packet is kept."""
+    if existing is None or not existing.strip():
+        root = ET.Element(f"{{{_NS['x']}}}xmpmeta")
+    else:
+        try:
+            root = ET.fromstring(existing.encode("utf-8"))
+        except ET.ParseError as exc:
+            raise SidecarError(f"{name}: not XML ({exc}); left as it is") from None
+    rdf = root if root.tag == f"{{{_NS['rdf']}}}RDF" else root.find(f"{{{_NS['rdf']}}}RDF")
+    if rdf is None:
+        if root.tag != f"{{{_NS['x']}}}xmpmeta":
+            raise SidecarError(f"{name}: not an XMP packet (its root is {root.tag}); left as it is")
+        rdf = ET.SubElement(root, f"{{{_NS['rdf']}}}RDF")
+    subject = rdf.find(f"{{{_NS['rdf']}}}Description/{{{_NS['dc']}}}subject")
+    if subject is None:
+        description = rdf.find(f"{{{_NS['rdf']}}}Description")
+        if description is None:
+            description = ET.SubElement(rdf, f"{{{_NS['rdf']}}}Description", {f"{{{_NS['rdf']}}}about": ""})
+        subject = ET.SubElement(description, f"{{{_NS['dc']}}}subject")
+    bag = subject.find(f"{{{_NS['rdf']}}}Bag")
+    if bag is None:
+        bag = ET.SubElement(subject, f"{{{_NS['rdf']}}}Bag")
+    have = {li.text or "" for li in bag.findall(f"{{{_NS['rdf']}}}li")}
+    for keyword in new:
+        if keyword not in have:
+            have.add(keyword)
+            ET.SubElement(bag, f"{{{_NS['rdf']}}}li").text = keyword
+    ET.indent(root, space=" ")
+    return _PACKET_BEGIN + ET.tostring(root, encoding="unicode") + _PACKET_END
+
+
+@dataclass
+class ExportSummary:
+    """Sidecars written (new or merged), already holding every tag (left untouched), images skipped (gone or
+    without results), and failures (sidecar path, message)."""
+
+    written: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {"written": self.written, "unchanged": self.unchanged, "skipped": self.skipped,
+                "failed": len(self.failures)}  # fmt: skip
+
+
+def _rows(index: Index) -> Iterator[tuple[str, np.ndarray | None]]:
+    for path, scores in index.conn.execute("SELECT path, scores FROM images ORDER BY path"):
+        yield os.fsdecode(bytes(path)), None if scores is None else np.frombuffer(scores, np.float32)
+
+
+def export(index: Index, kind: str, selection: Selection) -> ExportSummary:
+    """Write (merging) a sidecar of ``kind`` (xmp, hydrus) beside every indexed image that still exists."""
+    if kind not in SIDECAR_KINDS:
+        raise ValueError(f"kind must be one of {SIDECAR_KINDS}, not {kind!r}")
+    summary = ExportSummary()
+    tags = index.tags
+    for image, scores in list(_rows(index)):
+        if scores is None or not os.path.isfile(image):
+            summary.skipped += 1
+            continue
+        target = sidecar_path(image, kind)
+        keywords = image_tags(scores, tags, selection)
+        try:
+            existing = _read(target)
+            text = merge_xmp(existing, keywords, display(target)) if kind == "xmp" else merge_hydrus(existing, keywords)
+            if text == existing:
+                summary.unchanged += 1
+                continue
+            write_text(target, text)
+        except (SidecarError, OutputError) as exc:
+            summary.failures.append((target, str(exc)))
+            continue
+        summary.written += 1
+    return summary
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SidecarError(f"{display(path)}: cannot read the existing sidecar ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise SidecarError(f"{display(path)}: the existing sidecar is not UTF-8; left as it is") from None

@@ -1,0 +1,99 @@
+"""``i2v index --import``: Ray output folders (laid out by ray_engine's own shard writers) load into an index equal
+to one that `i2v index` computes; partial tag records (not -t 0) are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from i2v_cli.cli import cli
+from i2v_cli.ray_engine import MANIFEST, write_feature_shard, write_tag_shard
+from i2v_cli.weights import load_weights
+
+
+def _write_manifest(folder, command, fmt, shards, model, options):
+    manifest = {"format": "i2v-ray-output", "version": 1, "command": command, "output_format": fmt,
+                "model": model, "options": options, "cwd": os.getcwd(), "status": "complete",
+                "shards": [{"file": f} for f in shards]}  # fmt: skip
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def ray_folders(tmp_path, golden, tag_weights, feature_weights, monkeypatch):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i, name in enumerate(("sq/img000.png", "sq/img001.png", "mixed/img001.png", "mixed/img003.png")):
+        shutil.copy(golden / "images" / name, images / f"r{i}.png")
+    (images / "r4.png").write_text("broken")
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    tagged = runner.invoke(cli, ["tag", "imgs", "-t", "0", "-f", "jsonl", "-w", str(tag_weights), "-j", "0"])
+    feats = runner.invoke(cli, ["features", "imgs", "-f", "jsonl", "-w", str(feature_weights), "-j", "0"])
+    tag_records = [json.loads(line) for line in tagged.stdout.splitlines()]
+    feature_records = [json.loads(line) for line in feats.stdout.splitlines()]
+    for r in feature_records:
+        if "feature" in r:
+            r["feature"] = np.array(r["feature"], np.float32)
+    tag_out, feature_out = tmp_path / "tags_out", tmp_path / "features_out"
+    tag_out.mkdir()
+    feature_out.mkdir()
+    _, tag_info = load_weights(tag_weights)
+    _, feature_info = load_weights(feature_weights)
+    tag_model = {"source": tag_info.source, "sha256": tag_info.sha256}
+    feature_model = {"source": feature_info.source, "sha256": feature_info.sha256}
+    names = [write_tag_shard(tag_out, "jsonl", k, tag_records[k * 3 : k * 3 + 3]) for k in range(2)]
+    _write_manifest(tag_out, "tag", "jsonl", names, tag_model, {"threshold": 0.0})
+    names = [write_feature_shard(feature_out, k, feature_records[k * 3 : k * 3 + 3], dim=128, binary=False,
+                                 model=feature_model) for k in range(2)]  # fmt: skip
+    _write_manifest(feature_out, "features", "npy", names, feature_model, {"binary": False})
+    return tag_out, feature_out, images, tagged
+
+
+def _content(db):
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT path, sha256, error IS NULL, rating, scores, feature, code FROM images ORDER BY path")
+    out = [tuple(bytes(v) if isinstance(v, bytes) else v for v in r) for r in rows]
+    n = con.execute("SELECT count(*) FROM tag_scores").fetchone()[0]
+    con.close()
+    return out, n
+
+
+def test_import_equals_a_local_index(ray_folders, tmp_path, tag_weights, feature_weights):
+    tag_out, feature_out, images, _ = ray_folders
+    runner = CliRunner()
+    imported = tmp_path / "imported.db"
+    result = runner.invoke(cli, ["index", "--import", str(feature_out), "--import", str(tag_out), "--db",
+                                 str(imported), "--format", "json"])  # fmt: skip
+    assert result.exit_code == 1 and "r4.png" in result.stderr, result.output  # the broken image
+    assert json.loads(result.stdout) == {"added": 4, "updated": 0, "moved": 0, "removed": 0, "unchanged": 0,
+                                         "failed": 1}  # fmt: skip
+    local = tmp_path / "local.db"
+    result = runner.invoke(cli, ["index", str(images), "--db", str(local), "--tag-weights", str(tag_weights),
+                                 "--feature-weights", str(feature_weights), "-j", "0"])  # fmt: skip
+    assert result.exit_code == 1
+    assert _content(imported) == _content(local)
+    # A later local run over the imported index computes nothing: same models, same hashes.
+    result = runner.invoke(cli, ["index", str(images), "--db", str(imported), "--tag-weights", str(tag_weights),
+                                 "--feature-weights", str(feature_weights), "-j", "0", "--format", "json"])  # fmt: skip
+    assert json.loads(result.stdout)["unchanged"] == 5
+
+
+def test_import_refuses_partial_tag_records(ray_folders, tmp_path):
+    tag_out, feature_out, _, tagged = ray_folders
+    records = [json.loads(line) for line in tagged.stdout.splitlines()]
+    for r in records:
+        if "general" in r:
+            r["general"] = {t: s for t, s in r["general"].items() if s >= 0.5}
+    (tag_out / "part-00001.jsonl").unlink()
+    write_tag_shard(tag_out, "jsonl", 0, records[:3])
+    result = CliRunner().invoke(cli, ["index", "--import", str(tag_out), "--import", str(feature_out), "--db",
+                                      str(tmp_path / "x.db")])  # fmt: skip
+    assert result.exit_code == 2 and "run `i2v tag -t 0 --engine ray`" in result.stderr
+    result = CliRunner().invoke(cli, ["index", "--import", str(tag_out), "--db", str(tmp_path / "y.db")])
+    assert result.exit_code == 2 and "needs two folders" in result.stderr
