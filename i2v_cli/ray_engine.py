@@ -311,7 +311,8 @@ def decode_shards(batch: Any, cwd: str) -> Any:
         paths = [os.fsdecode(p) for p in row["paths"]]
         decoded = decode_in_worker(paths)  # an image that crashes its decoder fails alone, not the shard's task
         inputs = decoded.inputs.numpy() if decoded.ok else np.zeros((0, *_INPUT_SHAPE), np.float32)
-        errors = [decoded.errors.get(i) for i in range(len(paths))]
+        # Arrow strings are UTF-8: a message naming a file that is not UTF-8 travels in its readable form.
+        errors = [None if i not in decoded.errors else display(decoded.errors[i]) for i in range(len(paths))]
         rows.append({"shard": row["shard"], "paths": row["paths"], "errors": errors, "inputs": inputs.tobytes()})
     return pa.Table.from_pylist(rows, schema=_decoded_schema())
 
@@ -371,7 +372,7 @@ class NetworkWorker:
             failed = [(r["path"], r["error"]) for r in records if "error" in r]
             rows.append({"shard": row["shard"], "file": name, "count": len(paths),
                          "error_paths": [os.fsencode(p) for p, _ in failed],
-                         "error_messages": [e for _, e in failed]})  # fmt: skip
+                         "error_messages": [display(e) for _, e in failed]})  # fmt: skip
         return pa.Table.from_pylist(rows, schema=_summary_schema())
 
 

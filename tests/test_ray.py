@@ -293,7 +293,9 @@ def test_engine_options_are_checked(tag_weights, images, tmp_path, monkeypatch):
     monkeypatch.setattr("i2v_cli.cli.ray_options.find_spec", lambda name: None)
     result = runner.invoke(cli, [*base, "--engine", "ray", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
-    assert result.output.strip().endswith("--engine ray needs the ray extra: pip install 'i2v[ray]'")
+    assert result.output.strip().endswith(
+        "--engine ray needs Ray: pip install 'ray[data]' pyarrow (or, in the i2v checkout, pip install '.[ray]')"
+    )
     if find_spec("ray") is None:
         return
     monkeypatch.undo()
