@@ -234,6 +234,14 @@ def report_failure(bar: Any, path: str, error: str) -> None:
     echo(bar, f"i2v: {error}" if error.startswith(shown) else f"i2v: {shown}: {error}")
 
 
+def report_batch(bar: Any, records: list[dict[str, Any]]) -> None:
+    """After each batch: advance the progress bar and name each input that failed on stderr."""
+    bar.update(len(records))
+    for record in records:
+        if "error" in record:
+            report_failure(bar, record["path"], record["error"])
+
+
 def usage(exc: OutputError | I2VError) -> UsageFailure:
     """A library error found while checking options, as the CLI's one-line usage failure."""
     return UsageFailure(str(exc))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
 
 import click
 
@@ -22,7 +21,7 @@ from .common import (
     model_options,
     progress_bar,
     progress_option,
-    report_failure,
+    report_batch,
 )
 from .ray_options import engine_options, run_engine
 
@@ -127,13 +126,6 @@ def features(
         todo = [p for p in inputs if p not in done] if done else inputs
         net = prepare_for_inference(model, precision=precision, backend=backend)
         with progress_bar(len(todo), progress) as bar:
-
-            def report(records: list[dict[str, Any]]) -> None:
-                bar.update(len(records))
-                for record in records:
-                    if "error" in record:
-                        report_failure(bar, record["path"], record["error"])
-
             try:
                 summary = run_job(
                     model,
@@ -143,7 +135,7 @@ def features(
                     batch_size=batch_size,
                     workers=default_workers() if workers is None else workers,
                     net=net,
-                    on_batch=report,
+                    on_batch=lambda records: report_batch(bar, records),
                 )
             except KeyboardInterrupt:
                 if isinstance(sink, FeatureWriter):

@@ -29,6 +29,7 @@ from .common import (
     model_options,
     progress_bar,
     progress_option,
+    report_batch,
     report_failure,
 )
 from .ray_options import engine_options, run_engine
@@ -238,10 +239,7 @@ def tag(
         with progress_bar(len(todo), progress) as bar:
 
             def report(records: list[dict[str, Any]]) -> None:
-                bar.update(len(records))
-                for record in records:
-                    if "error" in record:
-                        report_failure(bar, record["path"], record["error"])
+                report_batch(bar, records)
                 if caption_sink is not None:
                     for path, error in caption_sink.errors[reported[0] :]:
                         report_failure(bar, path, error)
