@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import I2VError
-from .preprocess import load_and_preprocess
+from .transform import load_and_preprocess
 
 
 @dataclass

@@ -43,3 +43,8 @@ class CaptionError(I2VError):
 class OutputError(I2VError):
     """An output cannot be written (full disk, no permission, a folder where a file is needed), or the
     command would destroy something it must not (an input, a foreign file, another run's output)."""
+
+
+class ImageArrayError(I2VError, ValueError):
+    """An array or tensor given as an image has a shape, type or value range that i2v does not take as
+    pixels; the message says what to pass. A ValueError too, as such mistakes were before."""
