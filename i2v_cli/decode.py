@@ -1,5 +1,5 @@
 """Decoding: an image file (or a PIL image) to a checked, fully loaded, upright Pillow image, and its pixels
-as RGB values 0-255 read a block at a time (the golden spec's step 1).
+as RGB values 0-255 read a strip of rows at a time (the golden spec's step 1).
 
 One path for both entry points: :func:`open_image` (a file: checks, sniffing, opening) and a PIL image
 given to :func:`~i2v_cli.transform.preprocess` both go through :func:`decode_image` (first frame loaded,
@@ -391,7 +391,7 @@ def decode_image(img: Image.Image, name: str | None = None) -> Image.Image:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Pixels: any mode to RGB values 0-255, a block at a time
+# Pixels: any mode to RGB values 0-255, a strip of rows at a time
 
 #: Modes whose RGB conversion must go through another mode to keep their real colours.
 _VIA = {"P": ("RGBA", "RGB"), "PA": ("RGBA", "RGB"), "RGBa": ("RGBA", "RGB"), "La": ("LA", "RGB")}
@@ -400,7 +400,8 @@ _SIXTEEN = ("I;16", "I;16L", "I;16B", "I;16N")
 
 class RGBPixels:
     """A decoded image's pixels as (rows, columns, 3) uint8 RGB in their real colours, for any mode Pillow
-    can convert, read a block of rows or columns at a time so that no copy of the whole image is made.
+    can convert, read a strip of rows at a time so that no copy of the whole image is made (the
+    :class:`~i2v_cli.transform.Pixels` that the resize reads).
 
     Alpha is dropped without compositing (as the original did); palette images go through RGBA (their
     real colours, a transparent index keeping its colour); 16-bit grey keeps its top 8 bits; 32-bit
@@ -449,12 +450,8 @@ class RGBPixels:
         raise ImageDecodeError(f"{_name_of(self.img)}: cannot convert a {self.mode} image to RGB")
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` as a (stop - start, width, 3) uint8 array."""
+        """Rows ``start:stop`` as a (stop - start, width, 3) uint8 array (converted from a crop of them)."""
         return self._block((0, start, self.width, stop))
-
-    def columns(self, start: int, stop: int) -> np.ndarray:
-        """Columns ``start:stop`` as a (height, stop - start, 3) uint8 array."""
-        return self._block((start, 0, stop, self.height))
 
     def extrema(self) -> None:
         """None: the blocks are uint8, and the resize finds the extrema as it reads them (no extra pass)."""

@@ -5,12 +5,12 @@ today's scikit-image (min-max normalisation, Gaussian anti-aliasing with zero pa
 pixel centres, clipping), then BGR minus the mean. Decoding (step 1) is :mod:`i2v_cli.decode`'s job.
 
 The resize is reproduced without scikit-image or scipy: per axis, the blur and the bilinear sampling are
-both linear with zero padding, so together they are one banded (out x in) matrix, built once per size in
-float64 and cached. The larger axis is shrunk first, so the intermediate result is (size x the smaller
-side), whatever the image's shape; that pass reads the pixels a block of rows (or columns) at a time,
-straight from the decoded image, so memory beyond the decoded image stays a few tens of megabytes even
-for a 250-megapixel or a 1 x 1,000,000 image. Everything here is a plain function of its arguments (no
-global state is changed), so it is safe in threads and DataLoader workers.
+both linear with zero padding, so together they are one banded (out x in) matrix, in float64, made a few
+rows at a time. The pixels are read once, a strip of rows at a time, straight from the decoded image (no
+copy of it is made), and the pass order keeps every intermediate small (see :func:`resize_pixels`), so
+memory beyond the decoded image stays a few tens of megabytes for an 81-megapixel or a 1 x 1,000,000
+image. Everything here is a plain function of its arguments (no global state is changed), so it is safe in
+threads and DataLoader workers.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _MAX_INTERMEDIATE = 32 * 1024 * 1024
 
 
 class Pixels(Protocol):
-    """Pixels on a 0-255 scale that the resize reads a block at a time (see :class:`ArrayPixels` and
+    """Pixels that the resize reads a strip of rows at a time (see :class:`ArrayPixels` and
     :class:`~i2v_cli.decode.RGBPixels`)."""
 
     height: int
@@ -56,10 +56,6 @@ class Pixels(Protocol):
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop``: a (stop - start, width, 3) array."""
-        ...
-
-    def columns(self, start: int, stop: int) -> np.ndarray:
-        """Columns ``start:stop``: a (height, stop - start, 3) array."""
         ...
 
     def extrema(self) -> tuple[float, float] | None:
@@ -92,9 +88,6 @@ class ArrayPixels:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         return self._out(self.arr[start:stop])
-
-    def columns(self, start: int, stop: int) -> np.ndarray:
-        return self._out(self.arr[:, start:stop])
 
     def extrema(self) -> tuple[float, float]:
         return float(self._ends[0]), float(self._ends[1])

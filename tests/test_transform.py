@@ -100,8 +100,7 @@ def test_blocks_equal_the_whole_image_for_every_mode(mode):
     assert img.mode == mode
     pixels = RGBPixels(img)
     whole = image_to_array(img)
-    np.testing.assert_array_equal(np.concatenate([pixels.rows(0, 33), pixels.rows(33, 70)]), whole)
-    np.testing.assert_array_equal(np.concatenate([pixels.columns(0, 1), pixels.columns(1, 90)], axis=1), whole)
+    np.testing.assert_array_equal(np.concatenate([pixels.rows(0, 1), pixels.rows(1, 33), pixels.rows(33, 70)]), whole)
 
 
 # --------------------------------------------------------------------------------------------------------
