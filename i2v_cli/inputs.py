@@ -105,7 +105,12 @@ def read_path_list(stream: IO[bytes], nul: bool = False) -> Iterator[str]:
 
 
 def expand_inputs(
-    specs: Iterable[str], *, recursive: bool = False, stdin: IO[bytes] | None = None, nul: bool = False
+    specs: Iterable[str],
+    *,
+    recursive: bool = False,
+    stdin: IO[bytes] | None = None,
+    nul: bool = False,
+    keep_missing: bool = False,
 ) -> list[str]:
     """Turn command-line inputs into the ordered list of image paths to process.
 
@@ -116,7 +121,9 @@ def expand_inputs(
     image, a dangling symbolic link or unreadable, so that it gets an error record for that file.
 
     Raises InputError, before anything is processed, when a name given here does not exist (a mistyped
-    path, naming every such input), when a pattern matches nothing, or when nothing at all is found.
+    path, naming every such input; ``keep_missing`` keeps it instead, for a caller that looks names up
+    elsewhere first, as ``i2v similar`` does in its index), when a pattern matches nothing, or when nothing
+    at all is found.
     """
     paths: list[str] = []
     missing: list[str] = []
@@ -138,7 +145,7 @@ def expand_inputs(
                     raise InputError(f"no file matches the pattern {spec!r}") from None
                 paths.extend(sorted(matches, key=natural_key))
             else:
-                missing.append(spec)
+                (paths if keep_missing else missing).append(spec)
             continue
         except OSError:
             paths.append(spec)  # cannot be looked at (permission, loop, name too long): an error record

@@ -73,6 +73,11 @@ def test_existing_non_images_and_dangling_links_are_kept_for_error_records(tmp_p
     assert expand_inputs(names) == names
 
 
+def test_keep_missing_is_for_callers_that_look_names_up_elsewhere(tmp_path):
+    """`i2v similar` looks a query up in its index first: one that is not there fails alone."""
+    assert expand_inputs([str(tmp_path / "gone.png")], keep_missing=True) == [str(tmp_path / "gone.png")]
+
+
 def test_missing_paths_read_from_stdin_are_kept(tmp_path):
     """A list from find may name files deleted since: they must not stop the run."""
     got = expand_inputs(["-"], stdin=io.BytesIO(b"/nonexistent/a.png\n/nonexistent/b.png\n"))
