@@ -167,7 +167,8 @@ def child_naive_e2e(folder: str, limit: int) -> dict:
 
 def child_resize(folder: str) -> dict:
     """Milliseconds per megapixel of i2v's exact resize (and of decoding), over the folder's sizes."""
-    from i2v_cli.preprocess import image_to_array, open_image, resize_like_caffe
+    from i2v_cli.decode import image_to_array, open_image
+    from i2v_cli.transform import resize_like_caffe
 
     files = sorted(Path(folder).iterdir())[: len(SIZES) * 2]
     decode = resize = mp = 0.0

@@ -18,9 +18,9 @@ from .config import CATEGORIES, FEATURE, TAG
 from .errors import ModelKindError
 from .inference import Predictor, check_precision, predict, prepare_for_inference
 from .model import Illust2VecNet
-from .preprocess import preprocess
 from .runner import resolve_device
 from .tags import load_tag_list
+from .transform import preprocess
 from .weights import WeightsInfo, load_model, resolve_weights
 
 ImageLike = Image.Image | np.ndarray

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import I2VError
-from .preprocess import load_and_preprocess
+from .transform import load_and_preprocess
 
 
 @dataclass
@@ -67,7 +67,7 @@ class ImageDataset(Dataset[Sample]):
     def __getitem__(self, index: int) -> Sample:
         try:
             return Sample(index, load_and_preprocess(self.paths[index]), None)
-        except Exception as exc:  # any failure of one file is that file's record, never the run's end
+        except I2VError as exc:  # decoding turns every failure of a bad file into an I2VError; bugs stay bugs
             return Sample(index, None, decode_error(self.paths[index], exc))
 
 

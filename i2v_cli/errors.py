@@ -69,3 +69,8 @@ class BackendWarning(I2VWarning):
 
 class ServerUnreachableError(DownloadError):
     """No answer from the server at all (no network, a name that does not resolve, a refused connection)."""
+
+
+class ImageArrayError(I2VError, ValueError):
+    """An array or tensor given as an image has a shape, type or value range that i2v does not take as
+    pixels; the message says what to pass. A ValueError too, as such mistakes were before."""

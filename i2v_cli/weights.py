@@ -43,6 +43,7 @@ from .atomic import AtomicFile, describe_oserror, same_file
 from .config import CONV_NAMES, FEATURE, TAG
 from .errors import ModelKindError, OutputError, WeightsError, WeightsNotFoundError
 from .model import Architecture, Illust2VecNet, build_model, check_state_dict, layer_key, remap_legacy_state_dict
+from .sniff import IMAGE_KINDS, describe, sniff
 
 # The store's names, re-exported so that ``from i2v_cli.weights import resolve_weights`` keeps working; new code
 # imports them from :mod:`i2v_cli.store`.
@@ -549,39 +550,24 @@ def _kind_message(path: Path, have: str, need: str) -> str:
 
 
 def _sniff(head: bytes) -> str:
-    """Tell a file's format from its first bytes: ``safetensors``, ``torch``, ``caffemodel`` or what else it is."""
-    if not head:
-        return "an empty file"
-    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 1 << 30:
-        return "safetensors"
-    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+    """Tell a file's format from its first bytes (:func:`i2v_cli.sniff.sniff`, the one sniffing helper):
+    ``safetensors``, ``torch``, ``caffemodel``, or what else it is, in words."""
+    kind = sniff(head)
+    if kind in ("safetensors", "caffemodel"):
+        return kind
+    if kind in ("zip", "pickle"):
         return "torch"  # a zip (torch >= 1.6) or a pickle (older torch.save)
-    for magic, what in (
-        (b"\xff\xd8\xff", "a JPEG image"),
-        (b"\x89PNG", "a PNG image"),
-        (b"GIF8", "a GIF image"),
-        (b"\x1f\x8b", "a gzip file (decompress it first)"),
-        (b"\x93NUMPY", "a numpy .npy file"),
-        (b"\x89HDF", "an HDF5 file"),
-    ):
-        if head.startswith(magic):
-            return what
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return "a WebP image"
-    if _is_text(head):
+    if kind == "unknown":
+        return "caffemodel"  # protobuf has no magic number: the parser decides, and names what it found
+    if kind == "empty":
+        return "an empty file"
+    if kind == "text":
         return "a text file (a .prototxt, or an error page saved instead of the download?)"
-    return "caffemodel"
-
-
-def _is_text(head: bytes) -> bool:
-    """Whether ``head`` is UTF-8 text without control characters (a cut multi-byte character is allowed)."""
-    for cut in range(4):
-        try:
-            text = head[: len(head) - cut].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        return all(c.isprintable() or c in "\t\n\r\f" for c in text)
-    return False
+    if kind == "gzip":
+        return "a gzip file (decompress it first)"
+    if kind in IMAGE_KINDS:
+        return f"a {describe(kind)} image"
+    return f"a {describe(kind)} file"
 
 
 def _read_head(path: Path) -> bytes:

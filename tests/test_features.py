@@ -38,12 +38,13 @@ def expected(golden):
 
 @pytest.fixture
 def broken_in_the_middle(tmp_path, golden):
-    """sq/img000, a text file, sq/img001, a missing file, sq/img002: the good ones are golden rows 0, 1, 2."""
+    """sq/img000, a text file, sq/img001, an empty file, sq/img002: the good ones are golden rows 0, 1, 2."""
     folder = tmp_path / "imgs"
     folder.mkdir()
     shutil.copy(golden / "images" / "sq" / "img000.png", folder / "a1.png")
     (folder / "a2.png").write_text("not an image")
     shutil.copy(golden / "images" / "sq" / "img001.png", folder / "a3.png")
+    (folder / "a4.png").write_bytes(b"")  # (a missing file named explicitly is a usage error, not a record)
     shutil.copy(golden / "images" / "sq" / "img002.png", folder / "a5.png")
     return [folder / "a1.png", folder / "a2.png", folder / "a3.png", folder / "a4.png", folder / "a5.png"]
 
@@ -111,7 +112,7 @@ def test_jsonl_streams_path_and_feature(runner, feature_weights, golden, tmp_pat
     vectors = np.array([r["feature"] for r in records if "feature" in r], dtype=np.float32)
     np.testing.assert_array_equal(vectors, read_features(npy).vectors)
     assert records[1]["error"] == f"{broken_in_the_middle[1]}: a text file, not an image"
-    assert records[3]["error"] == f"{broken_in_the_middle[3]}: no such file"
+    assert records[3]["error"] == f"{broken_in_the_middle[3]}: empty file (0 bytes)"
 
 
 def test_jsonl_binary_is_the_packed_bytes(runner, feature_weights, golden, expected, tmp_path):

@@ -19,13 +19,11 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from i2v_cli.config import INPUT_SIZE, MEAN_BGR
-from i2v_cli.errors import I2VError
-from i2v_cli.preprocess import (
-    ImageDecodeError,
+from i2v_cli.decode import image_to_array, open_image
+from i2v_cli.errors import I2VError, ImageDecodeError
+from i2v_cli.transform import (
     _axis_weights,
-    image_to_array,
     load_and_preprocess,
-    open_image,
     preprocess,
     resize_like_caffe,
     to_network_input,
@@ -412,7 +410,7 @@ def test_permission_denied(tmp_path: Path, good_files) -> None:
 
 def test_permission_denied_message(tmp_path: Path, good_files, monkeypatch) -> None:
     """The same case as root would meet it: open() itself refuses (simulated, so it runs everywhere)."""
-    import i2v_cli.preprocess as module
+    import i2v_cli.decode as module
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

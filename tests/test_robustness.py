@@ -95,18 +95,36 @@ def test_awkward_and_broken_folder(awkward, tag_weights):
     assert "10000000000" in records["bomb.png"]["error"].replace(",", "")
 
 
-def test_named_folder_and_missing_file_get_records(awkward, tag_weights):
+def test_named_dangling_link_and_non_image_get_records(awkward, tag_weights):
     folder, _, _ = awkward
     result = CliRunner().invoke(
         cli,
-        ["tag", str(folder / "dangling.png"), str(folder / "nope.png"), str(folder / "la.png"), "--workers", "0",
+        ["tag", str(folder / "dangling.png"), str(folder / "text.jpg"), str(folder / "la.png"), "--workers", "0",
          "--weights", str(tag_weights)],
     )  # fmt: skip
     assert result.exit_code == 1
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [set(r) for r in records] == [{"path", "error"}, {"path", "error"}, set(records[2])]
-    assert "link" in records[0]["error"] and ("no such file" in records[1]["error"].lower())
+    assert "dangling symbolic link" in records[0]["error"] and "text file" in records[1]["error"]
     assert "general" in records[2]
+
+
+def test_named_missing_file_is_a_usage_error(awkward, tag_weights):
+    folder, _, _ = awkward
+    result = CliRunner().invoke(
+        cli,
+        [
+            "tag",
+            str(folder / "la.png"),
+            str(folder / "absent-file.png"),
+            "--workers",
+            "0",
+            "--weights",
+            str(tag_weights),
+        ],
+    )
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == f"Error: no such file or folder: {str(folder / 'absent-file.png')!r}\n"
 
 
 def test_non_utf8_name_is_reported_faithfully(tmp_path, tag_weights):

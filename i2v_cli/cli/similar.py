@@ -63,9 +63,8 @@ def _query_paths(specs: tuple[str, ...], index: FeatureFile, recursive: bool, nu
         if spec != "-" and index.row(spec) is not None:
             found.append(spec)
         else:
-            found.extend(
-                expand_inputs([spec], recursive=recursive, stdin=sys.stdin.buffer if spec == "-" else None, nul=nul)
-            )
+            stdin = sys.stdin.buffer if spec == "-" else None
+            found.extend(expand_inputs([spec], recursive=recursive, stdin=stdin, nul=nul, keep_missing=True))
     return found
 
 
