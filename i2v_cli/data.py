@@ -44,7 +44,7 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """Let DataLoader(pin_memory=True) pin the input tensor for fast, non-blocking copies to a GPU."""
-        self.inputs = self.inputs.pin_memory()
+        self.inputs = torch.as_tensor(self.inputs).pin_memory()
         return self
 
 
@@ -72,10 +72,13 @@ class ImageDataset(Dataset[Sample]):
 
 
 def collate(samples: list[Sample]) -> Batch:
-    """Stack the decoded inputs and set the errors aside."""
+    """Stack the decoded inputs and set the errors aside. The stack travels from a worker as a NumPy array:
+    plain bytes through the pipe, rather than a tensor in shared memory whose file descriptors are handed over by
+    a server thread in the worker (which, cut off when the run is interrupted, prints a traceback)."""
     ok = [s for s in samples if s.tensor is not None]
     inputs = torch.stack([s.tensor for s in ok]) if ok else torch.empty(0)
-    return Batch([s.index for s in ok], inputs, {s.index: s.error or "" for s in samples if s.tensor is None})
+    errors = {s.index: s.error or "" for s in samples if s.tensor is None}
+    return Batch([s.index for s in ok], inputs.numpy(), errors)  # type: ignore[arg-type]
 
 
 def _init_worker(_: int) -> None:
@@ -88,7 +91,9 @@ def _quiet_loader(loader: DataLoader[Sample]) -> Iterator[Batch]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*worker processes in total.*", category=UserWarning)
         it = iter(loader)
-    yield from it
+    for batch in it:
+        batch.inputs = torch.as_tensor(batch.inputs)  # a NumPy array from a worker (see collate)
+        yield batch
 
 
 def make_loader(
