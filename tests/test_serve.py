@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -423,3 +424,121 @@ def test_serve_command_stops_gracefully_on_sigterm(db, tag_weights, feature_weig
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "i2v: serving http://127.0.0.1:" in err and "Traceback" not in err
     assert not any(p.name.startswith("i2v-serve-") for p in tmp_path.iterdir())  # its temporary folder removed
+
+
+# The web page in a real headless Chromium ---------------------------------------------------------------------
+
+# The web page of ``i2v serve`` in a real headless Chromium (Debian's chromium and chromium-driver, driven by
+# Selenium; skipped where either is missing). What it does, as a person would:
+#
+# 1. opens ``/``: the gallery must show a thumbnail for each of the 12 indexed images, each decoded by the browser;
+# 2. types a query into the search box and submits it: the gallery must narrow to exactly the images the API's
+#    ``/v1/search`` gives for that query;
+# 3. clicks the first image: the side panel must show its path, its tags and its most similar images;
+# 4. drops an image file on the page (a real ``drop`` event carrying a File): the panel must show the file's name
+#    and the tags ``/v1/tag`` gives for it, then its nearest indexed neighbours.
+#
+# A screenshot of the last state goes to $I2V_SCREENSHOT (default /tmp/i2v-serve-page.png), never into the repo.
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="no chromium/chromedriver here (Debian: apt-get install chromium chromium-driver; .ci/run does)",
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install '.[browser]')")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1000"):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, timeout=60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+
+
+def tiles(driver):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, "#gallery a[data-id]")
+
+
+def shown_tags(driver):
+    """(category, tag, score) of each tag the side panel lists, in its order."""
+    from selenium.webdriver.common.by import By
+
+    return [(li.get_attribute("data-category"), li.find_element(By.CLASS_NAME, "tag").text,
+             float(li.find_element(By.CLASS_NAME, "score").text))
+            for li in driver.find_elements(By.CSS_SELECTOR, "#detail .tags li")]  # fmt: skip
+
+
+def listed(record):
+    """What the panel must list for a record: by category, best score first, scores to 3 decimals."""
+    return [(c, t, round(s, 3)) for c in ("character", "copyright", "general", "rating")
+            for t, s in sorted(record[c].items(), key=lambda kv: -kv[1])]  # fmt: skip
+
+
+@needs_chromium
+def test_page_in_chromium_gallery_search_click_and_drop(browser, base, client, collection):
+    from selenium.webdriver.common.by import By
+
+    # 1. The gallery: every indexed image, each thumbnail decoded by the browser.
+    browser.get(base + "/")
+    wait_for(browser, lambda d: len(tiles(d)) == 12)
+    decoded = "return [...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"
+    wait_for(browser, lambda d: d.execute_script(decoded))
+
+    # 2. A tag search narrows the gallery to what the API finds for the same query.
+    counts = {q: len(client.get(f"/v1/search?q={q}").json()["results"])
+              for q in ("rating:safe", "rating:questionable", "rating:explicit")}  # fmt: skip
+    query = next(q for q, n in counts.items() if 0 < n < 12)
+    box = browser.find_element(By.ID, "q")
+    box.clear()
+    box.send_keys(query)
+    box.submit()
+    wait_for(browser, lambda d: d.find_element(By.ID, "q").get_attribute("value") == query)
+    wait_for(browser, lambda d: len(tiles(d)) == counts[query])
+    expected = [str(h["id"]) for h in client.get(f"/v1/search?q={query}").json()["results"]]
+    assert [t.get_attribute("data-id") for t in tiles(browser)] == expected
+
+    # 3. A click shows the image's path, its tags and its most similar images.
+    first = tiles(browser)[0]
+    first.click()
+    info = client.get(f"/v1/images/{first.get_attribute('data-id')}/info").json()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#detail .neighbours img"))
+    assert browser.find_element(By.CSS_SELECTOR, "#detail h2").text == info["path"]
+    assert shown_tags(browser) == listed(info)
+    assert "selected" in first.get_attribute("class")
+
+    # 4. Dropping a file on the page shows its tags (as /v1/tag gives them) and its nearest neighbours.
+    path = images(collection)[3]
+    record = client.post_files("/v1/tag", [("dropped.png", path.read_bytes())]).json()["records"][0]
+    browser.execute_script(
+        """
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+        """,
+        base64.b64encode(path.read_bytes()).decode(),
+    )
+    wait_for(browser, lambda d: d.find_elements(By.ID, "upload-name"))
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#detail .neighbours img"))
+    assert browser.find_element(By.ID, "upload-name").text == "dropped.png"
+    assert shown_tags(browser) == listed(record)
+    assert browser.find_element(By.ID, "status").text == "Tagged dropped.png"
+    browser.save_screenshot(os.environ.get("I2V_SCREENSHOT", "/tmp/i2v-serve-page.png"))

@@ -27,8 +27,11 @@ async function api(url, options) {
 function tagList(record) {
   const list = el("ul", { class: "tags" });
   for (const category of ["character", "copyright", "general", "rating"]) {
-    for (const [tag, score] of Object.entries(record[category] || {})) {
-      const item = el("li", { "data-category": category }, tag, el("span", { class: "score" }, score.toFixed(3)));
+    // Sorted again by score: JavaScript puts integer-like keys (the copyright tag "428") first in an object.
+    const entries = Object.entries(record[category] || {}).sort((a, b) => b[1] - a[1]);
+    for (const [tag, score] of entries) {
+      const item = el("li", { "data-category": category }, el("span", { class: "tag" }, tag),
+                       el("span", { class: "score" }, score.toFixed(3)));
       list.append(item);
     }
   }
