@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--decode-threads", type=int, default=None, help="The server's (default: its own).")
     args = parser.parse_args()
 
     models = build_models()
@@ -135,7 +136,7 @@ def main() -> None:
     server = subprocess.Popen(
         [*i2v, "serve", "--port", str(port), "--tag-weights", str(models["tag"]), "--feature-weights",
          str(models["feature"]), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-         "--timeout", "600"],
+         "--timeout", "600", *(["--decode-threads", str(args.decode_threads)] if args.decode_threads else [])],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     rows = []

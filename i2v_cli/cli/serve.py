@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..config import BACKENDS, PRECISIONS
-from .common import CONTEXT_SETTINGS, UsageFailure
+from .common import CONTEXT_SETTINGS, UsageFailure, default_workers
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -60,9 +60,8 @@ from .common import CONTEXT_SETTINGS, UsageFailure
 @click.option(
     "--decode-threads",
     type=click.IntRange(1),
-    default=2,
-    show_default=True,
-    help="Threads decoding uploads (off the event loop).",
+    default=None,
+    help="Threads decoding uploads (off the event loop). Default: cores, at most 4 (as `i2v tag -j`).",
 )
 @click.option(
     "--max-upload-mb",
@@ -86,7 +85,7 @@ def serve(
     backend: str,
     max_batch: int,
     max_wait_ms: float,
-    decode_threads: int,
+    decode_threads: int | None,
     max_upload_mb: float,
     max_files: int,
     timeout_s: float,
@@ -118,9 +117,14 @@ def serve(
     from ..serve.service import Settings, load_service
     from ..writers import display
 
-    settings = Settings(max_batch=max_batch, max_wait_ms=max_wait_ms, decode_threads=decode_threads,
-                        max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_files=max_files,
-                        request_timeout_s=timeout_s)  # fmt: skip
+    settings = Settings(
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        decode_threads=decode_threads or default_workers(),
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_files=max_files,
+        request_timeout_s=timeout_s,
+    )
     try:
         check_bind(host, token)
         service = load_service(tag_weights, feature_weights, db=db, device=device, precision=precision,
