@@ -22,6 +22,7 @@ COMMANDS = {
     "search": ("search", "Search an index by tags (booru-style query) and by similarity (--like IMAGE)."),
     "dupes": ("dupes", "Find groups of near-duplicate images in an index, each with the copy to keep."),
     "export": ("export", "Write an index's tags as sidecars beside the images: XMP keywords or Hydrus tag files."),
+    "serve": ("serve", "Serve tagging, features and an index over HTTP: a JSON API and a web page."),
     "weights": ("weights", "Download, convert and inspect weight files."),
 }
 

@@ -1,0 +1,190 @@
+"""What every request passes before the application: the Host check, the bearer token, the body size limit and
+the time limit on receiving the body. A plain ASGI middleware, so it holds for every route, the page included.
+
+- **Token**: with a token, every route but ``/healthz``, ``/login`` and ``/static/`` needs
+  ``Authorization: Bearer TOKEN`` (or the cookie that ``POST /login`` sets for the page); compared in constant time.
+- **Host**: without a token the server is loopback-only, and a request whose ``Host`` is not a loopback name is
+  refused (421), so a web page cannot reach it by DNS rebinding.
+- **Body**: larger than the limit is 413 (from Content-Length before reading, or counted while reading); a body
+  that does not arrive within the request timeout is 408. The body is read whole here, then handed on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+COOKIE = "i2v_token"
+#: Routes that never need the token: the health check, the login form of the page, the page's script and style.
+OPEN_PATHS = ("/healthz", "/login")
+OPEN_PREFIXES = ("/static/",)
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine's loopback."""
+    host = host.strip("[]")
+    if host.casefold() in LOOPBACK_NAMES or host.casefold().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def token_ok(expected: str | None, authorization: str | None, cookie: str | None = None) -> bool:
+    """Whether a request may pass: no token is set, or ``Authorization: Bearer <token>`` (or the page's cookie)
+    holds it. Constant-time comparison."""
+    if not expected:
+        return True
+    want = expected.encode("utf-8")
+    given: list[str] = []
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.casefold() == "bearer":
+            given.append(value.strip())
+    if cookie:
+        given.append(cookie)
+    return any(hmac.compare_digest(g.encode("utf-8", "surrogateescape"), want) for g in given)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _cookie(scope: Scope) -> str | None:
+    raw = _header(scope, b"cookie")
+    if not raw:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(raw)
+    except CookieError:
+        return None
+    morsel = jar.get(COOKIE)
+    return morsel.value if morsel is not None else None
+
+
+async def send_error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A JSON error body ``{"error": message}`` with ``status``."""
+    body = json.dumps({"error": message}, ensure_ascii=False).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """The middleware: ``token`` (None: loopback only), ``max_body`` bytes, ``timeout`` seconds for the body."""
+
+    def __init__(self, app: ASGIApp, *, token: str | None, max_body: int, timeout: float) -> None:
+        self.app = app
+        self.token = token or None
+        self.max_body = max_body
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.token is None:
+            host = _header(scope, b"host") or ""
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if host and not is_loopback(name):
+                await send_error(send, 421, f"this server answers only to loopback host names, not {host!r}")
+                return
+        path = scope.get("path", "")
+        if not (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)) and not token_ok(
+            self.token, _header(scope, b"authorization"), _cookie(scope)
+        ):
+            if path == "/" and scope.get("method") == "GET":
+                from .page import login_page
+
+                body = login_page().encode("utf-8")
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"text/html; charset=utf-8")]})  # fmt: skip
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send_error(send, 401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
+                             [(b"www-authenticate", b"Bearer")])  # fmt: skip
+            return
+        length = _header(scope, b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await send_error(send, 400, "bad Content-Length header")
+                return
+            if declared > self.max_body:
+                await send_error(send, 413, f"the request body is {declared:,} bytes; the limit is {self.max_body:,}")
+                return
+        try:
+            body, more = await asyncio.wait_for(self._read(receive), self.timeout)
+        except asyncio.TimeoutError:
+            await send_error(send, 408, f"the request body did not arrive within {self.timeout:g} s")
+            return
+        if more is not None:
+            await send_error(send, 413, f"the request body is over the limit of {self.max_body:,} bytes")
+            return
+        if body is None:
+            return  # the client went away
+
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive: Receive) -> tuple[bytes | None, bytes | None]:
+        """(body, None), or (None, b"") when it is over the limit, or (None, None) when the client disconnected."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return None, b""
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to listen beyond loopback without a token (an open tagger and index on the network)."""
+    from ..errors import I2VError
+
+    if not is_loopback(host) and not token:
+        raise I2VError(
+            f"--host {host} listens beyond this machine: give --token TOKEN (or set $I2V_TOKEN); clients then send "
+            "'Authorization: Bearer TOKEN'"
+        )

@@ -1,0 +1,544 @@
+"""``i2v serve``: a real uvicorn server on a free loopback port, called over HTTP, against the CLI's own outputs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install '.[serve]')")
+
+from serve_helpers import Client, free_socket, running
+
+from i2v_cli.cli import cli
+from i2v_cli.errors import I2VError
+from i2v_cli.serve.app import create_app
+from i2v_cli.serve.batcher import Batcher
+from i2v_cli.serve.guard import check_bind, is_loopback, token_ok
+from i2v_cli.serve.service import Settings, load_service
+
+LIMIT = 8 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, golden):
+    """The 12 golden images in one folder (a00 ... a11), and an index of them."""
+    folder = tmp_path_factory.mktemp("serve") / "imgs"
+    folder.mkdir()
+    for i, rel in enumerate((golden / "expected" / "order.txt").read_text().split()):
+        shutil.copy(golden / rel, folder / f"a{i:02d}{os.path.splitext(rel)[1]}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def db(collection, tag_weights, feature_weights):
+    path = collection.parent / "collection.db"
+    result = CliRunner().invoke(cli, ["index", str(collection), "--db", str(path), "--tag-weights", str(tag_weights),
+                                      "--feature-weights", str(feature_weights), "-j", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(db, tag_weights, feature_weights):
+    settings = Settings(max_batch=8, max_wait_ms=2, max_upload_bytes=LIMIT, max_files=16)
+    service = load_service(str(tag_weights), str(feature_weights), db=str(db), device="cpu", settings=settings)
+    with running(create_app(service)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base):
+    return Client(base)
+
+
+def images(collection):
+    return sorted(collection.iterdir())
+
+
+def assert_same_records(served, expected, tol=1e-6):
+    assert len(served) == len(expected)
+    for got, want in zip(served, expected, strict=True):
+        assert got.keys() == want.keys()
+        assert got["path"] == want["path"]
+        for key, value in want.items():
+            if isinstance(value, dict):
+                assert list(got[key]) == list(value), key  # same tags, same order
+                np.testing.assert_allclose(list(got[key].values()), list(value.values()), atol=tol, rtol=0)
+            elif key == "feature":
+                np.testing.assert_allclose(got[key], value, atol=tol, rtol=0)
+            else:
+                assert got[key] == value
+
+
+# Records: the same as the CLI's ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [[], ["-t", "0.05", "--top-k", "3"], ["--general-threshold", "0.2"]])
+def test_tag_records_equal_i2v_tag(client, collection, tag_weights, options):
+    paths = images(collection)
+    cli_out = CliRunner().invoke(cli, ["tag", *map(str, paths), "-f", "json", "-w", str(tag_weights), "-j", "0",
+                                       *options])  # fmt: skip
+    assert cli_out.exit_code == 0, cli_out.output
+    query = {"-t": "threshold", "--top-k": "top_k", "--general-threshold": "general_threshold"}
+    qs = "&".join(f"{query[options[i]]}={options[i + 1]}" for i in range(0, len(options), 2))
+    reply = client.post_files(f"/v1/tag?{qs}", [(str(p), p.read_bytes()) for p in paths])
+    assert reply.status == 200, reply.body
+    assert_same_records(reply.json()["records"], json.loads(cli_out.stdout))
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_feature_records_equal_i2v_features(client, collection, feature_weights, binary):
+    paths = images(collection)[:5]
+    args = ["features", *map(str, paths), "-f", "jsonl", "-w", str(feature_weights), "-j", "0"]
+    cli_out = CliRunner().invoke(cli, args + (["--binary"] if binary else []))
+    assert cli_out.exit_code == 0, cli_out.output
+    reply = client.post_files(f"/v1/features?binary={str(binary).lower()}", [(str(p), p.read_bytes()) for p in paths])
+    assert reply.status == 200, reply.body
+    expected = [json.loads(line) for line in cli_out.stdout.splitlines()]
+    assert_same_records(reply.json()["records"], expected, tol=0 if binary else 1e-6)
+
+
+def test_concurrent_requests_get_their_own_records(client, collection):
+    """Sixteen clients at once: batched together, each gets exactly its own image's record."""
+    paths = images(collection)
+    single = {p.name: client.post_files("/v1/tag?threshold=0", [(p.name, p.read_bytes())]).json()["records"][0]
+              for p in paths}  # fmt: skip
+    got: dict[int, dict] = {}
+
+    def call(i: int) -> None:
+        p = paths[i % len(paths)]
+        got[i] = client.post_files("/v1/tag?threshold=0", [(p.name, p.read_bytes())]).json()["records"][0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(16):
+        assert_same_records([got[i]], [single[paths[i % len(paths)].name]])
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["batches"]["images"] >= 16 + len(paths)
+
+
+# Bad uploads: 4xx with a JSON error, the server stays up ------------------------------------------------------
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` (and holds no pixels): a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty file"),
+        ("truncate", "truncated"),
+        (b"hello, this is text\n", "a text file, not an image"),
+        (b"\x00\x01\x02garbage" * 10, "not an image"),
+        (png_header(40000, 40000), "decompression bomb"),
+    ],
+    ids=["empty", "truncated", "text", "binary-junk", "pixel-bomb"],
+)
+def test_bad_upload_is_a_4xx_json_error(client, collection, data, message):
+    if data == "truncate":
+        data = images(collection)[1].read_bytes()[:2000]
+    reply = client.post_files("/v1/tag", [("bad.png", data)])
+    assert reply.status == 422
+    body = reply.json()
+    assert message in body["error"] and body["error"].startswith("bad.png: ")
+    assert body["records"] == [{"path": "bad.png", "error": body["error"]}]
+    assert "/tmp" not in body["error"]  # named by the client's name, not the server's temporary file
+    assert client.get("/healthz").status == 200
+
+
+def test_one_bad_image_among_good_ones_is_its_error_record(client, collection):
+    good = images(collection)[0]
+    reply = client.post_files("/v1/tag", [(good.name, good.read_bytes()), ("x.png", b"")])
+    assert reply.status == 200
+    records = reply.json()["records"]
+    assert records[0]["path"] == good.name and "general" in records[0]
+    assert records[1] == {"path": "x.png", "error": "x.png: empty file (0 bytes)"}
+
+
+def raw_request(base: str, head: bytes, body: bytes = b"") -> tuple[int, dict]:
+    """Send a request as raw bytes and read the status and JSON body (the server may answer before the body)."""
+    import http.client
+
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.connect()
+    conn.sock.sendall(head + body)
+    resp = http.client.HTTPResponse(conn.sock, method="POST")
+    resp.begin()
+    status, payload = resp.status, json.loads(resp.read())
+    conn.close()
+    return status, payload
+
+
+def test_over_the_size_limit_is_413(base, client):
+    # Declared too large: refused from the header, before any byte of the body is read.
+    head = (f"POST /v1/tag HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            f"Content-Length: {LIMIT + 1}\r\n\r\n").encode()  # fmt: skip
+    status, payload = raw_request(base, head)
+    assert status == 413 and "limit" in payload["error"]
+    # Chunked, no length: counted while read, refused once over.
+    head = (
+        b"POST /v1/tag HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    piece = b"\x00" * (1 << 20)
+    body = (f"{len(piece):x}\r\n".encode() + piece + b"\r\n") * (LIMIT // len(piece) + 1) + b"0\r\n\r\n"
+    status, payload = raw_request(base, head, body)
+    assert status == 413 and "over the limit" in payload["error"]
+    assert client.get("/healthz").status == 200
+
+
+def test_client_mistakes_are_4xx_json(client, collection):
+    good = images(collection)[0]
+    cases = [
+        client.post_files("/v1/tag?threshold=2", [(good.name, good.read_bytes())]),
+        client.post_files("/v1/tag?top_k=0", [(good.name, good.read_bytes())]),
+        client.request("POST", "/v1/tag", b"not multipart", {"Content-Type": "text/plain"}),
+        client.post_files("/v1/tag", [(f"{i}.png", b"") for i in range(17)]),  # over max_files
+        client.get("/v1/search?q=no_such_tag_at_all"),
+        client.get("/v1/search?q=%22unbalanced"),
+        client.get("/v1/search?k=0"),
+        client.post_json("/v1/search", {"q": 3, "k": "many"}),
+        client.get("/no/such/route"),
+    ]
+    for reply in cases:
+        assert 400 <= reply.status < 500, reply.body
+        assert isinstance(reply.json()["error"], str) and reply.json()["error"]
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+# Token and loopback ---------------------------------------------------------------------------------------------
+
+
+def test_token_check():
+    assert token_ok(None, None)
+    assert token_ok("s3cret", "Bearer s3cret") and token_ok("s3cret", "bearer  s3cret ")
+    assert not token_ok("s3cret", None) and not token_ok("s3cret", "Bearer wrong") and not token_ok("s3cret", "s3cret")
+    assert not token_ok("s3cret", "Basic s3cret") and not token_ok("s3cret", "Bearer \udcff")
+    assert token_ok("s3cret", None, cookie="s3cret")
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost"):
+        assert is_loopback(host)
+        check_bind(host, None)
+    for host in ("0.0.0.0", "::", "192.168.1.10", "example.org"):
+        assert not is_loopback(host)
+        with pytest.raises(I2VError, match="--token"):
+            check_bind(host, None)
+        check_bind(host, "s3cret")
+
+
+def test_cli_refuses_a_public_host_without_token(tag_weights, feature_weights, monkeypatch):
+    monkeypatch.delenv("I2V_TOKEN", raising=False)
+    result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--tag-weights", str(tag_weights),
+                                      "--feature-weights", str(feature_weights)])  # fmt: skip
+    assert result.exit_code == 2
+    assert "--token" in result.output and "Traceback" not in result.output
+
+
+def test_bearer_token_required_on_every_api_call(db, tag_weights, feature_weights, collection):
+    service = load_service(str(tag_weights), str(feature_weights), db=str(db), device="cpu", settings=Settings())
+    good = images(collection)[0]
+    with running(create_app(service, token="s3cret")) as url:
+        anonymous, wrong, right = Client(url), Client(url, "nope"), Client(url, "s3cret")
+        for c, status in ((anonymous, 401), (wrong, 401), (right, 200)):
+            assert c.post_files("/v1/tag", [(good.name, good.read_bytes())]).status == status
+            assert c.get("/v1/search?q=").status == status
+            assert c.get("/v1/images/1/thumb").status == status
+        assert anonymous.get("/healthz").status == 200  # the health check stays open
+        assert anonymous.get("/").status == 401 and b"token" in anonymous.get("/").body  # the sign-in form
+        # A non-loopback Host header is accepted with a token (the server may be behind a name).
+        assert right.get("/v1/search?q=", headers={"Host": "tagger.example.org"}).status == 200
+
+
+def test_loopback_server_refuses_foreign_host_names(client):
+    """Without a token, a request naming another host (DNS rebinding from a web page) is refused."""
+    reply = client.get("/v1/search?q=", headers={"Host": "evil.example.com:8000"})
+    assert reply.status == 421
+    assert client.get("/v1/search?q=", headers={"Host": "localhost:8000"}).status == 200
+
+
+# The index: search, similar, images by id only ---------------------------------------------------------------
+
+
+def test_search_equals_i2v_search(client, db):
+    for query in ["", "rating:safe", "-rating:safe"]:
+        cli_out = CliRunner().invoke(cli, ["search", "--db", str(db), "-f", "json", "--", query])
+        assert cli_out.exit_code == 0, cli_out.output
+        want = [r["path"] for r in json.loads(cli_out.stdout)]
+        got = client.get(f"/v1/search?q={query}").json()["results"]
+        assert [r["path"] for r in got] == want
+        posted = client.post_json("/v1/search", {"q": query}).json()["results"]
+        assert posted == got
+
+
+def test_like_and_similar(client, collection):
+    hits = client.get("/v1/search?q=").json()["results"]
+    first = hits[0]
+    like = client.get(f"/v1/search?like={first['id']}&k=3").json()["results"]
+    assert len(like) == 3 and first["id"] not in [h["id"] for h in like]
+    assert all(-1.0 <= h["score"] <= 1.0 for h in like)
+    path = collection / os.path.basename(first["path"])
+    similar = client.post_files("/v1/similar?k=4", [(path.name, path.read_bytes())]).json()["results"]
+    assert similar[0]["id"] == first["id"] and similar[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert [h["id"] for h in similar[1:]] == [h["id"] for h in like]
+    bad = client.post_files("/v1/similar", [("x.png", b"junk")])
+    assert bad.status == 422 and "x.png" in bad.json()["error"]
+
+
+def test_images_by_id_only(client, collection):
+    hits = client.get("/v1/search?q=").json()["results"]
+    hit = hits[0]
+    reply = client.get(f"/v1/images/{hit['id']}")
+    assert reply.status == 200 and reply.body == Path(hit["path"]).read_bytes()
+    assert reply.headers["x-content-type-options"] == "nosniff"
+    thumb = client.get(f"/v1/images/{hit['id']}/thumb")
+    assert thumb.status == 200 and thumb.body.startswith(b"\xff\xd8\xff")
+    info = client.get(f"/v1/images/{hit['id']}/info").json()
+    assert info["path"] == hit["path"] and "rating" in info
+    for attempt in ["../../../../etc/passwd", "..%2F..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "-1", "0",
+                    "999999", "1.5", "1%00", "1/../../../../etc/passwd", "/etc/passwd", "1e3"]:  # fmt: skip
+        for suffix in ("", "/thumb", "/info"):
+            reply = client.get(f"/v1/images/{attempt}{suffix}")
+            assert reply.status in (404, 422), (attempt, suffix, reply.status)
+            assert b"root:" not in reply.body and "error" in reply.json()
+
+
+def test_a_file_changed_since_indexing_is_not_served(client, collection):
+    hit = client.get("/v1/search?q=").json()["results"][-1]
+    path = hit["path"]
+    saved = Path(path).read_bytes()
+    try:
+        os.replace(path, path + ".bak")
+        os.symlink("/etc/passwd", path)  # the indexed name now points elsewhere
+        reply = client.get(f"/v1/images/{hit['id']}")
+        assert reply.status == 404 and b"root:" not in reply.body
+        assert client.get(f"/v1/images/{hit['id']}/thumb").status == 404
+    finally:
+        os.unlink(path)
+        os.replace(path + ".bak", path)
+    assert Path(path).read_bytes() == saved
+
+
+def test_page_lists_and_searches_the_index(client):
+    page = client.get("/")
+    assert page.status == 200 and page.body.count(b'class="') > 0
+    assert page.body.count(b"/thumb") == 12
+    none = client.get("/?q=rating:safe+-rating:safe")
+    assert none.body.count(b"/thumb") == 0 and b"No image matches" in none.body
+    bad = client.get("/?q=%3Cscript%3E")
+    assert b"<script>" not in bad.body.replace(b'<script src="/static/page.js"></script>', b"")
+    assert client.get("/static/page.js").status == 200
+    assert client.get("/static/..%2F__init__.py").status == 404
+    assert client.get("/openapi.json").json()["paths"]["/v1/tag"]
+
+
+# The batcher ----------------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A stand-in network that records the batch sizes it is given."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        return x.flatten(1)[:, :2].clone()
+
+
+def test_batcher_gathers_up_to_max_batch():
+    net = Recorder()
+    batcher = Batcher({"tag": net}, torch.device("cpu"), max_batch=4, max_wait_ms=60_000)
+    inputs = [torch.full((3, 2, 2), float(i)) for i in range(4)]
+    futures = batcher.submit("tag", [f"i{i}" for i in range(4)], inputs)  # a full batch runs without waiting
+    results = [f.result(timeout=30) for f in futures]
+    assert net.sizes == [4]
+    assert [r.path for r in results] == ["i0", "i1", "i2", "i3"]
+    assert [r.output.tolist() for r in results] == [[float(i)] * 2 for i in range(4)]
+    later = batcher.submit("tag", ["x"], [torch.zeros(3, 2, 2)])
+    batcher.close()  # a queued image still runs on close
+    assert later[0].result(timeout=30).output.tolist() == [0.0, 0.0] and net.sizes == [4, 1]
+
+
+def test_batcher_non_finite_output_is_that_image_error():
+    batcher = Batcher({"tag": lambda x: x.flatten(1) / 0}, torch.device("cpu"), max_batch=2, max_wait_ms=0)
+    (result,) = [f.result(timeout=30) for f in batcher.submit("tag", ["a.png"], [torch.ones(3, 2, 2)])]
+    batcher.close()
+    assert result.output is None and "not finite" in result.error
+
+
+# The command ----------------------------------------------------------------------------------------------------
+
+
+def test_serve_command_stops_gracefully_on_sigterm(db, tag_weights, feature_weights, collection, tmp_path):
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "i2v_cli", "serve", "--db", str(db), "--port", str(port), "--tag-weights",
+         str(tag_weights), "--feature-weights", str(feature_weights), "--device", "cpu"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        client = Client(f"http://127.0.0.1:{port}")
+        for _ in range(600):
+            try:
+                if client.get("/healthz", timeout=5).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        good = images(collection)[0]
+        assert client.post_files("/v1/tag", [(good.name, good.read_bytes())]).status == 200
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "i2v: serving http://127.0.0.1:" in err and "Traceback" not in err
+    assert not any(p.name.startswith("i2v-serve-") for p in tmp_path.iterdir())  # its temporary folder removed
+
+
+# The web page in a real headless Chromium ---------------------------------------------------------------------
+
+# The web page of ``i2v serve`` in a real headless Chromium (Debian's chromium and chromium-driver, driven by
+# Selenium; skipped where either is missing). What it does, as a person would:
+#
+# 1. opens ``/``: the gallery must show a thumbnail for each of the 12 indexed images, each decoded by the browser;
+# 2. types a query into the search box and submits it: the gallery must narrow to exactly the images the API's
+#    ``/v1/search`` gives for that query;
+# 3. clicks the first image: the side panel must show its path, its tags and its most similar images;
+# 4. drops an image file on the page (a real ``drop`` event carrying a File): the panel must show the file's name
+#    and the tags ``/v1/tag`` gives for it, then its nearest indexed neighbours.
+#
+# A screenshot of the last state goes to $I2V_SCREENSHOT (default /tmp/i2v-serve-page.png), never into the repo.
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="no chromium/chromedriver here (Debian: apt-get install chromium chromium-driver; .ci/run does)",
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install '.[browser]')")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1000"):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, timeout=60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+
+
+def tiles(driver):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, "#gallery a[data-id]")
+
+
+def shown_tags(driver):
+    """(category, tag, score) of each tag the side panel lists, in its order."""
+    from selenium.webdriver.common.by import By
+
+    return [(li.get_attribute("data-category"), li.find_element(By.CLASS_NAME, "tag").text,
+             float(li.find_element(By.CLASS_NAME, "score").text))
+            for li in driver.find_elements(By.CSS_SELECTOR, "#detail .tags li")]  # fmt: skip
+
+
+def listed(record):
+    """What the panel must list for a record: by category, best score first, scores to 3 decimals."""
+    return [(c, t, round(s, 3)) for c in ("character", "copyright", "general", "rating")
+            for t, s in sorted(record[c].items(), key=lambda kv: -kv[1])]  # fmt: skip
+
+
+@needs_chromium
+def test_page_in_chromium_gallery_search_click_and_drop(browser, base, client, collection):
+    from selenium.webdriver.common.by import By
+
+    # 1. The gallery: every indexed image, each thumbnail decoded by the browser.
+    browser.get(base + "/")
+    wait_for(browser, lambda d: len(tiles(d)) == 12)
+    decoded = "return [...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"
+    wait_for(browser, lambda d: d.execute_script(decoded))
+
+    # 2. A tag search narrows the gallery to what the API finds for the same query.
+    counts = {q: len(client.get(f"/v1/search?q={q}").json()["results"])
+              for q in ("rating:safe", "rating:questionable", "rating:explicit")}  # fmt: skip
+    query = next(q for q, n in counts.items() if 0 < n < 12)
+    box = browser.find_element(By.ID, "q")
+    box.clear()
+    box.send_keys(query)
+    box.submit()
+    wait_for(browser, lambda d: d.find_element(By.ID, "q").get_attribute("value") == query)
+    wait_for(browser, lambda d: len(tiles(d)) == counts[query])
+    expected = [str(h["id"]) for h in client.get(f"/v1/search?q={query}").json()["results"]]
+    assert [t.get_attribute("data-id") for t in tiles(browser)] == expected
+
+    # 3. A click shows the image's path, its tags and its most similar images.
+    first = tiles(browser)[0]
+    first.click()
+    info = client.get(f"/v1/images/{first.get_attribute('data-id')}/info").json()
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#detail .neighbours img"))
+    assert browser.find_element(By.CSS_SELECTOR, "#detail h2").text == info["path"]
+    assert shown_tags(browser) == listed(info)
+    assert "selected" in first.get_attribute("class")
+
+    # 4. Dropping a file on the page shows its tags (as /v1/tag gives them) and its nearest neighbours.
+    path = images(collection)[3]
+    record = client.post_files("/v1/tag", [("dropped.png", path.read_bytes())]).json()["records"][0]
+    browser.execute_script(
+        """
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+        """,
+        base64.b64encode(path.read_bytes()).decode(),
+    )
+    wait_for(browser, lambda d: d.find_elements(By.ID, "upload-name"))
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#detail .neighbours img"))
+    assert browser.find_element(By.ID, "upload-name").text == "dropped.png"
+    assert shown_tags(browser) == listed(record)
+    assert browser.find_element(By.ID, "status").text == "Tagged dropped.png"
+    browser.save_screenshot(os.environ.get("I2V_SCREENSHOT", "/tmp/i2v-serve-page.png"))
