@@ -214,7 +214,7 @@ class IndexReader:
         """A JPEG of at most THUMB_SIZE pixels a side of an indexed image (decoded with the CLI's checks)."""
         from PIL import Image
 
-        from ..preprocess import image_to_array, open_image
+        from ..decode import image_to_array, open_image
 
         row = self.row(image)
         key = (image, row["mtime_ns"])

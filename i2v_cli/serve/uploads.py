@@ -1,6 +1,6 @@
 """Uploaded images to network inputs, with exactly the checks of ``i2v tag``.
 
-An upload is written to a private temporary file and decoded by :func:`i2v_cli.preprocess.load_and_preprocess`,
+An upload is written to a private temporary file and decoded by :func:`i2v_cli.transform.load_and_preprocess`,
 the same function the CLI's reader uses: the content is sniffed (the client's file name and content type are never
 trusted), empty and truncated files, text and unknown formats are refused in words, and the pixel limit
 (``PIL.Image.MAX_IMAGE_PIXELS``, the decompression-bomb check) holds before any pixel is decoded. Messages name
@@ -17,7 +17,7 @@ import uuid
 import torch
 
 from ..errors import ImageDecodeError
-from ..preprocess import load_and_preprocess
+from ..transform import load_and_preprocess
 from ..writers import one_line
 
 
