@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from .errors import CaptionError
 from .inputs import IMAGE_EXTENSIONS
+from .tags import tag_key
+
 
 #: What to do with a caption file that is already there.
 EXISTING_POLICIES = ("skip", "overwrite", "append")
@@ -30,12 +32,6 @@ SCORE_ORDER = ("general", "character", "copyright")
 
 Outcome = Literal["written", "overwritten", "appended", "unchanged", "skipped", "failed"]
 StrPath = str | os.PathLike[str]
-
-
-def tag_key(tag: str) -> str:
-    """The form in which two spellings of a tag compare equal: underscores as spaces, runs of white space
-    as one space, case folded (``Long_Hair`` and ``long hair`` are the same tag)."""
-    return " ".join(tag.replace("_", " ").split()).casefold()
 
 
 @dataclass(frozen=True)
