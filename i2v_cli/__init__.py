@@ -10,24 +10,32 @@ from __future__ import annotations
 
 from .api import Illustration2Vec, load, make_i2v_with_chainer, make_i2v_with_pytorch
 from .errors import (
+    CaptionError,
     DownloadError,
     I2VError,
     ImageDecodeError,
+    ImageInputError,
     InputError,
     ModelKindError,
+    ParameterError,
     TagListError,
+    UnknownTagError,
     WeightsError,
     WeightsNotFoundError,
 )
 
 __all__ = [
+    "CaptionError",
     "DownloadError",
     "I2VError",
     "Illustration2Vec",
     "ImageDecodeError",
+    "ImageInputError",
     "InputError",
     "ModelKindError",
+    "ParameterError",
     "TagListError",
+    "UnknownTagError",
     "WeightsError",
     "WeightsNotFoundError",
     "load",
