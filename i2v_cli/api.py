@@ -15,8 +15,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import CATEGORIES, FEATURE, TAG
-from .errors import I2VError, ImageDecodeError, ImageInputError, ModelKindError, ParameterError, UnknownTagError
+from .config import CATEGORIES, FEATURE, NUM_TAGS, TAG
+from .errors import (
+    I2VError,
+    ImageDecodeError,
+    ImageInputError,
+    ModelKindError,
+    ParameterError,
+    TagListError,
+    UnknownTagError,
+)
 from .inference import Predictor, check_precision, predict, prepare_for_inference, resolve_backend
 from .model import Illust2VecNet
 from .preprocess import load_and_preprocess, preprocess
@@ -49,7 +57,7 @@ def _is_single(images: object) -> bool:
             if images.shape[2] in (1, 3, 4):
                 return True
             raise ImageInputError(
-                f"a 3-D array is one (H, W, C) image with 1, 3 or 4 channels, not shape {tuple(images.shape)}: "
+                f"a 3-D array is one (H, W, C) image with 1, 3 or 4 channels, last, not shape {tuple(images.shape)}: "
                 "to give several images, pass a list of them or an (N, H, W, C) array"
             )
         if images.ndim == 4:
@@ -113,6 +121,11 @@ class Illustration2Vec:
     release's, per image: one image counts as a list of one, so it gives a list of one result (or one row).
     Images are read and preprocessed ``batch_size`` at a time, so memory stays that of one batch however many
     there are. A bad image raises ImageInputError naming its index in the list (and its path).
+
+    Arrays hold RGB (or grey, or RGBA: alpha dropped) pixel values on a 0-255 scale whatever their dtype, as the
+    original took them: scale a float image in [0, 1] by 255, and a 16-bit one down by 257, before passing it.
+    PIL images and files are converted by their mode (16-bit grey keeps its top 8 bits, float grey in [0, 1]
+    is scaled), as ``i2v tag`` reads them.
     """
 
     def __init__(
@@ -131,6 +144,8 @@ class Illustration2Vec:
         self.backend = backend
         self._net: Predictor | None = None  # prepared on first use (packing or exporting takes a moment)
         self.tags = list(tags) if tags is not None else load_tag_list()
+        if len(self.tags) != NUM_TAGS:
+            raise TagListError(f"the tag list holds {len(self.tags)} tags; Illustration2Vec's list has {NUM_TAGS}")
         check_tag_names(self.tags)
         self.index = {t: i for i, t in enumerate(self.tags)}
         self.info = info

@@ -297,7 +297,7 @@ def test_a_wrong_type_in_a_list_is_refused_before_any_image_is_computed(tagger, 
     [
         (42, "got a int: pass a PIL image"),
         (None, "got a NoneType: pass a PIL image"),
-        (np.zeros((5, 100, 120)), r"a 3-D array is one \(H, W, C\) image with 1, 3 or 4 channels, not shape"),
+        (np.zeros((5, 100, 120)), r"a 3-D array is one \(H, W, C\) image with 1, 3 or 4 channels, last, not shape"),
         (np.zeros((1, 1, 5, 5, 3)), "an array of 5 dimensions"),
         (np.zeros(7), "an array of 1 dimensions"),
     ],
@@ -389,6 +389,8 @@ def test_tag_list_given_to_the_constructor_is_checked(tagger):
     tags[5] = tags[0]
     with pytest.raises(i2v.TagListError, match=r"#5 '1girl' \(a duplicate of #0\)"):
         i2v.Illustration2Vec(tagger.model, tags)
+    with pytest.raises(i2v.TagListError, match="holds 1538 tags; Illustration2Vec's list has 1539"):
+        i2v.Illustration2Vec(tagger.model, tags[1:])
 
 
 # --- one threshold rule for the API and the CLI (issue 12 point 8) -------------------------------------------
