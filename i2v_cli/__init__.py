@@ -15,13 +15,18 @@ from typing import Any
 
 _API = ("Illustration2Vec", "load", "make_i2v_with_chainer", "make_i2v_with_pytorch")
 _ERRORS = (
+    "CaptionError",
     "DownloadError",
     "I2VError",
+    "ImageArrayError",
     "ImageDecodeError",
+    "ImageInputError",
     "InputError",
     "ModelKindError",
     "OutputError",
+    "ParameterError",
     "TagListError",
+    "UnknownTagError",
     "WeightsError",
     "WeightsNotFoundError",
 )

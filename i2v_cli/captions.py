@@ -3,23 +3,32 @@ form that LoRA and fine-tuning trainers read (kohya-ss sd-scripts, EveryDream, O
 
 Everything here works on tag records (:func:`i2v_cli.tags.tag_record`): :func:`caption_tags` and
 :func:`caption_text` say what goes in a caption, :func:`caption_path` where it goes, :func:`find_collisions`
-and :func:`check_collisions` find images that would share a caption file before anything is written, and
-:func:`write_caption` writes one file atomically under the chosen policy for files already there.
+and :func:`check_collisions` find images that would share a caption file (or the output file) before anything
+is written, and :func:`write_caption` writes one file atomically (through :mod:`i2v_cli.atomic`) under the
+chosen policy for files already there.
+
+What the CLI calls, in order, before any network runs: :func:`caption_request` (the options of the command
+line checked and resolved, warnings returned), :func:`check_captions_dir`, and :func:`already_captioned`
+(images to leave out under ``skip``); then for each record :func:`exclude_tags` and :func:`write_caption`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
-import secrets
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+import unicodedata
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import CaptionError
+from PIL import Image
+
+from .atomic import AtomicFile, describe_oserror
+from .errors import CaptionError, OutputError
 from .inputs import IMAGE_EXTENSIONS
+from .tags import closest_tags, tag_key
 
 #: What to do with a caption file that is already there.
 EXISTING_POLICIES = ("skip", "overwrite", "append")
@@ -30,12 +39,6 @@ SCORE_ORDER = ("general", "character", "copyright")
 
 Outcome = Literal["written", "overwritten", "appended", "unchanged", "skipped", "failed"]
 StrPath = str | os.PathLike[str]
-
-
-def tag_key(tag: str) -> str:
-    """The form in which two spellings of a tag compare equal: underscores as spaces, runs of white space
-    as one space, case folded (``Long_Hair`` and ``long hair`` are the same tag)."""
-    return " ".join(tag.replace("_", " ").split()).casefold()
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,7 @@ class CaptionOptions:
     root: Path | None = None
 
     def __post_init__(self) -> None:
-        ext = self.extension if self.extension.startswith(".") else "." + self.extension
-        if ext == "." or "/" in ext or os.sep in ext or (os.altsep and os.altsep in ext):
-            raise CaptionError(f"caption extension {self.extension!r} is not a file extension such as .txt")
-        if ext.lower() in IMAGE_EXTENSIONS:
-            raise CaptionError(f"caption extension {ext} is an image extension; captions would replace images")
+        ext = check_extension(self.extension)
         if not self.separator:
             raise CaptionError("the caption separator is empty; tags would run together")
         if not self.separator.strip() and "\n" not in self.separator and not self.underscores:
@@ -93,6 +92,59 @@ class CaptionOptions:
             object.__setattr__(self, "captions_dir", Path(self.captions_dir))
         if self.root is not None:
             object.__setattr__(self, "root", Path(self.root))
+
+
+@functools.lru_cache(maxsize=1)
+def _image_extensions() -> frozenset[str]:
+    """The extensions i2v reads as images and every extension Pillow opens or writes, lower case."""
+    return IMAGE_EXTENSIONS | {e.lower() for e in Image.registered_extensions()}
+
+
+def check_extension(extension: str) -> str:
+    """A caption file extension with its leading dot, or CaptionError: it must be a plain extension (not empty,
+    ``.``, ending in a dot, or holding a path separator, NUL or another control character), and its last suffix
+    must not be an image's (``.txt.png`` would name captions like images, and ``--overwrite`` replace them)."""
+    ext = extension if extension.startswith(".") else "." + extension
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if ext.endswith(".") or any(c in seps or unicodedata.category(c) == "Cc" for c in ext):
+        raise CaptionError(f"caption extension {extension!r} is not a file extension such as .txt")
+    last = "." + ext.rsplit(".", 1)[1].lower()
+    if last in _image_extensions():
+        what = "is an image extension" if last == ext.lower() else f"ends in {last}, an image extension"
+        raise CaptionError(
+            f"caption extension {ext} {what}; captions would be named like images and could replace them"
+        )
+    return ext
+
+
+def _spell(tag: str, options: CaptionOptions) -> str:
+    return tag.replace(" ", "_") if options.underscores else tag
+
+
+def unreadable_tags(tags: Iterable[str], options: CaptionOptions) -> list[str]:
+    """The tags that a caption written with ``options`` could not give back whole: spelled as written (with
+    underscores or not), each that :func:`parse_caption` would split or trim (it holds the separator, or a line
+    break, or white space where white space separates). Excluded tags are never written, so never unreadable."""
+    excluded = {tag_key(t) for t in options.exclude}
+    out = []
+    for tag in tags:
+        spelled = _spell(tag, options)
+        if tag_key(spelled) not in excluded and parse_caption(spelled, options.separator) != [spelled]:
+            out.append(spelled)
+    return out
+
+
+def check_caption_tags(tags: Iterable[str], options: CaptionOptions, shown: int = 3) -> None:
+    """Refuse, with CaptionError naming the first ``shown``, a separator that occurs inside tags as they would
+    be written (``--caption-sep _`` with ``--underscores``, ``;`` with ``steins;gate``): such captions could not
+    be split back into their tags. Run it on the tag list before anything is written."""
+    bad = unreadable_tags(tags, options)
+    if bad:
+        more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise CaptionError(
+            f"the caption separator {options.separator!r} cannot be told apart from {len(bad)} tag(s) as written: "
+            f"{', '.join(map(repr, bad[:shown]))}{more}. Choose another separator, or --exclude those tags"
+        )
 
 
 def _by_score(tags: Mapping[str, float]) -> list[str]:
@@ -116,7 +168,7 @@ def caption_tags(record: Mapping[str, Any], options: CaptionOptions) -> list[str
     seen: set[str] = set()
     out: list[str] = []
     for tag in ordered:
-        spelled = tag.replace(" ", "_") if options.underscores else tag
+        spelled = _spell(tag, options)
         key = tag_key(spelled)
         if key not in excluded and key not in seen:
             seen.add(key)
@@ -200,105 +252,326 @@ def find_collisions(paths: Iterable[StrPath], options: CaptionOptions) -> dict[P
     return out
 
 
-def check_collisions(paths: Iterable[StrPath], options: CaptionOptions, shown: int = 3) -> None:
-    """Raise CaptionError, naming the first ``shown`` cases, when :func:`find_collisions` finds any: run it
-    before writing, so that no image's caption is mixed with another's."""
+def check_collisions(
+    paths: Iterable[StrPath], options: CaptionOptions, shown: int = 3, *, outputs: Iterable[StrPath | None] = ()
+) -> None:
+    """Raise CaptionError, naming the first ``shown`` cases, when :func:`find_collisions` finds any, or when an
+    image's caption file would be one of ``outputs`` (the ``-o`` file: the same path, through symlinks, or the
+    same file by a hard link; None and ``-`` mean stdout). Run it before writing, so that no image's caption is
+    mixed with another's and no caption replaces the records."""
+    paths = list(paths)
     collisions = find_collisions(paths, options)
-    if not collisions:
-        return
-    cases = [f"{dest} <- {', '.join(images)}" for dest, images in list(collisions.items())[:shown]]
-    more = f" and {len(collisions) - shown} more" if len(collisions) > shown else ""
-    raise CaptionError(
-        f"{len(collisions)} caption file(s) would serve more than one image or replace an image: "
-        f"{'; '.join(cases)}{more}. Rename the images, or choose another caption extension or folder"
-    )
-
-
-def _write_atomic(dest: Path, data: bytes, *, replace: bool, mode: int | None) -> bool:
-    """Write ``data`` to a temporary file beside ``dest`` and move it into place; without ``replace`` a
-    file that appeared at ``dest`` meanwhile is left alone (hard link where the file system has them).
-    Returns whether the file was put in place."""
-    while True:
-        tmp = dest.parent / f".i2v-{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 less the umask
-            break
-        except FileExistsError:
+    if collisions:
+        cases = [f"{dest} <- {', '.join(images)}" for dest, images in list(collisions.items())[:shown]]
+        more = f" and {len(collisions) - shown} more" if len(collisions) > shown else ""
+        raise CaptionError(
+            f"{len(collisions)} caption file(s) would serve more than one image or replace an image: "
+            f"{'; '.join(cases)}{more}. Rename the images, or choose another caption extension or folder"
+        )
+    for output in outputs:
+        if output is None or os.fspath(output) in ("-", b"-"):
             continue
-    try:
-        with open(fd, "wb") as f:
-            f.write(data)
-        if mode is not None:
-            with contextlib.suppress(OSError):
-                os.chmod(tmp, mode)
-        if replace:
-            os.replace(tmp, dest)
-            return True
+        real = os.path.realpath(output)
         try:
-            os.link(tmp, dest)
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links here: check, then rename
-            if os.path.lexists(dest):
-                return False
-            os.replace(tmp, dest)
-            return True
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            out_stat: os.stat_result | None = os.stat(output)
+        except OSError:
+            out_stat = None
+        for image in paths:
+            dest = _dest(image, options)
+            if os.path.realpath(dest) == real or (out_stat is not None and _same_stat(dest, out_stat)):
+                raise CaptionError(
+                    f"the caption of {_show(image)} would be {_show(dest)}, which is the output file "
+                    f"{_show(output)}: choose another caption extension or folder, or another output file"
+                )
+
+
+def _same_stat(path: StrPath, other: os.stat_result) -> bool:
+    try:
+        return os.path.samestat(os.stat(path), other)
+    except OSError:
+        return False
+
+
+def _show(path: StrPath) -> str:
+    """A path for a message: valid UTF-8 whatever the name's bytes."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+#: Separators that a caption file written by another run or tool may use, checked when appending.
+_OTHER_SEPARATORS = (",", ";", "|")
+
+
+def _foreign_separator(text: str, options: CaptionOptions, new: Sequence[str]) -> str | None:
+    """The separator a caption file seems to use instead of ``options.separator``, when appending with the
+    latter would repeat its tags; else None.
+
+    A file is taken to use the given separator when it holds it (for a line-break separator: more than one
+    line; for a white space one: more than one word). Otherwise, if splitting it on another common separator
+    (``,``, ``;``, ``|``, or white space when tags are written with underscores) finds a tag about to be
+    appended, the file uses that one."""
+    body = text.removeprefix("\ufeff")
+    token = options.separator.strip()
+    if token:
+        if token in body:
+            return None
+    elif "\n" in options.separator:
+        if sum(1 for line in body.splitlines() if line.strip()) > 1:
+            return None
+    elif len(body.split()) > 1:
+        return None
+    candidates = [c for c in _OTHER_SEPARATORS if c not in options.separator]
+    if options.underscores and token:
+        candidates.append(" ")
+    wanted = {tag_key(t) for t in new}
+    for candidate in candidates:
+        if any(tag_key(t) in wanted for t in parse_caption(body, candidate)):
+            return candidate
+    return None
+
+
+def _read_existing(dest: Path, options: CaptionOptions) -> tuple[bool, str | None]:
+    """Whether a file is at ``dest`` (through a symlink: a dangling one leads to none) and its text (None when
+    it is not UTF-8). CaptionError for a folder, a device or pipe (never read or replaced: captions go only to
+    regular files), a file that cannot be read, or, when appending, one that is not UTF-8 text."""
+    try:
+        st = os.stat(dest)
+    except FileNotFoundError:
+        return False, None  # a dangling symbolic link: written through, creating the file it names
+    if stat.S_ISDIR(st.st_mode):
+        raise CaptionError(f"cannot write {_show(dest)}: it is a folder")
+    if not stat.S_ISREG(st.st_mode):
+        raise CaptionError(f"cannot write {_show(dest)}: not a regular file (a device, pipe or socket)")
+    try:
+        data = dest.read_bytes()
+    except OSError as exc:
+        raise CaptionError(f"cannot read {_show(dest)}: {exc.strerror or exc}") from None
+    try:
+        return True, data.decode("utf-8")
+    except UnicodeDecodeError:
+        if options.existing == "append":
+            raise CaptionError(f"{_show(dest)}: the caption file there is not UTF-8 text; not appending") from None
+        return True, None
+
+
+def _appended(old: str, new: Sequence[str], options: CaptionOptions, dest: Path) -> str:
+    """``old`` with ``new`` tags added at its end, in its own spelling and spacing."""
+    other = _foreign_separator(old, options, new)
+    if other is not None:
+        raise CaptionError(
+            f"{_show(dest)}: the caption file there seems to use {other!r} between tags, not "
+            f"{options.separator!r}; appending would repeat its tags (give --caption-sep {other!r}, or --overwrite)"
+        )
+    body = old.rstrip()
+    token = options.separator.strip()
+    if token and body.endswith(token):
+        body = body[: -len(token)].rstrip()
+    return (body + options.separator if body else "") + options.separator.join(new) + "\n"
 
 
 def write_caption(record: Mapping[str, Any], options: CaptionOptions) -> Outcome:
     """Write one record's caption file (UTF-8, a trailing newline; an empty file for no tags), atomically.
 
     Returns what happened: ``written`` (a new file), ``overwritten``, ``appended``, ``unchanged`` (the file
-    already held exactly this, or every tag when appending), ``skipped`` (a file was there, policy
-    ``skip``), or ``failed`` for an error record, which gets no file. Folders under ``captions_dir`` are
-    created. Raises CaptionError when a file cannot be read or written.
+    already held exactly this, or every tag when appending), ``skipped`` (a file was there, policy ``skip``,
+    or one appeared there while this one was written), or ``failed`` for an error record, which gets no file.
+    A caption path that is a symlink is written through (the link stays, its target gets the text). Folders
+    under ``captions_dir`` are created. Raises CaptionError when a file cannot be read or written, is not a
+    regular file, when a tag holds the separator (:func:`unreadable_tags`), or when appending to a file that
+    seems to use another separator (appending would repeat its tags).
     """
     if "error" in record:
         return "failed"
     dest = caption_path(record["path"], options)
-    tags = caption_tags(record, options)
-    text = options.separator.join(tags)
     try:
         exists = os.path.lexists(dest)
         if exists and options.existing == "skip":
             return "skipped"
-        old: str | None = None
-        mode: int | None = None
-        if exists and os.path.exists(dest):  # not a dangling symbolic link
-            mode = stat.S_IMODE(os.stat(dest).st_mode)
-            try:
-                old = dest.read_bytes().decode("utf-8")
-            except UnicodeDecodeError:
-                if options.existing == "append":
-                    raise CaptionError(f"{dest}: the caption file there is not UTF-8 text; not appending") from None
+        tags = caption_tags(record, options)
+        unreadable = unreadable_tags(tags, options)
+        if unreadable:
+            raise CaptionError(
+                f"{_show(dest)}: the separator {options.separator!r} occurs in the tag(s) "
+                f"{', '.join(map(repr, unreadable))}; the caption could not be split back into its tags"
+            )
+        is_file, old = _read_existing(dest, options) if exists else (False, None)
         outcome: Outcome
         if old is not None and options.existing == "append":
             present = {tag_key(t) for t in parse_caption(old, options.separator)}
             new = [t for t in tags if tag_key(t) not in present]
             if not new:
                 return "unchanged"
-            body = old.rstrip()
-            token = options.separator.strip()
-            if token and body.endswith(token):
-                body = body[: -len(token)].rstrip()
-            content = (body + options.separator if body else "") + options.separator.join(new) + "\n"
+            content = _appended(old, new, options, dest)
             outcome = "appended"
         else:
+            text = options.separator.join(tags)
             content = text + "\n" if text else ""
             if old == content:
                 return "unchanged"
-            outcome = "overwritten" if exists else "written"
+            outcome = "overwritten" if is_file else "written"
         if options.captions_dir is not None:
             dest.parent.mkdir(parents=True, exist_ok=True)
-        if not _write_atomic(dest, content.encode("utf-8"), replace=exists, mode=mode):
-            return "skipped"  # a file appeared there while this one was being written
-        return outcome
+        # Where no file was, only a new one is put in place: one that appeared meanwhile is left alone.
+        f = AtomicFile(dest, exclusive=not is_file)
+        try:
+            f.stream.write(content.encode("utf-8"))
+        except BaseException:
+            f.discard()
+            raise
+        return outcome if f.commit() else "skipped"
+    except OutputError as exc:
+        raise CaptionError(str(exc)) from None
     except OSError as exc:
-        raise CaptionError(f"cannot write caption {dest}: {exc.strerror or exc}") from None
+        raise CaptionError(describe_oserror(dest, exc)) from None
+
+
+def check_captions_dir(options: CaptionOptions | None) -> None:
+    """Before any network runs, make sure captions can be written under ``captions_dir``: create it (and its
+    parents) and create and remove a temporary file in it. Raises CaptionError naming the folder and the reason
+    (a file in the way, no permission, a read-only file system). Nothing to do without a captions folder."""
+    if options is None or options.captions_dir is None:
+        return
+    folder = options.captions_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        AtomicFile(folder / "write-check").discard()  # creates its temporary file in the folder, then removes it
+    except FileExistsError:
+        raise CaptionError(f"cannot use {_show(folder)} as the captions folder: it is a file, not a folder") from None
+    except OSError as exc:
+        raise CaptionError(f"cannot use {_show(folder)} as the captions folder: {exc.strerror or exc}") from None
+    except OutputError as exc:
+        raise CaptionError(f"cannot use {_show(folder)} as the captions folder ({exc})") from None
+
+
+def already_captioned(paths: Iterable[StrPath], options: CaptionOptions) -> list[StrPath]:
+    """Under the ``skip`` policy, the images whose caption file is already there (a dangling symlink counts, as
+    :func:`write_caption` skips it too), in input order; none under ``overwrite`` or ``append``. The CLI leaves
+    them out before the network runs and counts them as skipped."""
+    if options.existing != "skip":
+        return []
+    return [p for p in paths if os.path.lexists(caption_path(p, options))]
+
+
+def exclude_tags(record: Mapping[str, Any], exclude: Iterable[str]) -> dict[str, Any]:
+    """A copy of a tag record without the ``exclude`` tags (either spelling, any case: :func:`tag_key`) in its
+    general, character and copyright categories; rating keeps all three ratings (they are one distribution, and
+    ``--rating-tag`` picks the best of them). An error record is returned as it is."""
+    excluded = {tag_key(t) for t in exclude}
+    out = dict(record)
+    if not excluded or "error" in record:
+        return out
+    for cat in SCORE_ORDER:
+        if isinstance(record.get(cat), Mapping):
+            out[cat] = {t: s for t, s in record[cat].items() if tag_key(t) not in excluded}
+    return out
+
+
+def exclude_warnings(exclude: Iterable[str], tags: Sequence[str]) -> list[str]:
+    """One warning per ``exclude`` name that matches no tag of ``tags`` in any spelling, with the closest
+    names (the library never prints: the CLI shows them)."""
+    known = {tag_key(t) for t in tags}
+    warnings = []
+    for name in sorted(exclude, key=tag_key):
+        if tag_key(name) in known:
+            continue
+        close = closest_tags(name, tags)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else " (nothing close)"
+        warnings.append(f"--exclude {name!r} is not in the tag list{hint}")
+    return warnings
+
+
+@dataclass(frozen=True)
+class CaptionRequest:
+    """What the command line asked for about captions: the options of the caption files (None: no captions),
+    the tags to leave out of the records too (``--exclude``), and warnings for the user."""
+
+    options: CaptionOptions | None
+    exclude: frozenset[str]
+    warnings: list[str]
+
+
+#: The caption-only parameters of ``i2v tag`` (Click names) with their defaults and their options' names.
+CAPTION_ONLY: dict[str, tuple[object, str]] = {
+    "caption_ext": (".txt", "--caption-ext"),
+    "caption_sep": (", ", "--caption-sep"),
+    "underscores": (False, "--underscores"),
+    "character_first": (False, "--character-first"),
+    "rating_tag": (False, "--rating-tag"),
+    "skip_existing": (False, "--skip-existing"),
+    "overwrite": (False, "--overwrite"),
+    "append": (False, "--append"),
+    "existing": ("skip", "--overwrite/--append"),
+}
+
+
+def parse_exclude(specs: Iterable[str]) -> frozenset[str]:
+    """The tags of ``--exclude`` options: each repeatable and comma-separated, white space trimmed."""
+    return frozenset(t.strip() for spec in specs for t in spec.split(",") if t.strip())
+
+
+def caption_request(
+    params: Mapping[str, Any],
+    inputs: Sequence[StrPath],
+    folders: Sequence[StrPath] = (),
+    *,
+    tags: Sequence[str] | None = None,
+    outputs: Iterable[StrPath | None] = (),
+    given: Collection[str] | None = None,
+) -> CaptionRequest:
+    """Check and resolve ``i2v tag``'s caption options before anything runs.
+
+    ``params`` holds Click's values: ``captions``, ``captions_dir``, ``caption_ext``, ``caption_sep``,
+    ``underscores``, ``exclude`` (the raw ``--exclude`` values), ``character_first``, ``rating_tag``, and the
+    policy either as three flags ``skip_existing``/``overwrite``/``append`` (each True when given: then
+    contradictions are found) or as one ``existing`` value. ``given`` names the parameters set on the command
+    line (``ctx.get_parameter_source``); without it, a value other than the default counts as given.
+    ``inputs`` are the images, ``folders`` the folders named on the command line (the one that
+    ``captions_dir`` mirrors when there is one, else the images' common folder), ``tags`` the tag list (the
+    separator is checked against it and ``--exclude`` names are looked up in it), ``outputs`` the ``-o`` file(s).
+
+    Raises CaptionError for contradicting options (``--overwrite`` with ``--append`` or ``--skip-existing``),
+    caption-only options without ``--captions``/``--captions-dir`` (``--exclude`` alone filters the records),
+    a bad extension or separator, colliding captions, or a caption that would be an output file.
+    """
+
+    def is_given(name: str) -> bool:
+        if name not in params:
+            return False
+        return name in given if given is not None else params[name] != CAPTION_ONLY[name][0]
+
+    flags = [name for name in ("skip_existing", "overwrite", "append") if params.get(name)]
+    if len(flags) > 1:
+        names = " and ".join(CAPTION_ONLY[name][1] for name in flags)
+        raise CaptionError(f"{names} contradict each other: choose one policy for caption files already there")
+    existing = flags[0].replace("_existing", "") if flags else params.get("existing") or "skip"
+    exclude = parse_exclude(params.get("exclude") or ())
+    warnings = exclude_warnings(exclude, tags) if tags is not None else []
+    if not (params.get("captions") or params.get("captions_dir")):
+        stray = [CAPTION_ONLY[name][1] for name in CAPTION_ONLY if is_given(name)]
+        if stray:
+            them = "it" if len(stray) == 1 else "them"
+            raise CaptionError(
+                f"{', '.join(stray)} only shape caption files: add --captions (or --captions-dir DIR), or leave "
+                f"{them} out"
+            )
+        return CaptionRequest(None, exclude, warnings)
+    root = None
+    if params.get("captions_dir"):
+        root = Path(folders[0]) if len(folders) == 1 else common_root(inputs)
+    options = CaptionOptions(
+        extension=params.get("caption_ext", ".txt"),
+        separator=params.get("caption_sep", ", "),
+        underscores=bool(params.get("underscores")),
+        exclude=exclude,
+        character_first=bool(params.get("character_first")),
+        rating=bool(params.get("rating_tag")),
+        existing=existing,
+        captions_dir=params.get("captions_dir"),
+        root=root,
+    )
+    if tags is not None:
+        check_caption_tags(tags, options)
+    check_collisions(inputs, options, outputs=outputs)
+    return CaptionRequest(options, exclude, warnings)
 
 
 def common_root(paths: Sequence[StrPath]) -> Path:

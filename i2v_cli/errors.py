@@ -74,3 +74,26 @@ class ServerUnreachableError(DownloadError):
 class ImageArrayError(I2VError, ValueError):
     """An array or tensor given as an image has a shape, type or value range that i2v does not take as
     pixels; the message says what to pass. A ValueError too, as such mistakes were before."""
+
+
+class ParameterError(I2VError, ValueError):
+    """An argument of a library call that cannot work (a negative ``n_tag``, a threshold outside [0, 1] or NaN,
+    a batch size below 1, an unknown backend or precision): a ValueError too, as Python callers expect."""
+
+
+class ImageInputError(I2VError, ValueError):
+    """An image given to the Python API that cannot be used: not a PIL image, an array or a path, an array that
+    is not an image's shape, or a file that cannot be decoded. ``index`` is its position in the list given
+    (None for a single image) and ``path`` its path when it was given as one; the cause is chained."""
+
+    def __init__(self, message: str, *, index: int | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+        self.path = path
+
+
+class UnknownTagError(I2VError, KeyError):
+    """Tag names asked for that are not in the tag list (a KeyError too, as the earlier API raised)."""
+
+    def __str__(self) -> str:  # KeyError's own would quote the whole message
+        return str(self.args[0]) if self.args else ""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import numbers
 import os
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -12,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import CATEGORIES, NUM_TAGS
-from .errors import TagListError
+from .errors import ParameterError, TagListError
 
 #: Categories whose tags are kept only when their score passes a threshold; rating is always given whole.
 THRESHOLDED = ("general", "character", "copyright")
@@ -38,7 +41,81 @@ def load_tag_list(path: str | os.PathLike[str] | None = None) -> list[str]:
         raise TagListError(f"{where} must be a JSON list of strings")
     if len(tags) != NUM_TAGS:
         raise TagListError(f"{where} holds {len(tags)} tags; Illustration2Vec's list has {NUM_TAGS}")
+    check_tag_names(tags, where)
     return tags
+
+
+#: Unicode categories a tag name may not hold: control characters (newline, NUL, tab, U+0085, ...), lone
+#: surrogates, and the line and paragraph separators U+2028/U+2029 (``str.splitlines`` splits on them).
+_BAD_CATEGORIES = {"Cc": "a control character", "Cs": "a lone surrogate", "Zl": "a line separator",
+                   "Zp": "a paragraph separator"}  # fmt: skip
+
+
+def _name_problem(name: str) -> str | None:
+    if not name.strip():
+        return "empty" if not name else "only white space"
+    for ch in name:
+        what = _BAD_CATEGORIES.get(unicodedata.category(ch))
+        if what is not None:
+            return f"{what} (U+{ord(ch):04X})"
+    if name != name.strip():
+        return "white space at its start or end"
+    return None
+
+
+def tag_key(tag: str) -> str:
+    """The form in which two spellings of a tag compare equal: underscores as spaces, runs of white space
+    as one space, case folded (``Long_Hair`` and ``long hair`` are the same tag)."""
+    return " ".join(tag.replace("_", " ").split()).casefold()
+
+
+def closest_tags(name: str, tags: Sequence[str], n: int = 3) -> list[str]:
+    """The tags of ``tags`` most like ``name``: the one spelled the same way (:func:`tag_key`) if there is one,
+    else up to ``n`` close matches by :func:`difflib.get_close_matches` on the :func:`tag_key` forms."""
+    keys: dict[str, str] = {}
+    for tag in tags:
+        keys.setdefault(tag_key(tag), tag)
+    key = tag_key(name)
+    if key in keys:
+        return [keys[key]]
+    return [keys[k] for k in difflib.get_close_matches(key, list(keys), n=n)]
+
+
+def check_tag_names(tags: Sequence[str], where: str = "the tag list", shown: int = 3) -> None:
+    """Refuse, naming the first ``shown`` offenders, a tag list whose names cannot serve as record keys or be
+    read back from a caption: duplicates (scores would go to the wrong tag), empty or white-space names, names
+    with white space at either end, control characters (newline, NUL, ...), line separators, lone surrogates."""
+    first: dict[str, int] = {}
+    problems: list[str] = []
+    for i, name in enumerate(tags):
+        problem = _name_problem(name)
+        if problem is None and name in first:
+            problem = f"a duplicate of #{first[name]}"
+        first.setdefault(name, i)
+        if problem is not None:
+            problems.append(f"#{i} {name!r} ({problem})")
+    if problems:
+        more = f" and {len(problems) - shown} more" if len(problems) > shown else ""
+        raise TagListError(
+            f"{where}: {len(problems)} unusable tag name(s): {'; '.join(problems[:shown])}{more}. "
+            "Every name must be unique, non-empty, printable and without white space at either end"
+        )
+
+
+def check_threshold(value: object, name: str = "threshold") -> float:
+    """``value`` as a float when it is a real number in [0, 1]; ParameterError otherwise (NaN included)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ParameterError(f"{name} must be a number from 0 to 1, got a {type(value).__name__}")
+    number = float(value)
+    if not 0.0 <= number <= 1.0:  # NaN fails this too
+        raise ParameterError(f"{name} must be a number from 0 to 1, got {number!r}")
+    return number
+
+
+def passes(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The one threshold rule of the CLI and the API: a tag is kept when its float32 score is at least the
+    threshold rounded to float32 (so a score written as ``0.7`` passes ``--threshold 0.7``)."""
+    return np.asarray(scores, dtype=np.float32) >= np.float32(threshold)
 
 
 @dataclass(frozen=True)
@@ -66,14 +143,14 @@ class Selection:
 
 
 def select_tags(scores: np.ndarray, tags: Sequence[str], selection: Selection) -> dict[str, dict[str, float]]:
-    """Per category, the tags whose score is at least its threshold, highest first (capped at ``top_k``);
-    rating always holds all three ratings. Scores are plain Python floats."""
+    """Per category, the tags whose score is at least its threshold (:func:`passes`), highest first (capped at
+    ``top_k``); rating always holds all three ratings. Scores are plain Python floats of the float32 values."""
     out: dict[str, dict[str, float]] = {}
     for cat in CATEGORIES:
         block = scores[cat.start : cat.stop]
         order = np.argsort(-block, kind="stable")
         if cat.name in THRESHOLDED:
-            order = order[block[order] >= selection.thresholds[cat.name]]
+            order = order[passes(block[order], selection.thresholds[cat.name])]
             if selection.top_k is not None:
                 order = order[: selection.top_k]
         out[cat.name] = {tags[cat.start + i]: float(block[i]) for i in order}

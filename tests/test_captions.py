@@ -16,17 +16,27 @@ from hypothesis import strategies as st
 from i2v_cli.captions import (
     CaptionError,
     CaptionOptions,
+    CaptionRequest,
+    already_captioned,
     caption_path,
+    caption_request,
     caption_tags,
     caption_text,
+    check_caption_tags,
+    check_captions_dir,
     check_collisions,
+    check_extension,
     common_root,
+    exclude_tags,
+    exclude_warnings,
     find_collisions,
     parse_caption,
     tag_key,
+    unreadable_tags,
     write_caption,
 )
 from i2v_cli.errors import I2VError
+from i2v_cli.tags import load_tag_list
 
 
 def record(path: str = "img.png", **overrides: dict[str, float]) -> dict[str, object]:
@@ -164,6 +174,13 @@ def test_options_are_normalised():
     [
         ({"extension": ".png"}, "caption extension .png is an image extension"),
         ({"extension": "JPG"}, "caption extension .JPG is an image extension"),
+        ({"extension": ".txt.png"}, "caption extension .txt.png ends in .png, an image extension; captions would"),
+        ({"extension": "tags.WebP"}, "caption extension .tags.WebP ends in .webp, an image extension"),
+        ({"extension": ".x.psd"}, "caption extension .x.psd ends in .psd, an image extension"),
+        ({"extension": ".txt."}, "caption extension '.txt.' is not a file extension"),
+        ({"extension": ".."}, "caption extension '..' is not a file extension"),
+        ({"extension": ".t\0xt"}, "caption extension '.t\\x00xt' is not a file extension"),
+        ({"extension": ".t\nxt"}, "caption extension '.t\\nxt' is not a file extension"),
         ({"extension": ""}, "caption extension '' is not a file extension"),
         ({"extension": "."}, "caption extension '.' is not a file extension"),
         ({"extension": "a/b"}, "caption extension 'a/b' is not a file extension"),
@@ -425,17 +442,17 @@ def test_unwritable_caption_is_a_caption_error(tmp_path):
     options = opts(captions_dir=tmp_path / "caps", root=tmp_path)
     with pytest.raises(CaptionError) as info:
         write_caption(record(str(tmp_path / "sub" / "img.png")), options)
-    assert str(info.value) == f"cannot write caption {tmp_path}/caps/sub/img.txt: Not a directory"
+    assert str(info.value) == f"cannot write {tmp_path}/caps/sub/img.txt: Not a directory"
     (tmp_path / "img.txt").mkdir()
     with pytest.raises(CaptionError) as info:
         write_caption(record(str(tmp_path / "img.png")), opts(existing="overwrite"))
-    assert str(info.value) == f"cannot write caption {tmp_path}/img.txt: Is a directory"
+    assert str(info.value) == f"cannot write {tmp_path}/img.txt: it is a folder"
 
 
 def test_missing_image_folder_is_a_caption_error(tmp_path):
     with pytest.raises(CaptionError) as info:
         write_caption(record(str(tmp_path / "nope" / "img.png")), opts())
-    assert str(info.value) == f"cannot write caption {tmp_path}/nope/img.txt: No such file or directory"
+    assert str(info.value) == f"cannot write {tmp_path}/nope/img.txt: No such file or directory"
 
 
 # --- append, generally --------------------------------------------------------------------------------------
@@ -455,14 +472,15 @@ TAG = st.text(string.ascii_letters + "é _-", min_size=1, max_size=12).filter(la
 def test_append_never_duplicates_and_is_idempotent(
     existing, trailing_separator, newline, separator, general, underscores
 ):
-    existing = list({tag_key(t): t for t in existing}.values())  # a file without duplicates of its own
+    existing = [e.replace(" ", "_") if underscores else e for e in existing]  # a file written in this style
+    existing = list({tag_key(t): t for t in existing}.values())  # without duplicates of its own
     rec_tags = {t: s for t, s in general.items() if t.strip() == t}
     with tempfile.TemporaryDirectory() as folder:
         rec = {"path": os.path.join(folder, "img.png"), "general": rec_tags}
         caption = Path(folder) / "img.txt"
+        options = opts(existing="append", separator=separator, underscores=underscores)
         original = separator.join(existing) + (separator.rstrip() if trailing_separator else "") + newline
         caption.write_text(original, encoding="utf-8", newline="")
-        options = opts(existing="append", separator=separator, underscores=underscores)
 
         first = write_caption(rec, options)
         after = caption.read_bytes().decode("utf-8")
@@ -483,29 +501,36 @@ def test_append_never_duplicates_and_is_idempotent(
 # --- writing atomically -------------------------------------------------------------------------------------
 
 
-def test_a_file_that_appears_meanwhile_is_kept(tmp_path):
-    from i2v_cli.captions import _write_atomic
+def _appearing(monkeypatch, text):
+    """Make a file appear at each caption's target just before the caption is put in place."""
+    import i2v_cli.captions as captions
 
-    (tmp_path / "img.txt").write_text("theirs")
-    assert _write_atomic(tmp_path / "img.txt", b"ours", replace=False, mode=None) is False
+    class Racing(captions.AtomicFile):
+        def commit(self):
+            self.target.write_text(text)
+            return super().commit()
+
+    monkeypatch.setattr(captions, "AtomicFile", Racing)
+
+
+def test_a_file_that_appears_meanwhile_is_kept(tmp_path, monkeypatch):
+    _appearing(monkeypatch, "theirs")
+    assert write_caption(record(str(tmp_path / "img.png")), opts()) == "skipped"
     assert (tmp_path / "img.txt").read_text() == "theirs"
-    assert _write_atomic(tmp_path / "img.txt", b"ours", replace=True, mode=None) is True
-    assert (tmp_path / "img.txt").read_text() == "ours"
     assert [p.name for p in tmp_path.iterdir()] == ["img.txt"]
 
 
 def test_without_hard_links(tmp_path, monkeypatch):
-    from i2v_cli.captions import _write_atomic
-
     def no_link(src: object, dst: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_link)
     assert write_caption(record(str(tmp_path / "img.png")), opts()) == "written"
     assert (tmp_path / "img.txt").read_text().startswith("1girl")
-    assert _write_atomic(tmp_path / "img.txt", b"ours", replace=False, mode=None) is False
-    assert (tmp_path / "img.txt").read_text().startswith("1girl")
-    assert [p.name for p in tmp_path.iterdir()] == ["img.txt"]
+    _appearing(monkeypatch, "theirs")
+    assert write_caption(record(str(tmp_path / "new.png")), opts()) == "skipped"
+    assert (tmp_path / "new.txt").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.txt", "new.txt"]
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
@@ -515,3 +540,344 @@ def test_append_keeps_the_mode(tmp_path):
     assert write_caption(record(str(tmp_path / "img.png")), opts(existing="append")) == "appended"
     assert stat.S_IMODE((tmp_path / "img.txt").stat().st_mode) == 0o600
     assert (tmp_path / "img.txt").read_text() == "extra, 1girl, hatsune miku, long hair, vocaloid, solo\n"
+
+
+# --- extensions (issue 14 point 3) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extension", [".txt", "caption", ".tags.txt", ".png.txt", ".TXT", ".json"])
+def test_plain_extensions_are_accepted(extension):
+    assert check_extension(extension) == (extension if extension.startswith(".") else "." + extension)
+
+
+def test_a_multi_dot_image_extension_never_replaces_an_image(tmp_path):
+    (tmp_path / "img.txt.png").write_bytes(b"\x89PNG a real image")
+    with pytest.raises(CaptionError, match=re.escape("ends in .png, an image extension")):
+        write_caption(record(str(tmp_path / "img.png")), opts(extension=".txt.png", existing="overwrite"))
+    assert (tmp_path / "img.txt.png").read_bytes() == b"\x89PNG a real image"
+
+
+# --- separators that tags hold (issue 14 points 13 and 14) ---------------------------------------------------
+
+RELEASE_TAGS = load_tag_list()
+
+
+def test_release_tags_are_readable_with_the_default_separators():
+    for options in (opts(), opts(separator=","), opts(separator="\n"), opts(separator=" ", underscores=True)):
+        check_caption_tags(RELEASE_TAGS, options)
+
+
+def test_underscore_separator_with_underscores_is_refused():
+    with pytest.raises(CaptionError) as info:
+        check_caption_tags(RELEASE_TAGS, opts(separator="_", underscores=True))
+    assert str(info.value) == (
+        "the caption separator '_' cannot be told apart from 1067 tag(s) as written: 'long_hair', 'short_hair', "
+        "'multiple_girls' and 1064 more. Choose another separator, or --exclude those tags"
+    )
+    assert sum(" " in t for t in RELEASE_TAGS) == 1067
+
+
+def test_a_separator_inside_a_release_tag_is_refused_unless_excluded():
+    with pytest.raises(CaptionError) as info:
+        check_caption_tags(RELEASE_TAGS, opts(separator=";"))
+    assert str(info.value) == (
+        "the caption separator ';' cannot be told apart from 1 tag(s) as written: 'steins;gate'. "
+        "Choose another separator, or --exclude those tags"
+    )
+    check_caption_tags(RELEASE_TAGS, opts(separator=";", exclude={"Steins;Gate"}))
+
+
+@pytest.mark.parametrize(
+    ("tag", "options"),
+    [
+        ("a, b", opts()),
+        ("a|b", opts(separator=" | ")),
+        ("long hair", opts(separator="_", underscores=True)),
+        ("a\u3000b", opts(separator=" ", underscores=True)),
+    ],
+)
+def test_write_caption_refuses_a_tag_holding_the_separator(tmp_path, tag, options):
+    rec = {"path": str(tmp_path / "img.png"), "general": {tag: 0.9, "solo": 0.5}}
+    with pytest.raises(CaptionError, match="occurs in the tag"):
+        write_caption(rec, options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_tags_are_exactly_those_parse_caption_splits():
+    options = opts(separator=", ")
+    assert unreadable_tags(["a", "a,b", " a", "a b", "x\ny"], options) == ["a,b", " a", "x\ny"]
+
+
+# --- appending to a file that uses another separator (issue 14 point 14) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("existing", "kwargs", "seems"),
+    [
+        ("1girl;solo", {}, ";"),
+        ("1girl|solo\n", {}, "|"),
+        ("1girl long_hair", {"underscores": True}, " "),
+        ("1girl, solo", {"separator": "\n"}, ","),
+        ("1girl,solo", {"separator": " ", "underscores": True}, ","),
+    ],
+)
+def test_append_refuses_a_file_with_another_separator(tmp_path, existing, kwargs, seems):
+    (tmp_path / "img.txt").write_text(existing)
+    rec = record(str(tmp_path / "img.png"), general={"1girl": 0.9, "solo": 0.8, "long hair": 0.7})
+    options = opts(existing="append", **kwargs)
+    with pytest.raises(CaptionError) as info:
+        write_caption(rec, options)
+    assert str(info.value) == (
+        f"{tmp_path}/img.txt: the caption file there seems to use {seems!r} between tags, not "
+        f"{options.separator!r}; appending would repeat its tags (give --caption-sep {seems!r}, or --overwrite)"
+    )
+    assert (tmp_path / "img.txt").read_text() == existing
+
+
+@pytest.mark.parametrize(
+    ("existing", "kwargs"),
+    [
+        ("blue sky", {"separator": "\n"}),  # one tag with a space, one a line
+        ("blue sky", {}),
+        ("1girl", {"separator": "|"}),
+        ("a;b, c", {}),  # uses ", ": a tag may hold ';'
+        ("solo\nlong hair\n", {"separator": "\n"}),
+    ],
+)
+def test_append_to_a_file_with_the_same_separator_is_not_refused(tmp_path, existing, kwargs):
+    (tmp_path / "img.txt").write_text(existing)
+    rec = record(str(tmp_path / "img.png"), general={"1girl": 0.9, "solo": 0.8, "sky": 0.7, "b": 0.6})
+    assert write_caption(rec, opts(existing="append", **kwargs)) in ("appended", "unchanged")
+
+
+# --- symlinks and special files (issue 14 point 14) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("existing", ["overwrite", "append"])
+def test_a_caption_symlink_is_written_through(tmp_path, existing):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "kept.txt").write_text("extra\n")
+    (tmp_path / "img.txt").symlink_to(tmp_path / "real" / "kept.txt")
+    assert write_caption(record(str(tmp_path / "img.png")), opts(existing=existing)) in ("overwritten", "appended")
+    assert os.readlink(tmp_path / "img.txt") == str(tmp_path / "real" / "kept.txt")
+    assert (tmp_path / "real" / "kept.txt").read_text().endswith("1girl, hatsune miku, long hair, vocaloid, solo\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.txt", "real"]
+    assert [p.name for p in (tmp_path / "real").iterdir()] == ["kept.txt"]
+
+
+def test_a_dangling_caption_symlink_is_written_through(tmp_path):
+    (tmp_path / "img.txt").symlink_to("elsewhere.txt")
+    assert write_caption(record(str(tmp_path / "img.png")), opts(existing="overwrite")) == "written"
+    assert os.readlink(tmp_path / "img.txt") == "elsewhere.txt"
+    assert (tmp_path / "elsewhere.txt").read_text().startswith("1girl")
+
+
+@pytest.mark.parametrize("existing", ["overwrite", "append"])
+def test_a_caption_that_is_a_device_is_refused(tmp_path, existing):
+    (tmp_path / "img.txt").symlink_to("/dev/null")
+    with pytest.raises(CaptionError) as info:
+        write_caption(record(str(tmp_path / "img.png")), opts(existing=existing))
+    assert str(info.value) == f"cannot write {tmp_path}/img.txt: not a regular file (a device, pipe or socket)"
+    assert os.readlink(tmp_path / "img.txt") == "/dev/null"
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+# --- the captions folder, checked first (issue 14 point 14) -------------------------------------------------
+
+
+def test_check_captions_dir_creates_it_and_leaves_nothing(tmp_path):
+    check_captions_dir(None)
+    check_captions_dir(opts())
+    check_captions_dir(opts(captions_dir=tmp_path / "a" / "b"))
+    assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "a" / "b").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [("file", "it is a file, not a folder"), ("file/sub", "Not a directory")],
+)
+def test_check_captions_dir_refuses_an_unusable_folder(tmp_path, where, reason):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CaptionError) as info:
+        check_captions_dir(opts(captions_dir=tmp_path / where))
+    assert str(info.value) == f"cannot use {tmp_path / where} as the captions folder: {reason}"
+
+
+def test_check_captions_dir_finds_a_folder_without_write_permission(tmp_path, monkeypatch):
+    """As root, permissions do not stop writes: the refusal of the file system is simulated."""
+    real_open = os.open
+
+    def refuse(path, flags, mode=0o777, *, dir_fd=None):
+        if os.path.dirname(os.fspath(path)) == str(tmp_path / "caps") and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(CaptionError, match=r"as the captions folder \(cannot write .*: Permission denied"):
+        check_captions_dir(opts(captions_dir=tmp_path / "caps"))
+
+
+# --- --skip-existing without running the network (issue 14 point 14) ---------------------------------------
+
+
+def test_already_captioned(tmp_path):
+    images = [str(tmp_path / f"{n}.png") for n in ("a", "b", "c", "d")]
+    (tmp_path / "b.txt").write_text("x")
+    (tmp_path / "d.txt").symlink_to("nowhere")
+    assert already_captioned(images, opts()) == [images[1], images[3]]
+    assert already_captioned(images, opts(existing="overwrite")) == []
+    assert already_captioned(images, opts(existing="append")) == []
+
+
+# --- captions and the output file (issue 14 point 5) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_caption_that_is_the_output_file_is_refused(tmp_path, exists):
+    out = tmp_path / "img.txt"
+    if exists:
+        out.write_text("records")
+    with pytest.raises(CaptionError) as info:
+        check_collisions([str(tmp_path / "a.png"), str(tmp_path / "img.png")], opts(), outputs=[str(out)])
+    assert str(info.value) == (
+        f"the caption of {tmp_path}/img.png would be {tmp_path}/img.txt, which is the output file {out}: "
+        "choose another caption extension or folder, or another output file"
+    )
+    check_collisions([str(tmp_path / "img.png")], opts(), outputs=[None, "-", str(tmp_path / "out.jsonl")])
+
+
+def test_a_caption_that_is_the_output_through_links_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "records.jsonl").write_text("{}\n")
+    os.link(tmp_path / "records.jsonl", tmp_path / "hard.txt")
+    (tmp_path / "soft.txt").symlink_to("records.jsonl")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    for image in ("hard.png", "soft.png"):
+        with pytest.raises(CaptionError, match=re.escape("which is the output file ../records.jsonl")):
+            check_collisions([str(tmp_path / image)], opts(), outputs=["../records.jsonl"])
+    (tmp_path / "dangling.txt").symlink_to("new.jsonl")
+    with pytest.raises(CaptionError, match="which is the output file"):
+        check_collisions(["../dangling.png"], opts(), outputs=[tmp_path / "new.jsonl"])
+
+
+# --- --exclude on records, and its warnings (issue 13 point 7) -----------------------------------------------
+
+
+def test_exclude_tags_from_records():
+    rec = record()
+    out = exclude_tags(rec, {"Long_Hair", "hatsune miku", "safe"})
+    assert out == {**rec, "general": {"1girl": 0.99, "solo": 0.8}, "character": {}}
+    assert rec["general"] == {"1girl": 0.99, "long hair": 0.9, "solo": 0.8}  # the record itself is unchanged
+    assert exclude_tags({"path": "x", "error": "bad"}, {"solo"}) == {"path": "x", "error": "bad"}
+    assert exclude_tags(rec, set()) == rec
+
+
+def test_exclude_warnings_name_the_closest_tags():
+    warnings = exclude_warnings({"Long_Hair", "long hiar", "zzzzqqq", "solo"}, RELEASE_TAGS)
+    assert warnings == [
+        "--exclude 'long hiar' is not in the tag list; did you mean 'long hair', 'long image', 'orange hair'?",
+        "--exclude 'zzzzqqq' is not in the tag list (nothing close)",
+    ]
+
+
+# --- the command line's caption options in one call (issue 13 point 7) ---------------------------------------
+
+DEFAULTS = {
+    "captions": False,
+    "captions_dir": None,
+    "caption_ext": ".txt",
+    "caption_sep": ", ",
+    "underscores": False,
+    "exclude": (),
+    "character_first": False,
+    "rating_tag": False,
+    "skip_existing": False,
+    "overwrite": False,
+    "append": False,
+}
+
+
+def request(inputs=("a.png",), folders=(), **params):
+    return caption_request({**DEFAULTS, **params}, list(inputs), list(folders), tags=RELEASE_TAGS)
+
+
+def test_no_captions_asked():
+    assert request() == CaptionRequest(None, frozenset(), [])
+
+
+def test_captions_asked():
+    got = request(captions=True, caption_ext="cap", underscores=True, overwrite=True, exclude=("solo, long hair",))
+    assert got.options == opts(extension=".cap", underscores=True, existing="overwrite", exclude={"solo", "long hair"})
+    assert got.exclude == {"solo", "long hair"} and got.warnings == []
+    assert request(captions=True, append=True).options.existing == "append"
+    assert request(captions=True, skip_existing=True).options.existing == "skip"
+    assert request(captions=True, existing="append").options.existing == "append"  # one shared Click value
+
+
+def test_captions_dir_mirrors_the_one_folder_named(tmp_path):
+    got = request([str(tmp_path / "d" / "x" / "a.png")], [str(tmp_path / "d")], captions_dir=str(tmp_path / "c"))
+    assert got.options.captions_dir == tmp_path / "c" and got.options.root == tmp_path / "d"
+    got = request([str(tmp_path / "d" / "x" / "a.png"), str(tmp_path / "d" / "y" / "b.png")], captions_dir="c")
+    assert got.options.root == tmp_path / "d"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"overwrite": True, "append": True}, "--overwrite and --append contradict each other"),
+        ({"skip_existing": True, "overwrite": True}, "--skip-existing and --overwrite contradict each other"),
+        ({"skip_existing": True, "overwrite": True, "append": True}, "--skip-existing and --overwrite and --append"),
+    ],
+)
+def test_contradicting_policies_are_refused(params, message):
+    with pytest.raises(CaptionError, match=message):
+        request(captions=True, **params)
+
+
+@pytest.mark.parametrize(
+    ("params", "shown"),
+    [
+        ({"underscores": True}, "--underscores only shape caption files: add --captions (or --captions-dir DIR), "
+         "or leave it out"),
+        ({"caption_ext": ".cap", "rating_tag": True}, "--caption-ext, --rating-tag only shape caption files"),
+        ({"overwrite": True}, "--overwrite only shape"),
+        ({"skip_existing": True}, "--skip-existing only shape"),
+        ({"existing": "append"}, "--overwrite/--append only shape"),
+        ({"character_first": True, "caption_sep": "|"}, "--caption-sep, --character-first only shape"),
+    ],
+)  # fmt: skip
+def test_caption_only_options_without_captions_are_refused(params, shown):
+    with pytest.raises(CaptionError, match=re.escape(shown)):
+        request(**params)
+
+
+def test_options_given_explicitly_count_even_with_default_values():
+    params = {**DEFAULTS, "caption_ext": ".txt"}
+    caption_request(params, ["a.png"], given={"exclude"})
+    with pytest.raises(CaptionError, match="--caption-ext only shape caption files"):
+        caption_request(params, ["a.png"], given={"caption_ext"})
+
+
+def test_exclude_alone_filters_records_and_warns():
+    got = request(exclude=("solo,long hiar", "Long_Hair"))
+    assert got.options is None and got.exclude == {"solo", "long hiar", "Long_Hair"}
+    assert got.warnings == [
+        "--exclude 'long hiar' is not in the tag list; did you mean 'long hair', 'long image', 'orange hair'?"
+    ]
+
+
+def test_request_checks_the_separator_against_the_tag_list():
+    with pytest.raises(CaptionError, match="the caption separator '_' cannot be told apart"):
+        request(captions=True, caption_sep="_", underscores=True)
+    with pytest.raises(CaptionError, match="'steins;gate'"):
+        request(captions=True, caption_sep=";")
+    assert request(captions=True, caption_sep=";", exclude=("steins;gate",)).options.separator == ";"
+
+
+def test_request_checks_collisions_and_outputs(tmp_path):
+    with pytest.raises(CaptionError, match="would serve more than one image"):
+        request(["a.png", "a.jpg"], captions=True)
+    with pytest.raises(CaptionError, match="which is the output file"):
+        caption_request({**DEFAULTS, "captions": True}, ["a.png"], outputs=["a.txt"])
+    with pytest.raises(CaptionError, match=r"caption extension \.txt\.png ends in \.png"):
+        request(captions=True, caption_ext=".txt.png")
