@@ -410,7 +410,7 @@ class Tee(Sink):
 
 #: Output formats an ``-o`` file's extension stands for.
 EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".npy": "npy",
-                     ".parquet": "parquet", ".txt": "text"}  # fmt: skip
+                     ".parquet": "parquet"}  # fmt: skip
 
 
 def format_for(fmt: str | None, output: str | None, allowed: Iterable[str], default: str) -> str:

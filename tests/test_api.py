@@ -247,9 +247,7 @@ def test_api_scores_equal_the_cli_for_every_mode_and_exif(tagger, tag_weights, m
     "name",
     ["RGB.png", "RGBA.png", "L.png", "LA.png", "P.png", "1.png", "I;16.png", "I.tif", "F.tif", "CMYK.jpg", "RGB.jpg",
      "P+tRNS.png", "golden img000.jpg", "golden img003.png", "golden img006.jpg",
-     pytest.param("exif6.jpg", marks=pytest.mark.xfail(
-         reason="preprocess(pil_image) applies EXIF orientation on the decode/transform branch (issue 14.8)",
-         strict=False))],
+     "exif6.jpg"],
 )  # fmt: skip
 def test_pil_images_opened_from_files_equal_the_cli(tagger, mode_files, name):
     files = mode_files
@@ -267,7 +265,9 @@ def test_a_bad_image_in_a_list_is_named_by_index_and_path(tagger, images, tmp_pa
     assert info.value.index == 1 and info.value.path == str(broken)
     assert isinstance(info.value.__cause__, i2v.ImageDecodeError) and isinstance(info.value, ValueError)
     with pytest.raises(i2v.ImageInputError) as info:
-        tagger.estimate_plausible_tags(iter([images[0], images[1], np.zeros((4, 4, 3), np.uint8), np.full((3, 3), np.nan)]))
+        tagger.estimate_plausible_tags(
+            iter([images[0], images[1], np.zeros((4, 4, 3), np.uint8), np.full((3, 3), np.nan)])
+        )
     assert str(info.value) == "image at index 3: cannot use this ndarray: the image holds NaN or infinite values"
     assert info.value.index == 3 and info.value.path is None
     with pytest.raises(i2v.ImageInputError, match=r"^.*/missing\.png: no such file$") as info:

@@ -75,13 +75,6 @@ def test_colliding_captions_are_refused_up_front(dataset, tag_weights):
     assert "one.txt" in result.stderr and not (dataset / "a" / "one.txt").exists()
 
 
-needs_wiring = pytest.mark.xfail(
-    reason="needs CLI wiring: cli/tag.py to call captions.caption_request / check_captions_dir / already_captioned "
-    "/ exclude_tags",
-    strict=False,
-)
-
-
 def test_a_multi_dot_image_extension_is_refused(dataset, tag_weights):
     (dataset / "a" / "one.txt.png").write_bytes(b"a real image")
     result = tag(dataset / "a", "--captions", "--caption-ext", ".txt.png", "--overwrite", weights=tag_weights)
@@ -120,7 +113,6 @@ def test_a_caption_symlink_is_written_through(dataset, tag_weights, tmp_path):
     assert (tmp_path / "elsewhere.txt").read_text() != "old\n"
 
 
-@needs_wiring
 def test_an_underscore_separator_with_underscores_is_refused_up_front(dataset, tag_weights):
     result = tag(dataset, "-r", "--captions", "--caption-sep", "_", "--underscores", weights=tag_weights)
     assert result.exit_code == 2
@@ -128,7 +120,6 @@ def test_an_underscore_separator_with_underscores_is_refused_up_front(dataset, t
     assert not list(dataset.rglob("*.txt"))
 
 
-@needs_wiring
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -143,7 +134,6 @@ def test_contradicting_policies_are_refused(dataset, tag_weights, flags, message
     assert not list(dataset.rglob("*.txt"))
 
 
-@needs_wiring
 @pytest.mark.parametrize("option", [["--underscores"], ["--caption-ext", ".cap"], ["--rating-tag"], ["--append"]])
 def test_caption_options_without_captions_are_refused(dataset, tag_weights, option):
     result = tag(dataset, "-r", *option, weights=tag_weights)
@@ -152,7 +142,6 @@ def test_caption_options_without_captions_are_refused(dataset, tag_weights, opti
     assert result.stdout == ""
 
 
-@needs_wiring
 def test_exclude_without_captions_filters_the_records_and_warns(dataset, tag_weights):
     full = [json.loads(line) for line in tag(dataset, "-r", "-t", "0.3", weights=tag_weights).stdout.splitlines()]
     drop = next(iter(full[0]["general"]))
@@ -165,7 +154,6 @@ def test_exclude_without_captions_filters_the_records_and_warns(dataset, tag_wei
     assert "--exclude 'long hiar' is not in the tag list; did you mean 'long hair'" in result.stderr
 
 
-@needs_wiring
 def test_a_caption_that_is_the_output_file_is_refused(dataset, tag_weights):
     out = dataset / "a" / "one.txt"
     out.write_text("earlier records\n")
@@ -175,7 +163,6 @@ def test_a_caption_that_is_the_output_file_is_refused(dataset, tag_weights):
     assert out.read_text() == "earlier records\n"
 
 
-@needs_wiring
 def test_an_unusable_captions_dir_is_refused_before_the_network_runs(dataset, tag_weights, tmp_path):
     (tmp_path / "file").write_text("x")
     out = tmp_path / "records.jsonl"
@@ -185,7 +172,6 @@ def test_an_unusable_captions_dir_is_refused_before_the_network_runs(dataset, ta
     assert not out.exists()
 
 
-@needs_wiring
 def test_skip_existing_does_not_run_images_whose_captions_exist(dataset, tag_weights):
     """A broken image whose caption exists is not even decoded: it is skipped before the network runs."""
     (dataset / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")

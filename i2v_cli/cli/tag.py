@@ -7,16 +7,14 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from ..atomic import resolve_target
-from ..captions import CaptionOptions, caption_path, check_collisions, common_root, tag_key
+from ..captions import already_captioned, caption_request, check_captions_dir, tag_key
 from ..config import TAG
-from ..errors import CaptionError, I2VError
+from ..errors import I2VError
 from ..inputs import expand_inputs
 from .common import (
     CONTEXT_SETTINGS,
@@ -50,10 +48,10 @@ def caption_options(f: F) -> F:
                      help="Leave these tags out (repeatable, or comma-separated; either spelling)."),
         click.option("--character-first", is_flag=True, help="Character, then copyright, then general tags."),
         click.option("--rating-tag", is_flag=True, help="End each caption with the most likely rating."),
-        click.option("--skip-existing", "existing", flag_value="skip", default=True,
-                     help="Keep caption files that exist (the default)."),
-        click.option("--overwrite", "existing", flag_value="overwrite", help="Replace existing caption files."),
-        click.option("--append", "existing", flag_value="append",
+        click.option("--skip-existing", is_flag=True,
+                     help="Keep caption files that exist (the default; without -o, their images are not run again)."),
+        click.option("--overwrite", is_flag=True, help="Replace existing caption files."),
+        click.option("--append", is_flag=True,
                      help="Add the new tags to existing caption files, without duplicates."),
     ]  # fmt: skip
     for option in reversed(options):
@@ -61,51 +59,9 @@ def caption_options(f: F) -> F:
     return f
 
 
-_CAPTION_ONLY = ("caption_ext", "caption_sep", "underscores", "character_first", "rating_tag", "existing")
-
-
-def make_caption_options(params: dict[str, Any], inputs: list[str], folders: list[str]) -> CaptionOptions | None:
-    """The caption settings asked for on the command line, or None when no captions are wanted. Caption-only
-    options without --captions are refused, never silently ignored (``--exclude`` applies to records too)."""
-    ctx = click.get_current_context()
-    given = [n for n in _CAPTION_ONLY if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE]
-    if not (params["captions"] or params["captions_dir"]):
-        if given:
-            names = ", ".join("--" + n.replace("_", "-") for n in given if n != "existing")
-            names = names or "--skip-existing/--overwrite/--append"
-            raise UsageFailure(f"{names}: for caption files only; add --captions (or --captions-dir DIR)")
-        return None
-    root = None
-    if params["captions_dir"]:
-        root = Path(folders[0]) if len(folders) == 1 else common_root(inputs)
-    options = CaptionOptions(
-        extension=params["caption_ext"],
-        separator=params["caption_sep"],
-        underscores=params["underscores"],
-        exclude=excluded(params),
-        character_first=params["character_first"],
-        rating=params["rating_tag"],
-        existing=params["existing"],
-        captions_dir=params["captions_dir"],
-        root=root,
-    )
-    check_collisions(inputs, options)
-    return options
-
-
-def excluded(params: dict[str, Any]) -> frozenset[str]:
-    """The tags of --exclude (repeatable, comma-separated), as given."""
-    return frozenset(t.strip() for spec in params["exclude"] for t in spec.split(",") if t.strip())
-
-
 def tags_digest(tags: list[str]) -> str:
     """SHA-256 of a tag list: what a job file records of it."""
     return "sha256:" + hashlib.sha256(json.dumps(tags, ensure_ascii=False).encode()).hexdigest()
-
-
-def same_target(a: str | os.PathLike[str], b: str) -> bool:
-    """Whether two names end at the same file, existing or not (symlinks followed)."""
-    return resolve_target(a) == resolve_target(b)
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -184,7 +140,7 @@ def tag(
     from ..runner import resolve_device
     from ..tags import Selection, load_tag_list
     from ..weights import load_model, resolve_weights
-    from ..writers import Tee, check_output, display, format_for, open_writer
+    from ..writers import Tee, check_output, display, format_for, open_writer, writes_in_place
 
     if run_engine(TAG):
         return
@@ -198,24 +154,34 @@ def tag(
     )
     captions_wanted = caption_params["captions"] or caption_params["captions_dir"]
     wants_records = not captions_wanted or fmt is not None or output is not None
+    ctx = click.get_current_context()
     try:
         fmt = format_for(fmt, output, ("json", "jsonl", "csv"), "jsonl")
         inputs = expand_inputs(paths, recursive=recursive, stdin=sys.stdin.buffer if "-" in paths else None, nul=nul)
         if wants_records:
             check_output(output, inputs)
-        captions = make_caption_options(caption_params, inputs, [p for p in paths if os.path.isdir(p)])
-        if captions is not None and wants_records and output not in (None, "-"):
-            for image in inputs:
-                if same_target(caption_path(image, captions), output):
-                    raise CaptionError(
-                        f"the caption file of {display(image)} would be the output {display(output)}: "
-                        "choose another output or caption extension"
-                    )
+        tags = load_tag_list(tag_list)
+        given = {n for n in caption_params if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE}
+        request = caption_request(
+            caption_params,
+            inputs,
+            [p for p in paths if os.path.isdir(p)],
+            tags=tags,
+            outputs=[output] if wants_records and not writes_in_place(output) else [],
+            given=given,
+        )
+        for warning in request.warnings:
+            echo(None, f"i2v: warning: {warning}")
+        captions = request.options
+        check_captions_dir(captions)
+        captioned = already_captioned(inputs, captions) if captions is not None and not wants_records else []
+        if captioned:  # their captions are there and no records are asked for: nothing to compute for them
+            done = set(captioned)
+            inputs = [p for p in inputs if p not in done]
+        keys = {tag_key(t) for t in request.exclude}
+        exclude = frozenset(t for t in tags if tag_key(t) in keys)
         dev = resolve_device(device)
         resolve_backend(backend, dev, precision)
-        tags = load_tag_list(tag_list)
-        keys = {tag_key(t) for t in excluded(caption_params)}
-        exclude = frozenset(t for t in tags if tag_key(t) in keys)
         model, info = load_model(resolve_weights(weights, TAG), kind=TAG, device=str(dev))
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
@@ -232,6 +198,8 @@ def tag(
         {"source": info.source, "sha256": info.sha256},
     )
     caption_sink = CaptionSink(captions) if captions is not None else None
+    if caption_sink is not None and captioned:
+        caption_sink.outcomes["skipped"] += len(captioned)
     with claim_output(output if wants_records else "-", job, resume=resume) as earlier:
         todo = [p for p in inputs if p not in earlier.done] if earlier.done else inputs
         net = prepare_for_inference(model, precision=precision, backend=backend)
