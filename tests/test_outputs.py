@@ -369,3 +369,103 @@ def test_help_does_not_load_torch(args):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip().splitlines()[-1] == "False False", proc.stderr
+
+
+# The other entry points (issue "Every entry point as safe as i2v tag") --------------------------------------------
+
+
+def test_a_usage_error_found_late_leaves_the_output_alone(tmp_path, folder, tag_weights):
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier\n")
+    result = tag(folder, "-o", out, "--precision", "fp16", weights=tag_weights)
+    assert result.exit_code == 2 and "fp16" in result.stderr
+    result = tag(folder, "-o", out, "--backend", "onnxruntime", "--precision", "bf16", weights=tag_weights)
+    assert result.exit_code == 2
+    assert out.read_text() == "earlier\n"
+
+
+def test_similar_output_naming_the_index_is_refused(tmp_path, folder, feature_weights):
+    run = CliRunner()
+    vecs = tmp_path / "vecs.npy"
+    run.invoke(cli, ["features", str(folder), "--workers", "0", "--weights", str(feature_weights), "-o", str(vecs)])
+    before = (vecs.read_bytes(), (tmp_path / "vecs.paths.jsonl").read_bytes())
+    query = ["similar", str(folder / "img0.png"), "-i", str(vecs)]
+    result = run.invoke(cli, [*query, "-o", str(tmp_path / "vecs.paths.jsonl")])
+    assert result.exit_code == 2 and "is one of the inputs" in result.stderr
+    result = run.invoke(cli, [*query, "-o", str(vecs)])
+    assert result.exit_code == 2 and "this command writes text, json, jsonl, not npy" in result.stderr
+    (tmp_path / "alias.json").symlink_to(vecs)
+    result = run.invoke(cli, [*query, "-o", str(tmp_path / "alias.json")])
+    assert result.exit_code == 2 and "is one of the inputs" in result.stderr
+    assert (vecs.read_bytes(), (tmp_path / "vecs.paths.jsonl").read_bytes()) == before
+
+
+def test_similar_knows_an_indexed_file_by_any_name(tmp_path, folder, feature_weights, monkeypatch):
+    run = CliRunner()
+    vecs = tmp_path / "vecs.npy"
+    run.invoke(cli, ["features", str(folder), "--workers", "0", "--weights", str(feature_weights), "-o", str(vecs)])
+    (tmp_path / "link.png").symlink_to(folder / "img1.png")
+    os.link(folder / "img2.png", tmp_path / "hard.png")
+    (tmp_path / "linked").symlink_to(folder)
+    ff = read_features(vecs)
+    row = {p: i for i, p in enumerate(ff.paths)}
+    assert ff.row(str(tmp_path / "link.png")) == row[str(folder / "img1.png")]
+    assert ff.row(str(tmp_path / "hard.png")) == row[str(folder / "img2.png")]
+    assert ff.row(str(tmp_path / "linked" / "img0.png")) == row[str(folder / "img0.png")]
+    # A stored relative path is the file it named where the features were written, not one of the same name here.
+    monkeypatch.chdir(folder)
+    CliRunner().invoke(
+        cli, ["features", "img0.png", "img1.png", "--workers", "0", "--weights", str(feature_weights), "-o", "rel.npy"]
+    )
+    rel = read_features(folder / "rel.npy")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _picture(seed=42).save(elsewhere / "img0.png")
+    monkeypatch.chdir(elsewhere)
+    assert rel.row("img0.png") is None  # another file that happens to have the name
+    assert rel.row(str(folder / "img0.png")) == 0
+
+
+def test_resume_reads_records_split_on_newlines_only(tmp_path, tag_weights):
+    d = tmp_path / "odd"
+    d.mkdir()
+    for i, name in enumerate(["a\u2028b.png", "c\u0085d.png", "e.png"]):
+        _picture(seed=i).save(d / name)
+    out = tmp_path / "out.jsonl"
+    assert tag(d, "-o", out, weights=tag_weights).exit_code == 0
+    before = out.read_bytes()
+    again = tag(d, "-o", out, "--resume", weights=tag_weights)
+    assert again.exit_code == 0, again.stderr
+    assert out.read_bytes() == before
+
+
+# A decoding worker that dies costs only its image, even with a slow consumer ----------------------------------
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="relies on fork carrying the monkeypatch into workers")
+def test_a_dying_worker_with_a_slow_consumer_costs_one_image(tmp_path, tag_weights, monkeypatch):
+    from i2v_cli import data
+    from i2v_cli.runner import run_model
+    from i2v_cli.weights import load_model
+
+    paths = []
+    for i in range(8):
+        name = f"{i}-BOOM.png" if i == 3 else f"{i}.png"
+        _picture(seed=i).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    original = data.load_and_preprocess
+
+    def load(path):
+        if "BOOM" in os.path.basename(path):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(path)
+
+    monkeypatch.setattr(data, "load_and_preprocess", load)
+    model, _ = load_model(tag_weights)
+    results = []
+    for batch in run_model(model, paths, batch_size=1, workers=2):
+        time.sleep(0.3)  # a slow consumer: the worker dies while the main thread is busy elsewhere
+        results.extend(batch)
+    assert [r.path for r in results] == paths
+    assert [r.error is None for r in results] == [True] * 3 + [False] + [True] * 4
+    assert "crashed" in results[3].error

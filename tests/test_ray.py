@@ -301,3 +301,12 @@ def test_engine_options_are_checked(tag_weights, images, tmp_path, monkeypatch):
     monkeypatch.undo()
     result = runner.invoke(cli, [*base, "--engine", "ray"])
     assert result.exit_code == 2 and "give -o FOLDER" in result.output
+    # Local options that Ray cannot honour are refused before anything starts, never silently dropped.
+    out = ["--engine", "ray", "-o", str(tmp_path / "o")]
+    result = runner.invoke(cli, [*base, *out, "--workers", "2"])
+    assert result.exit_code == 2 and "--workers: with --engine ray" in result.output
+    result = runner.invoke(cli, [*base, *out, "--device", "cuda:1"])
+    assert result.exit_code == 2 and "Ray gives each actor its GPU" in result.output
+    result = runner.invoke(cli, [*base, *out, "--backend", "onnxruntime", "--precision", "bf16"])
+    assert result.exit_code == 2 and "computes in fp32" in result.output
+    assert not (tmp_path / "o").exists()
