@@ -469,3 +469,11 @@ def test_a_dying_worker_with_a_slow_consumer_costs_one_image(tmp_path, tag_weigh
     assert [r.path for r in results] == paths
     assert [r.error is None for r in results] == [True] * 3 + [False] + [True] * 4
     assert "crashed" in results[3].error
+
+
+def test_tag_help_groups_its_options():
+    text = CliRunner().invoke(cli, ["tag", "-h"]).output
+    sections = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert sections == ["Options:", "Caption files:", "The network:", "Ray cluster (--engine ray):"]
+    assert text.index("Caption files:") < text.index("--caption-sep") < text.index("The network:")
+    assert text.index("Ray cluster") < text.index("--shard-size")

@@ -123,6 +123,35 @@ class I2VGroup(click.Group):
             ctx.exit(exit_status(exc))
 
 
+class SectionedCommand(click.Command):
+    """A command whose ``-h`` lists its options in named sections (``sections``: title -> parameter names), the
+    rest under "Options", so that a long list (captions, Ray) reads as groups."""
+
+    def __init__(self, *args: Any, sections: dict[str, tuple[str, ...]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sections = sections or {}
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        placed = {name for names in self.sections.values() for name in names}
+        groups: dict[str, list[tuple[str, str]]] = {"Options": []}
+        for title in self.sections:
+            groups[title] = []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            title = next((t for t, names in self.sections.items() if param.name in names), "Options")
+            groups["Options" if param.name not in placed else title].append(record)
+        for title, records in groups.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
+MODEL_SECTION = ("weights", "device", "batch_size", "workers", "precision", "backend")
+RAY_SECTION = ("engine", "ray_address", "num_workers", "gpus_per_worker", "shard_size")
+
+
 def default_workers() -> int:
     """Decoding workers by default: one per core, at most 4 (the network itself uses the remaining time)."""
     return max(1, min(4, os.cpu_count() or 1))

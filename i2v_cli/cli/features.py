@@ -14,6 +14,9 @@ from ..inputs import expand_inputs
 from .common import (
     CONTEXT_SETTINGS,
     EXIT_SOME_FAILED,
+    MODEL_SECTION,
+    RAY_SECTION,
+    SectionedCommand,
     UsageFailure,
     default_workers,
     echo,
@@ -28,7 +31,11 @@ from .ray_options import engine_options, run_engine
 FEATURE_FORMATS = ("npy", "jsonl")
 
 
-@click.command(context_settings=CONTEXT_SETTINGS)
+@click.command(
+    cls=SectionedCommand,
+    context_settings=CONTEXT_SETTINGS,
+    sections={"The network": MODEL_SECTION, "Ray cluster (--engine ray)": RAY_SECTION},
+)
 @input_options
 @click.option("--output", "-o", metavar="FILE", help="Write here (FILE.npy plus FILE.paths.jsonl for npy).")
 @click.option(

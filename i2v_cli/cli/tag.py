@@ -19,7 +19,10 @@ from ..inputs import expand_inputs
 from .common import (
     CONTEXT_SETTINGS,
     EXIT_SOME_FAILED,
+    MODEL_SECTION,
+    RAY_SECTION,
     F,
+    SectionedCommand,
     UsageFailure,
     default_workers,
     echo,
@@ -64,7 +67,16 @@ def tags_digest(tags: list[str]) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(tags, ensure_ascii=False).encode()).hexdigest()
 
 
-@click.command(context_settings=CONTEXT_SETTINGS)
+@click.command(
+    cls=SectionedCommand,
+    context_settings=CONTEXT_SETTINGS,
+    sections={
+        "Caption files": ("captions", "captions_dir", "caption_ext", "caption_sep", "underscores", "exclude",
+                          "character_first", "rating_tag", "skip_existing", "overwrite", "append"),
+        "The network": MODEL_SECTION,
+        "Ray cluster (--engine ray)": RAY_SECTION,
+    },
+)  # fmt: skip
 @input_options
 @click.option(
     "--threshold",
