@@ -43,3 +43,8 @@ class CaptionError(I2VError):
 class OutputError(I2VError):
     """An output cannot be written (full disk, no permission, a folder where a file is needed), or the
     command would destroy something it must not (an input, a foreign file, another run's output)."""
+
+
+class CalibrationError(I2VError):
+    """A calibration set for ``--precision int8`` cannot be made or read (no usable image, not a calibration
+    file, wrong shape)."""

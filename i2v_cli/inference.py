@@ -26,8 +26,9 @@ from .config import TAG
 from .errors import I2VError
 from .model import Illust2VecNet
 
-#: Numeric precisions of ``--precision``: fp32 gives the reference results; bf16/fp16 run under autocast.
-PRECISIONS = ("fp32", "bf16", "fp16")
+#: Numeric precisions of ``--precision``: fp32 gives the reference results; bf16/fp16 run under autocast;
+#: int8 (CPU) is the network quantised from a calibration set (:mod:`i2v_cli.quantize`).
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 #: Inference backends of ``--backend``.
 BACKENDS = ("auto", "torch", "onnxruntime")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,11 +44,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse, in one line, a precision the device cannot run (fp16 needs CUDA) or an unknown one."""
+    """Refuse, in one line, a precision the device cannot run (fp16 needs CUDA, int8 the CPU and ONNX Runtime)
+    or an unknown one."""
     if precision not in PRECISIONS:
         raise I2VError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise I2VError("--precision fp16 needs a CUDA device; on a CPU use bf16 (or fp32, the default)")
+    if precision == "int8" and device.type != "cpu":
+        raise I2VError("--precision int8 runs on the CPU: use --device cpu, or bf16/fp16 on CUDA")
+    if precision == "int8" and not onnxruntime_available():
+        raise I2VError("--precision int8 needs ONNX Runtime: pip install 'i2v[onnx]'")
 
 
 def onnxruntime_available() -> bool:
@@ -65,13 +71,15 @@ def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
     if backend not in BACKENDS:
         raise I2VError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
     if backend == "auto":
-        if device.type == "cpu" and precision == "fp32" and onnxruntime_available():
+        if device.type == "cpu" and precision in ("fp32", "int8") and onnxruntime_available():
             return "onnxruntime"
         return "torch"
+    if precision == "int8" and backend == "torch":
+        raise I2VError("--precision int8 runs in ONNX Runtime: use --backend auto (or onnxruntime)")
     if backend == "onnxruntime":
         if device.type != "cpu":
             raise I2VError("--backend onnxruntime runs on the CPU: use --device cpu, or --backend torch on CUDA")
-        if precision != "fp32":
+        if precision not in ("fp32", "int8"):
             raise I2VError(f"--backend onnxruntime computes in fp32: use --backend torch for --precision {precision}")
         if not onnxruntime_available():
             raise I2VError("--backend onnxruntime needs ONNX Runtime: pip install 'i2v[onnx]'")
@@ -288,6 +296,10 @@ def prepare_for_inference(
     check_precision(precision, device)
     model = model.eval()
     if resolve_backend(backend, device, precision) == "onnxruntime":
+        if precision == "int8":
+            from .quantize import prepare_int8
+
+            return prepare_int8(model, cache_dir)
         return OnnxRuntimeNet(model, cache_dir)
     if device.type == "cpu" and precision == "fp32":
         return pack_for_cpu(model)

@@ -9,6 +9,7 @@ import click
 
 from ..download import RELEASE_BASE_URL, fetch_release
 from ..weights import convert, default_weights_dir, load_weights
+from .calibrate import calibrate
 from .common import CONTEXT_SETTINGS, I2VGroup, progress_bar, progress_option
 
 
@@ -93,3 +94,6 @@ def info(file: Path) -> None:
     """Print what a weight file holds (kind, widths, source and its SHA-256) as JSON."""
     _, meta = load_weights(file)
     click.echo(json.dumps(meta.as_dict(), indent=2))
+
+
+weights.add_command(calibrate)
