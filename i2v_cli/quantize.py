@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import io
 import math
 import os
@@ -218,6 +219,17 @@ def _int8_convolutions(model: Illust2VecNet) -> list[nn.Conv2d]:
     return [m for m in model.features if isinstance(m, nn.Conv2d)]
 
 
+def _patches(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The 3x3 patches (zero padding) at flat positions ``idx`` of x: (B, C*9, P), as ``F.unfold(x, 3, padding=1)
+    [:, :, idx]`` (channel-major, then kernel row, then column: the order of ``weight.flatten(1)``), without
+    unfolding every position."""
+    b, c, _, width = x.shape
+    padded = F.pad(x, (1, 1, 1, 1)).reshape(b, c, -1)
+    r, col = idx // width, idx % width
+    taps = [padded[:, :, (r + dy) * (width + 2) + (col + dx)] for dy in range(3) for dx in range(3)]
+    return torch.stack(taps, dim=2).reshape(b, c * 9, len(idx))
+
+
 @dataclass
 class Statistics:
     """What quantising a network needs from the calibration set: per int8 convolution X Xᵀ of its input
@@ -246,8 +258,7 @@ def calibration_statistics(model: Illust2VecNet, inputs: torch.Tensor, batch: in
                     k, positions = x.shape[1] * 9, x.shape[2] * x.shape[3]
                     per_image = min(positions, math.ceil(max(_MIN_COLUMNS, _COLUMNS_PER_INPUT * k) / n))
                     idx = torch.randperm(positions, generator=gen)[:per_image].sort().values
-                    cols = F.unfold(x, 3, padding=1)[:, :, idx]  # (B, C*9, P), in the order of weight.flatten(1)
-                    cols = cols.transpose(0, 1).reshape(k, -1)
+                    cols = _patches(x, idx).transpose(0, 1).reshape(k, -1)
                     hessians[i].addmm_(cols, cols.T)
                     seen[i] += cols.shape[1]
                     x = module(x)
@@ -271,34 +282,41 @@ def gptq(
     """Round a (out, ...) weight to ``bits``-bit integers with one symmetric scale per output channel, by
     GPTQ: returns (integers as int8, scales as float32 (out,)). ``hessian`` is X Xᵀ of the layer's inputs."""
     shape = weight.shape
-    w = weight.detach().reshape(shape[0], -1).to(torch.float32).clone()
     qmax = 2 ** (bits - 1) - 1
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / qmax
+    # Transposed, (inputs, out): a column of the weight is a contiguous row here.
+    w = weight.detach().reshape(shape[0], -1).to(torch.float32).T.contiguous()
+    scale = w.abs().amax(dim=0).clamp_min(1e-12) / qmax
+    inv_scale = scale.reciprocal()
     h = hessian.to(torch.float32).clone()
     dead = torch.diagonal(h) == 0  # inputs that never fire: their weights do not matter
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w[dead] = 0.0
     order = torch.argsort(torch.diagonal(h), descending=True)  # the largest inputs first ("act order")
-    w, h = w[:, order], h[order][:, order]
+    w, h = w[order], h[order][:, order]
     h.diagonal().add_(_DAMP * float(torch.diagonal(h).mean()))
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.zeros_like(w)
-    cols = w.shape[1]
-    inv_scale = scale[:, None].reciprocal()
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        w1, hi = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        err = torch.zeros_like(w1)
+    hinv = _inverse_upper_cholesky(h)
+    q = torch.empty_like(w)
+    rows = w.shape[0]
+    for i1 in range(0, rows, block):
+        i2 = min(i1 + block, rows)
+        w1, hi = w[i1:i2], hinv[i1:i2, i1:i2]
+        err = torch.empty_like(w1)
         for j in range(i2 - i1):
-            col = w1[:, j]
-            qc = torch.clamp(torch.round(col * inv_scale[:, 0]), -qmax, qmax)
-            q[:, i1 + j] = qc
-            e = (col - qc * scale) / hi[j, j]
-            w1[:, j:] -= e[:, None] * hi[j, j:][None, :]
-            err[:, j] = e
-        w[:, i2:] -= err @ hinv[i1:i2, i2:]
-    q = q[:, torch.argsort(order)]
-    return q.to(torch.int8).reshape(shape), scale
+            qj = torch.clamp(torch.round(w1[j] * inv_scale), -qmax, qmax)
+            q[i1 + j] = qj
+            err[j] = (w1[j] - qj * scale) / hi[j, j]
+            w1[j:].addr_(hi[j, j:], err[j], alpha=-1.0)
+        w[i2:].addmm_(hinv[i1:i2, i2:].T, err, alpha=-1.0)
+    q = q[torch.argsort(order)].T
+    return q.to(torch.int8).reshape(shape).contiguous(), scale
+
+
+def _inverse_upper_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), from one Cholesky and one triangular inverse: with J the
+    reversal, U = J L⁻¹ J where L is the Cholesky factor of J H J."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    lower = torch.linalg.cholesky(h.flip(0, 1))
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -421,9 +439,32 @@ class _Trunk(nn.Module):
         return self.model.features(x)
 
 
+#: What runs the int8 file: OpenVINO when installed (the ``openvino`` extra; faster on the measured CPU), else
+#: ONNX Runtime. ``$I2V_INT8_RUNTIME`` (onnxruntime or openvino) chooses.
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def openvino_available() -> bool:
+    """Whether OpenVINO is importable (the optional ``openvino`` extra)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def default_runtime() -> str:
+    """``$I2V_INT8_RUNTIME`` when set, else OpenVINO when installed, else ONNX Runtime."""
+    chosen = os.environ.get("I2V_INT8_RUNTIME")
+    if chosen:
+        if chosen not in RUNTIMES:
+            raise I2VError(f"I2V_INT8_RUNTIME={chosen!r}: use {' or '.join(RUNTIMES)}")
+        if chosen == "openvino" and not openvino_available():
+            raise I2VError("I2V_INT8_RUNTIME=openvino, but OpenVINO is not installed: pip install 'i2v[openvino]'")
+        return chosen
+    return "openvino" if openvino_available() else "onnxruntime"
+
+
 class Int8Net:
-    """The int8 network in an ONNX Runtime CPU session: a callable from a (N, 3, 224, 224) tensor to its output
-    (tag probabilities, or ``encode1``, which runs in fp32 on the model's own weight)."""
+    """The int8 network on the CPU: a callable from a (N, 3, 224, 224) tensor to its output (tag probabilities,
+    or ``encode1``, which runs in fp32 on the model's own weight). The QDQ file runs in ONNX Runtime or
+    OpenVINO (``runtime``; default :func:`default_runtime`), with as many threads as PyTorch uses."""
 
     def __init__(
         self,
@@ -431,24 +472,37 @@ class Int8Net:
         calibration: Calibration | None = None,
         cache_dir: Path | None = None,
         threads: int | None = None,
+        runtime: str | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         self.calibration = calibration or find_calibration()
+        self.runtime = runtime or default_runtime()
         self.head = None if model.arch.kind == TAG else model.forward_head
         exported: nn.Module = model if self.head is None else _Trunk(model)
         onnx_model = cached_int8(exported, f"{model.arch.kind}-int8", self.calibration, cache_dir)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        threads = threads or torch.get_num_threads()
+        if self.runtime == "openvino":
+            import openvino as ov
+
+            core = ov.Core()
+            # A file is read by path; bytes (no writable cache) through ONNX's in-memory reader.
+            source = onnx_model if isinstance(onnx_model, str) else core.read_model(onnx_model, b"")
+            config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+            self._request = core.compile_model(source, "CPU", config).create_infer_request()
+            self._run = lambda x: self._request.infer({0: x})[0]
+        else:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            self._run = lambda x: session.run(None, {name: x})[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Run a float32 CPU batch through the session."""
-        (y,) = self.session.run(None, {self.input_name: x.detach().to(torch.float32).contiguous().numpy()})
-        out = torch.from_numpy(y)
+        """Run a float32 CPU batch through the int8 network."""
+        out = torch.from_numpy(np.asarray(self._run(x.detach().to(torch.float32).contiguous().numpy())))
         return out if self.head is None else self.head(out)
 
 

@@ -18,11 +18,16 @@ from i2v_cli.weights import load_model
 
 needs_ort = pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime is not installed (the onnx extra)")
 CPU = torch.device("cpu")
+#: The runtimes the int8 file is checked in: ONNX Runtime always, OpenVINO where the extra is installed.
+RUNTIMES = [
+    "onnxruntime",
+    pytest.param("openvino", marks=pytest.mark.skipif(not quantize.openvino_available(), reason="no OpenVINO")),
+]
 
 # The bounds int8 keeps on the golden models (their scores crowd around 0.5 on purpose: a harsh judge) with the
 # built-in calibration set. Measured: tag 98.6% of the (image, tag) decisions at 0.5 unchanged, max |dp| 0.26;
 # feature 99.0% of the signs of encode1 unchanged, max |diff| 5% of the largest |feature|. Rounding the weights
-# to nearest instead of GPTQ gives 97.4% on the tag model, a calibration set of one flat image 94%: both fail.
+# to nearest instead of GPTQ gives 97.8% on the tag model, one flat calibration image 58%, a doubled scale 46%.
 TAG_AGREEMENT, TAG_MAX_DP = 0.982, 0.30
 FEATURE_AGREEMENT, FEATURE_MAX_REL = 0.985, 0.08
 
@@ -51,8 +56,11 @@ def int8_tag(tag_weights, inputs):
 
 
 @needs_ort
-def test_int8_tag_agrees_with_fp32_on_the_golden_model(int8_tag):
-    want, got = int8_tag
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_int8_tag_agrees_with_fp32_on_the_golden_model(int8_tag, tag_weights, inputs, runtime):
+    want, _ = int8_tag
+    model, _ = load_model(tag_weights)
+    got = _scores(quantize.Int8Net(model, runtime=runtime), inputs)  # the file the fixture made, cached
     agree, max_dp = _tag_bound(got, want)
     assert agree >= TAG_AGREEMENT, f"{agree:.4f} of the decisions at 0.5 unchanged"
     assert max_dp <= TAG_MAX_DP
@@ -60,10 +68,11 @@ def test_int8_tag_agrees_with_fp32_on_the_golden_model(int8_tag):
 
 
 @needs_ort
-def test_int8_feature_agrees_with_fp32_on_the_golden_model(feature_weights, inputs):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_int8_feature_agrees_with_fp32_on_the_golden_model(feature_weights, inputs, runtime):
     model, _ = load_model(feature_weights)
     want = _scores(model, inputs)
-    got = _scores(prepare_for_inference(model, precision="int8"), inputs)
+    got = _scores(quantize.Int8Net(model, runtime=runtime), inputs)
     assert quantize.agreement(got, want, 0.0) >= FEATURE_AGREEMENT  # the binary feature's bits
     assert np.abs(got - want).max() <= FEATURE_MAX_REL * np.abs(want).max()
 
@@ -101,7 +110,7 @@ def test_the_bound_fails_when_quantisation_breaks(breakage, tag_weights, inputs,
             return q, scale * 2 if weight.shape[0] == 32 else scale  # conv6_1 ... conv6_3 of the golden model
 
         monkeypatch.setattr(quantize, "gptq", doubled)
-    got = _scores(quantize.Int8Net(model, calibration, tmp_path), inputs)
+    got = _scores(quantize.Int8Net(model, calibration, tmp_path, runtime="onnxruntime"), inputs)
     agree, max_dp = _tag_bound(got, want)
     assert agree < TAG_AGREEMENT or max_dp > TAG_MAX_DP
 
@@ -180,6 +189,16 @@ def test_cli_tag_int8(golden_order, tag_weights, int8_tag):
     assert [r["path"] for r in records] == images
     _, got = int8_tag  # the same cached int8 network as the API's
     assert abs(records[0]["rating"]["safe"] - float(got[0][1536])) < 1e-5
+
+
+def test_int8_runtime_choice(monkeypatch):
+    monkeypatch.setenv("I2V_INT8_RUNTIME", "onnxruntime")
+    assert quantize.default_runtime() == "onnxruntime"
+    monkeypatch.setenv("I2V_INT8_RUNTIME", "tensorrt")
+    with pytest.raises(I2VError, match="use onnxruntime or openvino"):
+        quantize.default_runtime()
+    monkeypatch.delenv("I2V_INT8_RUNTIME")
+    assert quantize.default_runtime() == ("openvino" if quantize.openvino_available() else "onnxruntime")
 
 
 # --------------------------------------------------------------------------------------------------------
