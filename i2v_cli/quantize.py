@@ -14,7 +14,7 @@ The recipe, each step chosen by measurement on the golden models (numbers in ben
    runs with its int8 (VNNI) kernels. The result is cached like the ONNX export, keyed by the weights, the
    calibration set, the recipe and the library versions.
 
-Only the feature network's ``encode1`` (a matrix-vector product per image) stays in fp32.
+The feature network's ``encode1`` (a matrix-vector product per image) stays in fp32, on the model's own weight.
 """
 
 from __future__ import annotations
@@ -324,10 +324,10 @@ def _inverse_upper_cholesky(h: torch.Tensor) -> torch.Tensor:
 
 
 class _Reader:
-    """ONNX Runtime's CalibrationDataReader protocol over a tensor of network inputs."""
+    """ONNX Runtime's CalibrationDataReader protocol over a tensor of network inputs (plus fixed ``feeds``)."""
 
-    def __init__(self, inputs: torch.Tensor, name: str, batch: int = 8) -> None:
-        self.batches = iter([{name: inputs[i : i + batch].numpy()} for i in range(0, len(inputs), batch)])
+    def __init__(self, inputs: torch.Tensor, name: str, feeds: dict[str, np.ndarray], batch: int = 8) -> None:
+        self.batches = iter([{name: inputs[i : i + batch].numpy(), **feeds} for i in range(0, len(inputs), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.batches, None)
@@ -344,7 +344,8 @@ def quantize_onnx(model: nn.Module, float_onnx: bytes, images: np.ndarray) -> by
     from onnx import numpy_helper
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    net = model.model if isinstance(model, _Trunk) else model
+    net = model if isinstance(model, Illust2VecNet) else model.model
+    feeds = {k: v.numpy() for k, v in getattr(model, "extra_inputs", {}).items()}
     inputs = network_inputs(images)
     stats = calibration_statistics(net, inputs)
     proto = onnx.load_from_string(float_onnx)
@@ -372,7 +373,7 @@ def quantize_onnx(model: nn.Module, float_onnx: bytes, images: np.ndarray) -> by
         quantize_static(
             src,
             dst,
-            _Reader(inputs[:1], input_name),  # every range is given: the pass only satisfies the API
+            _Reader(inputs[:1], input_name, feeds),  # every range is given: the pass only satisfies the API
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["Conv", "MaxPool", "Relu"],
             nodes_to_exclude=[n.name for n in convs[len(stats.hessians) :]],  # the tag network's conv6_4
@@ -428,15 +429,17 @@ def cached_int8(model: nn.Module, name: str, calibration: Calibration, cache_dir
 # Running it
 
 
-class _Trunk(nn.Module):
-    """conv1_1 ... conv6_3: the part of the feature network that runs in int8."""
+class _FeatureNet(nn.Module):
+    """The feature network with ``encode1``'s weight as a second input (see :class:`i2v_cli.inference.OnnxRuntimeNet`):
+    the int8 file holds the int8 trunk and ``encode1``'s bias; the fp32 product reads the model's own weight."""
 
     def __init__(self, model: Illust2VecNet) -> None:
         super().__init__()
         self.model = model
+        self.extra_inputs = {"encode1_weight": model.encode1.weight.detach()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.features(x)
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.flatten(self.model.features(x), 1), weight, self.model.encode1.bias)
 
 
 #: What runs the int8 file: OpenVINO when installed (the ``openvino`` extra; faster on the measured CPU), else
@@ -463,7 +466,7 @@ def default_runtime() -> str:
 
 class Int8Net:
     """The int8 network on the CPU: a callable from a (N, 3, 224, 224) tensor to its output (tag probabilities,
-    or ``encode1``, which runs in fp32 on the model's own weight). The QDQ file runs in ONNX Runtime or
+    or ``encode1``, computed in fp32 on the model's own weight, fed in place). The QDQ file runs in ONNX Runtime or
     OpenVINO (``runtime``; default :func:`default_runtime`), with as many threads as PyTorch uses."""
 
     def __init__(
@@ -476,8 +479,8 @@ class Int8Net:
     ) -> None:
         self.calibration = calibration or find_calibration()
         self.runtime = runtime or default_runtime()
-        self.head = None if model.arch.kind == TAG else model.forward_head
-        exported: nn.Module = model if self.head is None else _Trunk(model)
+        exported: nn.Module = model if model.arch.kind == TAG else _FeatureNet(model)
+        feeds = {k: v.contiguous().numpy() for k, v in getattr(exported, "extra_inputs", {}).items()}  # no copy
         onnx_model = cached_int8(exported, f"{model.arch.kind}-int8", self.calibration, cache_dir)
         threads = threads or torch.get_num_threads()
         if self.runtime == "openvino":
@@ -487,8 +490,10 @@ class Int8Net:
             # A file is read by path; bytes (no writable cache) through ONNX's in-memory reader.
             source = onnx_model if isinstance(onnx_model, str) else core.read_model(onnx_model, b"")
             config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-            self._request = core.compile_model(source, "CPU", config).create_infer_request()
-            self._run = lambda x: self._request.infer({0: x})[0]
+            compiled = core.compile_model(source, "CPU", config)
+            self._request = compiled.create_infer_request()
+            names = [next(iter(i.names)) for i in compiled.inputs]
+            self._run = lambda x: self._request.infer({names[0]: x, **feeds})[0]
         else:
             import onnxruntime as ort
 
@@ -498,12 +503,11 @@ class Int8Net:
             options.log_severity_level = 3
             session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
             name = session.get_inputs()[0].name
-            self._run = lambda x: session.run(None, {name: x})[0]
+            self._run = lambda x: session.run(None, {name: x, **feeds})[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Run a float32 CPU batch through the int8 network."""
-        out = torch.from_numpy(np.asarray(self._run(x.detach().to(torch.float32).contiguous().numpy())))
-        return out if self.head is None else self.head(out)
+        return torch.from_numpy(np.asarray(self._run(x.detach().to(torch.float32).contiguous().numpy())))
 
 
 def prepare_int8(
