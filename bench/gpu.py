@@ -133,8 +133,8 @@ def throughput(device: torch.device, out: Path, smoke: bool, seconds: float = 1.
         for precision in precisions:
             if kind == "feature" and precision != "bf16" and not smoke:
                 continue  # the feature network's trunk is the tag network's; one precision shows encode1's cost
-            _strict_fp32()
             net = prepare_for_inference(model, precision=precision, backend="torch")
+            _strict_fp32()  # after preparing: fp32 rows are fp32, whatever the library sets for TF32
             for batch in batches if kind == "tag" else batches[-2:]:
                 x = torch.randn(batch, 3, size, size, device=device) * 50
                 if kind == "feature" and size != 224:
@@ -147,6 +147,7 @@ def throughput(device: torch.device, out: Path, smoke: bool, seconds: float = 1.
                     continue
                 rows.append({"kind": kind, "precision": precision, "batch": batch, "img_s": rate})
                 print(f"  {kind} {precision} batch {batch}: {rate:,.0f} img/s", flush=True)
+                _write(out, "throughput", {"device": _device_name(device), "input": size, "rows": rows})  # so far
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -248,6 +249,7 @@ def e2e(device: torch.device, out: Path, smoke: bool) -> dict:
     torch.backends.cudnn.benchmark = True
     precision = "bf16"
     net = prepare_for_inference(_full_model("tag", device), precision=precision, backend="torch")
+    _strict_fp32()  # the resize's matrix products in full fp32 (the network runs in bf16 under autocast)
     read = ThreadPoolExecutor(8)
     gpu_decode = torchvision is not None and device.type == "cuda"
     decoder = "nvJPEG (torchvision.io.decode_jpeg on the GPU)" if gpu_decode else "Pillow on the CPU, 8 threads"

@@ -67,9 +67,9 @@ step() {  # $1: seconds allowed, $2: title, then the command
 } 2>&1 | tee -a "$LOG"
 
 if [[ "$DEVICE" == cuda ]]; then
-    step 150 "GPU tests (pytest -m gpu)" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/
+    step 120 "GPU tests (pytest -m gpu)" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/
 fi
-step 60 "golden models, fp32, TF32 off" "$PY" bench/gpu.py golden --device "$DEVICE" --out "$OUT_DIR" $SMOKE
-step 180 "model-only throughput" "$PY" bench/gpu.py throughput --device "$DEVICE" --out "$OUT_DIR" $SMOKE
-step 150 "end to end from JPEG files" "$PY" bench/gpu.py e2e --device "$DEVICE" --out "$OUT_DIR" $SMOKE
+step 45 "golden models, fp32, TF32 off" "$PY" bench/gpu.py golden --device "$DEVICE" --out "$OUT_DIR" $SMOKE
+step 150 "model-only throughput" "$PY" bench/gpu.py throughput --device "$DEVICE" --out "$OUT_DIR" $SMOKE
+step 120 "end to end from JPEG files" "$PY" bench/gpu.py e2e --device "$DEVICE" --out "$OUT_DIR" $SMOKE
 echo -e "\nbench/gpu.sh: done in $SECONDS s; results in $OUT_DIR" | tee -a "$LOG"
