@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "out"
 BATCH = 8
+#: Version of the synthetic full-size models (part of their file names): he = He-initialised, scaled head.
+MODEL_VERSION = "he1"
 #: (width, height) of the synthetic illustrations, cycled: thumbnails to phone and 2K scans.
 SIZES = [(224, 224), (512, 512), (600, 800), (768, 1024), (1024, 768), (1200, 900), (850, 1200), (1920, 1080)]
 
@@ -34,23 +36,42 @@ SIZES = [(224, 224), (512, 512), (600, 800), (768, 1024), (1024, 768), (1200, 90
 
 
 def build_models() -> dict[str, Path]:
-    """Full-size tag and feature models with random weights, written once as i2v safetensors files."""
+    """Full-size tag and feature models with random weights, written once as i2v safetensors files.
+
+    He-initialised convolutions (the signal keeps its size through the 11 layers) and a head scaled so that
+    the logits spread over about N(0, 2) around random per-output offsets: with PyTorch's default
+    initialisation every score would sit within 1e-3 of 0.5, which says nothing about int8's accuracy."""
     import torch
 
     from i2v_cli.config import FEATURE, RELEASE_FEATURE_DIM, RELEASE_WIDTHS, TAG
     from i2v_cli.model import Architecture, Illust2VecNet
+    from i2v_cli.quantize import synthetic_images
+    from i2v_cli.transform import to_network_input
     from i2v_cli.weights import WeightsInfo, save_safetensors
 
     paths = {}
     for kind, dim in ((TAG, 0), (FEATURE, RELEASE_FEATURE_DIM)):
-        path = OUT / "models" / f"{kind}.safetensors"
+        path = OUT / "models" / f"{kind}-{MODEL_VERSION}.safetensors"
         paths[kind] = path
         if path.is_file():
             continue
-        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(0)
         model = Illust2VecNet(Architecture(kind, RELEASE_WIDTHS, dim))
-        info = WeightsInfo(kind, RELEASE_WIDTHS, dim, 1539, f"bench-{kind}", f"bench-random-{kind}-seed0", "bench")
+        with torch.no_grad():
+            for conv in [m for m in model.features if isinstance(m, torch.nn.Conv2d)]:
+                fan_in = conv.weight[0].numel()
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.1)
+            head = model.conv6_4 if kind == TAG else model.encode1
+            images = torch.stack([to_network_input(torch.from_numpy(a)) for a in synthetic_images(16, seed=1)])
+            logits = model.forward_head(model.forward_features(images))
+            scale = 2.0 / float(logits.std())
+            offset = torch.randn(logits.shape[1], generator=gen) - scale * logits.mean(0)
+            head.weight.mul_(scale)
+            head.bias.mul_(scale).add_(offset)
+        info = WeightsInfo(kind, RELEASE_WIDTHS, dim, 1539, f"bench-{kind}", f"bench-{MODEL_VERSION}-{kind}", "bench")
         save_safetensors(model.state_dict(), path, info.to_metadata())
+        del model
     return paths
 
 
@@ -92,15 +113,73 @@ def _load(kind: str):
     """A fresh copy of a bench model (each row gets its own: some preparations convert a model in place)."""
     from i2v_cli.weights import load_model
 
-    model, _ = load_model(OUT / "models" / f"{kind}.safetensors", kind=kind)
+    model, _ = load_model(OUT / "models" / f"{kind}-{MODEL_VERSION}.safetensors", kind=kind)
     return model
 
 
-def _predictors(kind: str, names: list[str]) -> dict:
-    """Callables for the model-only rows: eager NCHW (naive), i2v (default, torch, bf16), ONNX Runtime."""
+def _plain_onnx(kind: str, model) -> Path:
+    """The whole network exported as anyone would, once: what the plain ONNX Runtime and OpenVINO rows run."""
+    from i2v_cli.inference import export_onnx
+
+    path = OUT / "cache" / f"plain-{kind}-{MODEL_VERSION}.onnx"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(model, path)
+    return path
+
+
+def _openvino(path: Path, hint: str | None = None):
+    """An OpenVINO CPU model (2 threads... as many as torch uses, latency mode) as a numpy-in, numpy-out callable."""
+    import openvino as ov
     import torch
 
-    from i2v_cli.inference import export_onnx, prepare_for_inference
+    config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+    if hint:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    request = ov.Core().compile_model(str(path), "CPU", config).create_infer_request()
+    return lambda x: request.infer({0: x})[0]
+
+
+def _torch_int8(model):
+    """PyTorch's own int8 (FX graph mode, x86 backend: fbgemm/oneDNN), default qconfig, calibrated on the same
+    calibration set: the candidate that needs nothing beyond torch."""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from i2v_cli import quantize
+
+    class Features(torch.nn.Module):  # conv1_1 ... conv6_3 alone: what FX quantises; the head stays in fp32
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = model.features
+
+        def forward(self, x):
+            return self.features(x)
+
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FX quantisation's deprecation notes
+        trunk = Features().eval()
+        prepared = prepare_fx(trunk, get_default_qconfig_mapping("x86"), (torch.zeros(1, 3, 224, 224),))
+        with torch.inference_mode():
+            inputs = quantize.network_inputs(quantize.find_calibration().images())
+            for i in range(0, len(inputs), 8):
+                prepared(inputs[i : i + 8])
+        quantized = convert_fx(prepared)
+    if model.arch.kind == "tag":
+        return lambda x: torch.sigmoid(model.forward_head(quantized(x)))
+    return lambda x: model.forward_head(quantized(x))
+
+
+def _predictors(kind: str, names: list[str]) -> dict:
+    """Callables for the model-only rows: eager NCHW (naive), i2v (default, torch, bf16, int8), ONNX Runtime,
+    and the other int8 candidates: OpenVINO (fp32, and on i2v's int8 QDQ file), PyTorch's FX int8."""
+    import torch
+
+    from i2v_cli.inference import prepare_for_inference
 
     out = {}
     for name in names:
@@ -113,16 +192,58 @@ def _predictors(kind: str, names: list[str]) -> dict:
             out[name] = prepare_for_inference(model, backend="torch")
         elif name == "i2v-bf16":
             out[name] = prepare_for_inference(model, precision="bf16")
+        elif name in ("i2v-int8", "ov-int8"):  # the same int8 file, in ONNX Runtime or OpenVINO
+            from i2v_cli.quantize import Int8Net
+
+            runtime = "onnxruntime" if name == "i2v-int8" else "openvino"
+            out[name] = Int8Net(model, cache_dir=OUT / "cache", runtime=runtime)
         elif name == "ort":  # a plain session, default options: the reference runtime as anyone would use it
             import onnxruntime as ort
 
-            path = OUT / "cache" / f"plain-{kind}.onnx"
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                export_onnx(model, path)  # the whole network, as anyone would export it
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(_plain_onnx(kind, model)), providers=["CPUExecutionProvider"])
             out[name] = lambda x, s=session: torch.from_numpy(s.run(None, {"input": x.numpy()})[0])
+        elif name == "ov-fp32":
+            run = _openvino(_plain_onnx(kind, model), "f32")
+            out[name] = lambda x, run=run: torch.from_numpy(run(x.numpy()))
+        elif name == "torch-int8":
+            out[name] = _torch_int8(model)
+        else:
+            raise SystemExit(f"unknown row {name!r}")
     return out
+
+
+def openvino_available() -> bool:
+    """Whether OpenVINO is installed (the optional ``openvino`` extra): its rows are skipped otherwise."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def child_accuracy(kind: str, names: list[str], folder: str, limit: int) -> dict:
+    """Agreement with eager fp32 of each predictor on the benchmark's images: decisions at 0.5 (tag) or signs
+    of encode1 (feature) unchanged, and the largest difference (absolute, or relative to the largest |feature|)."""
+    import numpy as np
+    import torch
+
+    from i2v_cli.transform import load_and_preprocess
+
+    files = sorted(Path(folder).iterdir())[:limit]
+    x = torch.stack([load_and_preprocess(f) for f in files])
+    preds = _predictors(kind, ["naive", *names])
+    with torch.inference_mode():
+        outs = {
+            n: np.concatenate([p(x[i : i + BATCH]).float().numpy() for i in range(0, len(x), BATCH)])
+            for n, p in preds.items()
+        }
+    ref = outs.pop("naive")
+    threshold, scale = (0.5, 1.0) if kind == "tag" else (0.0, float(np.abs(ref).max()))
+    return {
+        n: {
+            "agreement": float(((y > threshold) == (ref > threshold)).mean()),
+            "max_diff": float(np.abs(y - ref).max() / scale),
+        }
+        for n, y in outs.items()
+    }
 
 
 def child_model_only(kind: str, names: list[str], rounds: int, batches: int) -> dict:
@@ -189,6 +310,8 @@ def _child(argv: list[str]) -> None:
         result = {"models": {k: str(v) for k, v in build_models().items()}, "folder": str(build_images(int(argv[1])))}
     elif what == "model":
         result = child_model_only(argv[1], argv[2].split(","), int(argv[3]), int(argv[4]))
+    elif what == "accuracy":
+        result = child_accuracy(argv[1], argv[2].split(","), argv[3], int(argv[4]))
     elif what == "naive-e2e":
         result = child_naive_e2e(argv[1], int(argv[2]))
     else:
@@ -219,13 +342,28 @@ def run_child(args: list[str], cmd: list[str] | None = None) -> tuple[dict, floa
 # --------------------------------------------------------------------------------------------------------
 
 
+LABELS = {
+    "naive": "naive eager NCHW",
+    "i2v": "i2v default (auto backend)",
+    "i2v-torch": "i2v --backend torch",
+    "ort": "ONNX Runtime (plain session)",
+    "i2v-bf16": "i2v --precision bf16",
+    "i2v-int8": "i2v --precision int8 (ONNX Runtime)",
+    "ov-fp32": "OpenVINO fp32 (plain export)",
+    "ov-int8": "i2v --precision int8 (OpenVINO)",
+    "torch-int8": "PyTorch FX int8 (x86, default qconfig)",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=160, help="images in the folder (default 160)")
     parser.add_argument("--naive-images", type=int, default=64, help="of them, for the naive end-to-end row")
     parser.add_argument("--rounds", type=int, default=5, help="model-only rounds (median reported)")
+    parser.add_argument("--accuracy-images", type=int, default=64, help="images for the int8 agreement columns")
     parser.add_argument("--quick", action="store_true", help="48 images, 2 rounds, no feature rows")
     parser.add_argument("--no-features", action="store_true", help="skip the feature-network rows")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end rows (model only)")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -241,62 +379,132 @@ def main() -> None:
         env_note = f"{os.cpu_count()} cores, torch {version('torch')}, onnxruntime {version('onnxruntime')}"
     except PackageNotFoundError:
         raise SystemExit("bench/run.py compares with ONNX Runtime: pip install -e '.[onnx]' first") from None
+    have_ov = openvino_available()
+    if have_ov:
+        env_note += f", openvino {version('openvino')}"
     setup, _, _ = run_child(["setup", str(args.images)])
     models = {k: Path(v) for k, v in setup["models"].items()}
     folder = Path(setup["folder"])
     i2v = str(Path(sys.executable).with_name("i2v"))
-    rows: list[tuple[str, float, float, str]] = []  # name, img/s, peak RSS MB, note
+    rows: list[tuple[str, float, float, str, dict | None]] = []  # name, img/s, peak RSS MB, note, accuracy
+    int8_names = ["i2v-int8", *(["ov-int8"] if have_ov else []), "torch-int8"]
 
     # Model only, tag network: alternating rounds in one process; RSS of each from a one-round process.
-    names = ["naive", "i2v", "i2v-torch", "ort", "i2v-bf16"]
+    names = ["naive", "i2v", "i2v-torch", "ort", "i2v-bf16", *(["ov-fp32"] if have_ov else []), *int8_names]
+    acc, _, _ = run_child(
+        ["accuracy", "tag", ",".join(["i2v-bf16", *int8_names]), str(folder), str(args.accuracy_images)]
+    )
     res, _, _ = run_child(["model", "tag", ",".join(names), str(args.rounds), "2"])
     med = {n: statistics.median(v) for n, v in res["rates"].items()}
-    labels = {
-        "naive": "tag, model only: naive eager NCHW",
-        "i2v": "tag, model only: i2v default (auto backend)",
-        "i2v-torch": "tag, model only: i2v --backend torch",
-        "ort": "tag, model only: ONNX Runtime (plain session)",
-        "i2v-bf16": "tag, model only: i2v --precision bf16",
-    }
     for n in names:
         _, _, rss = run_child(["model", "tag", n, "1", "1"])
-        rows.append((labels[n], med[n], rss, f"max |diff| vs eager {res['maxdiff_vs_first'][n]:.1e}"))
-    paired = statistics.median(a / b for a, b in zip(res["rates"]["i2v"], res["rates"]["ort"], strict=True))
+        rows.append(
+            (
+                f"tag, model only: {LABELS[n]}",
+                med[n],
+                rss,
+                f"max |diff| vs eager {res['maxdiff_vs_first'][n]:.1e}",
+                acc.get(n),
+            )
+        )
+    paired = {n: _paired(res["rates"], n, "ort") for n in names}
+    paired_i2v = {n: _paired(res["rates"], n, "i2v") for n in names}
 
     # End to end.
-    naive, _, rss = run_child(["naive-e2e", str(folder), str(args.naive_images)])
-    rows.append(("tag, end to end: naive (PIL resize, eager)", naive["images"] / naive["seconds"], rss, ""))
-    out_file = OUT / "tags.jsonl"
-    _, wall, rss = run_child([], [i2v, "tag", str(folder), "-w", str(models["tag"]), "-o", str(out_file)])
-    rows.append(("tag, end to end: `i2v tag` (whole command)", args.images / wall, rss, f"{wall:.1f} s"))
+    if not args.no_e2e:
+        naive, _, rss = run_child(["naive-e2e", str(folder), str(args.naive_images)])
+        rows.append(("tag, end to end: naive (PIL resize, eager)", naive["images"] / naive["seconds"], rss, "", None))
+        out_file = OUT / "tags.jsonl"
+        for precision in ("fp32", "int8"):
+            cmd = [i2v, "tag", str(folder), "-w", str(models["tag"]), "-o", str(out_file), "--precision", precision]
+            _, wall, rss = run_child([], cmd)  # int8: quantised by the accuracy child already, read from the cache
+            rows.append(
+                (f"tag, end to end: `i2v tag --precision {precision}`", args.images / wall, rss, f"{wall:.1f} s", None)
+            )
+    fres = None
     if not args.no_features:
-        fnames = ["naive", "i2v", "ort"]
-        fres, _, frss = run_child(["model", "feature", ",".join(fnames), str(max(2, args.rounds - 2)), "2"])
+        fint8 = ["i2v-int8", *(["ov-int8"] if have_ov else [])]
+        fnames = ["naive", "i2v", "ort", *fint8]
+        facc, _, _ = run_child(["accuracy", "feature", ",".join(fint8), str(folder), str(args.accuracy_images)])
+        fres, _, _ = run_child(["model", "feature", ",".join(fnames), str(max(2, args.rounds - 2)), "2"])
         for n in fnames:
+            _, _, frss = run_child(["model", "feature", n, "1", "1"])
             fmed = statistics.median(fres["rates"][n])
-            rows.append((labels[n].replace("tag,", "feature,"), fmed, frss, "one process for the three"))
-        feat_out = OUT / "features.npy"
-        cmd = [i2v, "features", str(folder), "-w", str(models["feature"]), "-o", str(feat_out)]
-        _, wall, rss = run_child([], cmd)
-        rows.append(("feature, end to end: `i2v features`", args.images / wall, rss, f"{wall:.1f} s"))
+            rows.append((f"feature, model only: {LABELS[n]}", fmed, frss, "", facc.get(n)))
+            paired[f"feature:{n}"] = _paired(fres["rates"], n, "ort")
+            paired_i2v[f"feature:{n}"] = _paired(fres["rates"], n, "i2v")
+        if not args.no_e2e:
+            feat_out = OUT / "features.npy"
+            for precision in ("fp32", "int8"):
+                cmd = [
+                    i2v,
+                    "features",
+                    str(folder),
+                    "-w",
+                    str(models["feature"]),
+                    "-o",
+                    str(feat_out),
+                    "--precision",
+                    precision,
+                ]
+                _, wall, rss = run_child([], cmd)
+                rows.append(
+                    (
+                        f"feature, end to end: `i2v features --precision {precision}`",
+                        args.images / wall,
+                        rss,
+                        f"{wall:.1f} s",
+                        None,
+                    )
+                )
     resize, _, _ = run_child(["resize", str(folder)])
 
-    naive_model = med["naive"]
-    naive_feature = statistics.median(fres["rates"]["naive"]) if not args.no_features else float("nan")
     print(f"\ni2v bench: {env_note}; batch {BATCH}; {args.images} mixed-size JPEG/PNG images\n")
-    print(f"| {'what':48} | {'img/s':>7} | {'x naive':>7} | {'x ORT':>6} | {'peak RSS':>9} | note")
-    print(f"| {'-' * 48} | {'-' * 7} | {'-' * 7} | {'-' * 6} | {'-' * 9} | ----")
-    for name, rate, rss, note in rows:
-        base = naive["images"] / naive["seconds"] if "end to end" in name and name.startswith("tag") else naive_model
-        ort_rate = med["ort"] if name.startswith("tag") else statistics.median(fres["rates"]["ort"])
-        vs_naive = rate / (naive_feature if name.startswith("feature") else base)
-        print(f"| {name:48} | {rate:7.2f} | {vs_naive:7.2f} | {rate / ort_rate:6.2f} | {rss:6.0f} MB | {note}")
-    print(f"\ni2v default / ONNX Runtime, model only, median of per-round ratios: {paired:.3f}")
+    head = f"| {'what':62} | {'img/s':>7} | {'x naive':>7} | {'x ORT':>6} | {'x i2v fp32':>10} | {'peak RSS':>9}"
+    print(head + " | agreement, max diff | note")
+    print(f"| {'-' * 62} | {'-' * 7} | {'-' * 7} | {'-' * 6} | {'-' * 10} | {'-' * 9} | ---- | ----")
+    for name, rate, rss, note, accuracy in rows:
+        feature = name.startswith("feature")
+        rates = fres["rates"] if feature else res["rates"]
+        base = statistics.median(rates["naive"])
+        if "end to end" in name and not feature and not args.no_e2e:
+            base = naive["images"] / naive["seconds"]
+        key = name.split(": ", 1)[1]
+        short = next((k for k, v in LABELS.items() if v == key), None)
+        ratio_ort = paired.get(f"feature:{short}" if feature else short)
+        ratio_i2v = paired_i2v.get(f"feature:{short}" if feature else short)
+        if ratio_ort is None:  # end to end: against the model-only medians
+            ratio_ort = rate / statistics.median(rates["ort"])
+            ratio_i2v = rate / statistics.median(rates["i2v"])
+        acc_text = "" if accuracy is None else f"{accuracy['agreement']:.2%}, {accuracy['max_diff']:.3f}"
+        print(
+            f"| {name:62} | {rate:7.2f} | {rate / base:7.2f} | {ratio_ort:6.2f} | {ratio_i2v:10.2f} | {rss:6.0f} MB | "
+            f"{acc_text} | {note}"
+        )
+    print(
+        "\nx ORT and x i2v fp32 of the model-only rows: median of per-round ratios (same process, alternating rounds)"
+    )
+    spread = {n: _spread(res["rates"], n, "ort") for n in names}
+    print("per-round x ORT spread (min-max): " + ", ".join(f"{n} {lo:.2f}-{hi:.2f}" for n, (lo, hi) in spread.items()))
+    print(
+        "agreement: decisions at 0.5 (tag) or signs of encode1 (feature) unchanged against eager fp32 on "
+        f"{args.accuracy_images} of the images; max diff: |dp| (tag), relative to the largest |feature| (feature)"
+    )
     print(
         f"resize (i2v's exact Caffe/scikit-image resize): {resize['resize_ms_per_mp']:.1f} ms per megapixel; "
         f"decoding: {resize['decode_ms_per_mp']:.1f} ms per megapixel (one core)"
     )
     print(f"bench took {time.perf_counter() - started:.0f} s; outputs in {OUT}")
+
+
+def _paired(rates: dict[str, list[float]], name: str, ref: str) -> float:
+    """Median over rounds of ``name``'s rate over ``ref``'s in the same round."""
+    return statistics.median(a / b for a, b in zip(rates[name], rates[ref], strict=True))
+
+
+def _spread(rates: dict[str, list[float]], name: str, ref: str) -> tuple[float, float]:
+    ratios = [a / b for a, b in zip(rates[name], rates[ref], strict=True)]
+    return min(ratios), max(ratios)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,13 @@ CATEGORIES: tuple[Category, ...] = (
 TAG = "tag"
 FEATURE = "feature"
 
-#: Numeric precisions of ``--precision``: fp32 gives the reference results (IEEE, also on CUDA).
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+#: Numeric precisions of ``--precision``: fp32 gives the reference results (IEEE, also on CUDA); tf32, bf16 and
+#: fp16 are faster on GPUs; int8 (CPU) is the network quantised from a calibration set (:mod:`i2v_cli.quantize`).
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8")
 #: Inference backends of ``--backend``.
 BACKENDS = ("auto", "torch", "onnxruntime")
+
+#: Images in the calibration set of ``--precision int8`` (``i2v weights calibrate``), and the variable naming a
+#: calibration file of the user's own.
+CALIBRATION_COUNT = 128
+CALIBRATION_ENV = "I2V_CALIBRATION"

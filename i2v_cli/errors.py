@@ -97,3 +97,8 @@ class UnknownTagError(I2VError, KeyError):
 
     def __str__(self) -> str:  # KeyError's own would quote the whole message
         return str(self.args[0]) if self.args else ""
+
+
+class CalibrationError(I2VError):
+    """A calibration set for ``--precision int8`` cannot be made or read (no usable image, not a calibration
+    file, wrong shape)."""

@@ -227,7 +227,7 @@ def test_network_runs_in_ieee_fp32_whatever_the_process_settings(tag_weights, in
 
 
 def test_tf32_is_a_cuda_precision(tag_weights):
-    assert PRECISIONS == ("fp32", "tf32", "bf16", "fp16")
+    assert PRECISIONS == ("fp32", "tf32", "bf16", "fp16", "int8")
     with pytest.raises(I2VError) as exc:
         check_precision("tf32", CPU)
     assert str(exc.value) == (
@@ -288,7 +288,7 @@ def test_predictors_say_what_runs_them(tag_weights, feature_weights, tmp_path):
         assert prepare_for_inference(tag, cache_dir=tmp_path).name == "onnxruntime fp32 on cpu (cached export)"
         feature, _ = load_model(feature_weights)
         net = prepare_for_inference(feature, backend="onnxruntime", cache_dir=tmp_path)
-        assert net.describe() == "onnxruntime fp32 on cpu, conv trunk (encode1 in torch) (cached export)"
+        assert net.describe() == "onnxruntime fp32 on cpu, encode1's weight fed from the model (cached export)"
         assert net.notes == []
 
 
@@ -338,10 +338,10 @@ def test_packed_path_that_fails_on_real_shapes_falls_back(monkeypatch, loaded, i
 
 
 def _cache_entry(model, tmp_path):
-    from i2v_cli.inference import _Trunk
+    from i2v_cli.inference import _FeatureNet
 
-    exported = model if model.arch.kind == "tag" else _Trunk(model)
-    name = model.arch.kind if model.arch.kind == "tag" else "feature-trunk"
+    exported = model if model.arch.kind == "tag" else _FeatureNet(model)
+    name = model.arch.kind if model.arch.kind == "tag" else "feature-whole"
     path = onnx_cache_path(exported, name, tmp_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path

@@ -109,7 +109,8 @@ def serve(
     except ImportError as exc:
         missing = exc.name
         raise UsageFailure(
-            f"i2v serve needs the serve extra ({missing} is missing): pip install 'i2v[serve]'"
+            f"i2v serve needs the serve extra ({missing} is missing): pip install fastapi uvicorn python-multipart "
+            "(in the checkout: pip install '.[serve]')"
         ) from None
     from ..errors import I2VError
     from ..inference import describe

@@ -122,3 +122,8 @@ def byte_bar(total: int | None, enabled: bool | None, name: str) -> Any:
         desc=name,
         dynamic_ncols=True,
     )
+
+
+from .calibrate import calibrate  # noqa: E402 (registered after the group is defined)
+
+weights.add_command(calibrate)
