@@ -324,7 +324,9 @@ def run_child(args: list[str], cmd: list[str] | None = None) -> tuple[dict, floa
     cmd = cmd or [sys.executable, str(Path(__file__).resolve()), "--child", *args]
     with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True)
+        # The i2v commands use the bench's cache (its ONNX exports and int8 files), not the user's.
+        env = {**os.environ, "I2V_HOME": str(OUT / "cache")}
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env)
         # wait4 gives this child's own rusage: ru_maxrss is the largest of it and its waited-for descendants.
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t
@@ -485,7 +487,10 @@ def main() -> None:
         "\nx ORT and x i2v fp32 of the model-only rows: median of per-round ratios (same process, alternating rounds)"
     )
     spread = {n: _spread(res["rates"], n, "ort") for n in names}
-    print("per-round x ORT spread (min-max): " + ", ".join(f"{n} {lo:.2f}-{hi:.2f}" for n, (lo, hi) in spread.items()))
+    print("per-round x ORT spread (min-max), tag: " + ", ".join(f"{n} {a:.2f}-{b:.2f}" for n, (a, b) in spread.items()))
+    if fres is not None:
+        fspread = {n: _spread(fres["rates"], n, "ort") for n in fres["rates"]}
+        print("feature: " + ", ".join(f"{n} {a:.2f}-{b:.2f}" for n, (a, b) in fspread.items()))
     print(
         "agreement: decisions at 0.5 (tag) or signs of encode1 (feature) unchanged against eager fp32 on "
         f"{args.accuracy_images} of the images; max diff: |dp| (tag), relative to the largest |feature| (feature)"

@@ -292,6 +292,7 @@ def gptq(
     w, h = w[order], h[order][:, order]
     h.diagonal().add_(_DAMP * float(torch.diagonal(h).mean()))
     hinv = _inverse_upper_cholesky(h)
+    del h
     q = torch.empty_like(w)
     rows = w.shape[0]
     for i1 in range(0, rows, block):
@@ -311,9 +312,8 @@ def gptq(
 def _inverse_upper_cholesky(h: torch.Tensor) -> torch.Tensor:
     """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU), from one Cholesky and one triangular inverse: with J the
     reversal, U = J L⁻¹ J where L is the Cholesky factor of J H J."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
     lower = torch.linalg.cholesky(h.flip(0, 1))
-    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+    return torch.linalg.solve_triangular(lower, torch.eye(h.shape[0], dtype=h.dtype), upper=False).flip(0, 1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -356,8 +356,10 @@ def quantize_onnx(model: nn.Module, float_onnx: bytes, images: np.ndarray) -> by
     overrides: dict[str, list[dict]] = {input_name: [{"rmin": np.float32(min(lo, 0.0)), "rmax": np.float32(hi)}]}
     for node, top in zip(relus, stats.relu_max, strict=True):
         overrides[node.output[0]] = [{"rmin": np.float32(0.0), "rmax": np.float32(max(top, 1e-6))}]
-    for node, conv, hessian in zip(convs, _int8_convolutions(net), stats.hessians, strict=False):
+    for i, (node, conv) in enumerate(zip(convs, _int8_convolutions(net), strict=False)):
+        hessian, stats.hessians[i] = stats.hessians[i], torch.empty(0)  # let each go once used (up to 340 MB)
         q, scale = gptq(conv.weight, hessian)
+        del hessian
         name = node.input[1]
         # The integers times the scales: ONNX Runtime's rounding with our scales gives back our integers.
         dequantized = (q.float() * scale.view(-1, 1, 1, 1)).numpy()
@@ -490,7 +492,8 @@ class Int8Net:
             compiled = core.compile_model(source, "CPU", config)
             self._request = compiled.create_infer_request()
             names = [next(iter(i.names)) for i in compiled.inputs]
-            self._run = lambda x: self._request.infer({names[0]: x, **feeds})[0]
+            # share_inputs: OpenVINO reads the arrays in place (by default it copies them: 800 MB a call for encode1)
+            self._run = lambda x: self._request.infer({names[0]: x, **feeds}, share_inputs=True)[0]
         else:
             import onnxruntime as ort
 
