@@ -360,11 +360,17 @@ def test_summary_line_and_version(folder, tag_weights):
 # Start-up: help and usage errors without loading torch ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [[], ["tag"], ["features"], ["similar"], ["weights"], ["weights", "convert"]])
-def test_help_does_not_load_torch(args):
+@pytest.mark.parametrize(
+    "args",
+    [[], ["tag"], ["features"], ["similar"], ["weights"], ["weights", "convert"],
+     ["tag", "/no/such/folder", "--"], ["features", "/no/such.png", "--"],
+     ["tag", "x.png", "-f", "csv", "-o", "x.json", "--"]],
+)  # fmt: skip
+def test_help_and_usage_errors_do_not_load_torch(args):
+    argv = args[:-1] if args[-1:] == ["--"] else [*args, "-h"]  # "--" marks a usage error, not a help request
     code = (
         "import sys\nfrom i2v_cli.cli import cli\n"
-        f"try:\n    cli({[*args, '-h']!r}, prog_name='i2v')\nexcept SystemExit:\n    pass\n"
+        f"try:\n    cli({argv!r}, prog_name='i2v')\nexcept SystemExit:\n    pass\n"
         "print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

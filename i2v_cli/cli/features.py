@@ -92,11 +92,7 @@ def features(
     """
     # The library is imported here, not at the top: `i2v features -h` answers without loading torch.
     from ..features import FeatureJsonlWriter, FeatureWriter, paths_file_for
-    from ..inference import describe, prepare_for_inference, resolve_backend
-    from ..pipeline import FeatureRecords, run_job
     from ..resume import claim_output, make_job
-    from ..runner import resolve_device
-    from ..weights import load_model, resolve_weights
     from ..writers import check_output, display, format_for, writes_in_place
 
     if run_engine(FEATURE):
@@ -114,6 +110,12 @@ def features(
         check_output(output, inputs)
         if fmt == "npy":
             check_output(str(paths_file_for(str(output))), inputs)
+        # torch comes with these: imported once the cheap checks passed, so a usage error answers at once.
+        from ..inference import describe, prepare_for_inference, resolve_backend
+        from ..pipeline import FeatureRecords, run_job
+        from ..runner import resolve_device
+        from ..weights import load_model, resolve_weights
+
         dev = resolve_device(device)
         resolve_backend(backend, dev, precision)
         model, info = load_model(resolve_weights(weights, FEATURE), kind=FEATURE, device=str(dev))

@@ -146,12 +146,8 @@ def tag(
       i2v tag ./dump -r --engine ray --ray-address head:6379 -f parquet -o tags/
     """
     # The library is imported here, not at the top: `i2v tag -h` answers without loading torch.
-    from ..inference import describe, prepare_for_inference, resolve_backend
-    from ..pipeline import CaptionSink, TagRecords, run_job
     from ..resume import claim_output, make_job
-    from ..runner import resolve_device
     from ..tags import Selection, load_tag_list
-    from ..weights import load_model, resolve_weights
     from ..writers import Tee, check_output, display, format_for, open_writer, writes_in_place
 
     if run_engine(TAG):
@@ -192,6 +188,12 @@ def tag(
             inputs = [p for p in inputs if p not in done]
         keys = {tag_key(t) for t in request.exclude}
         exclude = frozenset(t for t in tags if tag_key(t) in keys)
+        # torch comes with these: imported once the cheap checks passed, so a usage error answers at once.
+        from ..inference import describe, prepare_for_inference, resolve_backend
+        from ..pipeline import CaptionSink, TagRecords, run_job
+        from ..runner import resolve_device
+        from ..weights import load_model, resolve_weights
+
         dev = resolve_device(device)
         resolve_backend(backend, dev, precision)
         model, info = load_model(resolve_weights(weights, TAG), kind=TAG, device=str(dev))
