@@ -223,10 +223,10 @@ def test_features_resume(tmp_path, folder, feature_weights):
 # 5. Signals ----------------------------------------------------------------------------------------------------
 
 
-def _slow_run(tmp_path, weights, out, *extra) -> subprocess.Popen:
+def _slow_run(tmp_path, weights, out, n, *extra) -> subprocess.Popen:
     imgs = tmp_path / "many"
     imgs.mkdir()
-    for i in range(60):
+    for i in range(n):
         _picture((320, 240), seed=i).save(imgs / f"i{i:03d}.png")
     return subprocess.Popen(
         _i2v("tag", str(imgs), "--weights", str(weights), "-b", "1", "-j", "1", "-o", str(out), *extra),
@@ -236,19 +236,20 @@ def _slow_run(tmp_path, weights, out, *extra) -> subprocess.Popen:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_keep_the_work_like_ctrl_c(tmp_path, tag_weights, sig):
-    out = tmp_path / "out.json"
-    proc = _slow_run(tmp_path, tag_weights, out)
-    time.sleep(1.0)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(p.name.startswith(".i2v-out.json") for p in tmp_path.iterdir()):
-        time.sleep(0.02)
-    time.sleep(1.0)
+    out, n = tmp_path / "out.json", 300
+    proc = _slow_run(tmp_path, tag_weights, out, n)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # signal once the JSON being written has records
+        tmp = [p for p in tmp_path.iterdir() if p.name.startswith(".i2v-out.json")]
+        if tmp and tmp[0].stat().st_size > 0 and b'"path"' in tmp[0].read_bytes():
+            break
+        time.sleep(0.005)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err
     assert b"Traceback" not in err
     records = json.loads(out.read_text())  # a whole JSON list of the records done
-    assert 0 < len(records) < 60
+    assert 0 < len(records) < n
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".i2v-")] == []
 
 
