@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .writers import short_float
+
 #: Bytes of the index read per step (a view of the memory map, not a copy). Binary chunks stay in cache
 #: while every query scans them; float chunks are large to make few matrix products (measured fastest).
 FLOAT_CHUNK_BYTES = 128 << 20
@@ -204,12 +206,7 @@ def result_record(
     (``"distance"`` instead of ``"score"`` for binary features; ``row`` is the query's own row or None)."""
     field_name = "distance" if binary else "score"
     results = [
-        {"row": int(r), "path": paths[r], field_name: int(s) if binary else _short_float(s)}
+        {"row": int(r), "path": paths[r], field_name: int(s) if binary else short_float(s)}
         for r, s in zip(neighbors.rows.tolist(), neighbors.scores, strict=True)
     ]
     return {"query": query, "row": own_row, "results": results}
-
-
-def _short_float(x: np.floating) -> float:
-    """A float32 score as the Python float with the same shortest decimal form (0.5, not 0.50000001)."""
-    return float(str(np.float32(x)))
