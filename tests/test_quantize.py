@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -18,10 +19,17 @@ from i2v_cli.weights import load_model
 
 needs_ort = pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime is not installed (the onnx extra)")
 CPU = torch.device("cpu")
-#: The runtimes the int8 file is checked in: ONNX Runtime always, OpenVINO where the extra is installed.
+#: The runtimes the int8 file is checked in: ONNX Runtime always; OpenVINO when installed and asked for with
+#: I2V_TEST_OPENVINO=1 (loaded into the test process, it made later Ray and worker-crash tests segfault).
 RUNTIMES = [
     "onnxruntime",
-    pytest.param("openvino", marks=pytest.mark.skipif(not quantize.openvino_available(), reason="no OpenVINO")),
+    pytest.param(
+        "openvino",
+        marks=pytest.mark.skipif(
+            not (quantize.openvino_available() and os.environ.get("I2V_TEST_OPENVINO")),
+            reason="OpenVINO not installed, or I2V_TEST_OPENVINO not set",
+        ),
+    ),
 ]
 
 # The bounds int8 keeps on the golden models (their scores crowd around 0.5 on purpose: a harsh judge) with the
@@ -198,7 +206,7 @@ def test_int8_runtime_choice(monkeypatch):
     with pytest.raises(I2VError, match="use onnxruntime or openvino"):
         quantize.default_runtime()
     monkeypatch.delenv("I2V_INT8_RUNTIME")
-    assert quantize.default_runtime() == ("openvino" if quantize.openvino_available() else "onnxruntime")
+    assert quantize.default_runtime() == "onnxruntime"
 
 
 # --------------------------------------------------------------------------------------------------------
