@@ -1,9 +1,13 @@
 """Near-duplicates in an index: pairs of images whose semantic features have a cosine similarity of at least S,
 joined into groups, each with the copy to keep.
 
-Pairs are found exactly: the features are normalised and multiplied block by block (``A @ B.T`` with torch,
-which uses every core), keeping the upper triangle only, so every pair at or above S is found and memory is one
-block of scores at a time plus the features (N x D float32). Groups are the connected components of the pairs.
+Up to :data:`EXACT_ROWS` images (or with ``exact=True``) pairs are found exactly: the features are normalised
+and multiplied block by block (``A @ B.T`` with torch, which uses every core), keeping the upper triangle only.
+That is ``N^2`` work on N x D floats in memory: hours and 16 GB at a million images. Above it, the sketches
+(:mod:`i2v_cli.sketch`, 512 bytes an image) choose candidate pairs through an inverted file, with a slack that
+covers the sketches' error, and each candidate is scored on its two full features: a reported pair and its
+similarity are always exact, and the recall against the all-pairs search is measured by ``bench/index.py``.
+Groups are the connected components of the pairs.
 
 The copy to keep: the largest resolution (width x height), then a lossless format (PNG, BMP, TIFF, GIF), then the
 oldest file (mtime), then the path. It only reports: nothing is deleted or moved. Nothing here prints.
@@ -13,13 +17,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .index import Index, iter_chunks
+from .sketch import DIMS as SKETCH_DIMS
+from .sketch import candidate_pairs, candidate_threshold
 from .writers import path_fields
 
 DEFAULT_MIN_SIMILARITY = 0.95
@@ -27,6 +33,10 @@ DEFAULT_MIN_SIMILARITY = 0.95
 LOSSLESS = frozenset({"PNG", "BMP", "TIFF", "GIF", "PPM", "TGA"})
 #: Rows of the score matrix computed at once.
 BLOCK_ROWS = 2048
+#: Images up to which every pair of full features is compared; above, sketches choose the candidates.
+EXACT_ROWS = 10_000
+#: Candidate pairs whose full features are read at once.
+_VERIFY_PAIRS = 8192
 
 
 @dataclass
@@ -127,10 +137,68 @@ def groups_of(pairs: Iterator[tuple[int, int, float]], n: int) -> dict[int, tupl
     return {r: (m, low[r]) for r, m in members.items()}
 
 
-def find_dupes(index: Index, min_similarity: float = DEFAULT_MIN_SIMILARITY) -> list[Group]:
-    """Groups of near-duplicates in the index, each with the copy to keep, ordered by the kept path."""
-    ids, unit = load_features(index)
-    components = groups_of(similar_pairs(unit, min_similarity), len(ids))
+def load_sketches(index: Index) -> tuple[np.ndarray, np.ndarray]:
+    """Row ids and sketches (N x sketch.DIMS float16) of every image that has results."""
+    ids: list[np.ndarray] = []
+    blocks: list[np.ndarray] = []
+    cursor = index.conn.execute("SELECT image, sketch FROM sketches ORDER BY image")
+    for chunk in iter_chunks(cursor, 16384):
+        ids.append(np.fromiter((r[0] for r in chunk), np.int64, len(chunk)))
+        blocks.append(np.frombuffer(b"".join(r[1] for r in chunk), "<f2").reshape(len(chunk), -1))
+    if not ids:
+        return np.empty(0, np.int64), np.empty((0, SKETCH_DIMS), np.float16)
+    return np.concatenate(ids), np.concatenate(blocks)
+
+
+def verified_pairs(
+    index: Index, ids: np.ndarray, pairs: np.ndarray, min_similarity: float
+) -> Iterator[tuple[int, int, float]]:
+    """The candidate ``pairs`` (positions in ``ids``) whose full features' cosine reaches ``min_similarity``."""
+    for start in range(0, len(pairs), _VERIFY_PAIRS):
+        chunk = pairs[start : start + _VERIFY_PAIRS]
+        wanted = np.unique(chunk)
+        unit = _unit_features(index, ids[wanted])
+        a = unit[np.searchsorted(wanted, chunk[:, 0])]
+        b = unit[np.searchsorted(wanted, chunk[:, 1])]
+        sims = np.einsum("ij,ij->i", a, b)
+        for k in np.flatnonzero(sims >= min_similarity).tolist():
+            yield int(chunk[k, 0]), int(chunk[k, 1]), float(sims[k])
+
+
+def _unit_features(index: Index, rows: np.ndarray) -> np.ndarray:
+    """Unit-length features of these rows (ascending ids), in their order."""
+    found: dict[int, np.ndarray] = {}
+    for start in range(0, len(rows), 900):
+        part = rows[start : start + 900].tolist()
+        marks = ", ".join("?" * len(part))
+        for row, blob in index.conn.execute(f"SELECT id, feature FROM images WHERE id IN ({marks})", part):
+            found[row] = np.frombuffer(blob, "<f4")
+    vecs = np.stack([found[int(r)] for r in rows])
+    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+    return (vecs / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
+
+
+def find_dupes(
+    index: Index,
+    min_similarity: float = DEFAULT_MIN_SIMILARITY,
+    *,
+    exact: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Group]:
+    """Groups of near-duplicates in the index, each with the copy to keep, ordered by the kept path.
+
+    ``exact`` compares every pair of full features whatever the size; ``progress(done, total)`` follows the
+    candidate search of a large index."""
+    with_features = index.conn.execute("SELECT count(*) FROM images WHERE feature IS NOT NULL").fetchone()[0]
+    if exact or index.basis is None or with_features <= EXACT_ROWS:
+        ids, unit = load_features(index)
+        pairs: Iterator[tuple[int, int, float]] = similar_pairs(unit, min_similarity)
+    else:
+        ids, sketches = load_sketches(index)
+        candidates = candidate_pairs(sketches, candidate_threshold(min_similarity), progress=progress)
+        del sketches
+        pairs = verified_pairs(index, ids, candidates, min_similarity)
+    components = groups_of(pairs, len(ids))
     out = []
     for members, low in components.values():
         images = [_image(index, int(ids[m])) for m in members]

@@ -36,10 +36,15 @@ import torch
 from .config import CATEGORIES, NUM_TAGS
 from .errors import OutputError, WriteError
 from .features import binarize
+from .sketch import DIMS as SKETCH_DIMS
+from .sketch import SEED as SKETCH_SEED
+from .sketch import make_basis, sketch
 from .writers import Record, Sink, display
 
 #: Recorded as ``PRAGMA user_version``; a file with another version is refused with a clear message.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Older versions this i2v still reads; opening one to write upgrades it in place (version 1 lacks the sketches).
+READABLE_VERSIONS = (1, 2)
 #: ``PRAGMA application_id`` of an i2v index ("i2vX"), so another program's SQLite file is never taken for one.
 APPLICATION_ID = 0x69327658
 #: Scores at or above this go into ``tag_scores`` (indexed by tag and score) too; a query bound below it reads the
@@ -50,7 +55,20 @@ COMMIT_ROWS = 2000
 _HASH_CHUNK = 1 << 20
 _RATING = next(c for c in CATEGORIES if c.name == "rating")
 
-SCHEMA = """
+SKETCH_SCHEMA = """
+CREATE TABLE sketches (
+    image  INTEGER PRIMARY KEY,
+    sketch BLOB NOT NULL
+);
+CREATE TABLE sketch_basis (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    seed  INTEGER NOT NULL,
+    basis BLOB NOT NULL
+);
+"""
+
+SCHEMA = (
+    """
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -80,6 +98,8 @@ CREATE TABLE tag_scores (
     PRIMARY KEY (tag, score, image)
 ) WITHOUT ROWID;
 """
+    + SKETCH_SCHEMA
+)
 
 
 class IndexDbError(OutputError):
@@ -166,14 +186,18 @@ class Index:
         elif app != APPLICATION_ID:
             self.conn.close()
             raise IndexDbError(f"{shown} is an SQLite file, but not an i2v index: choose another --db")
-        elif version != SCHEMA_VERSION:
+        elif version not in READABLE_VERSIONS:
             self.conn.close()
             raise IndexDbError(
-                f"{shown} is an i2v index of schema version {version}; this i2v reads version {SCHEMA_VERSION}: "
-                "index the images again into a new file"
+                f"{shown} is an i2v index of schema version {version}; this i2v reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}: index the images again into a new file"
             )
         self._meta = dict(self.conn.execute("SELECT key, value FROM meta"))
         self._tags: list[str] | None = None
+        self._basis: np.ndarray | None = None
+        self.version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if self.version < SCHEMA_VERSION and not readonly:
+            self._upgrade()
 
     def _create(self) -> None:
         try:
@@ -187,6 +211,27 @@ class Index:
                 self.conn.execute("INSERT INTO meta VALUES ('format', 'i2v-index'), ('tag_floor', ?)", (TAG_FLOOR,))
         except sqlite3.Error as exc:
             raise IndexDbError(f"cannot create the index {display(self.path)}: {exc}") from None
+
+    def _upgrade(self) -> None:
+        """Version 1 to 2: add the sketch tables and sketch every stored feature (one transaction: a killed
+        upgrade leaves version 1 as it was)."""
+        with self.transaction():
+            for statement in SKETCH_SCHEMA.split(";"):
+                if statement.strip():
+                    self.conn.execute(statement)
+            dim = self.feature_dim
+            if dim is not None:
+                basis = self._make_basis(dim)
+                cursor = self.conn.execute("SELECT id, feature FROM images WHERE feature IS NOT NULL ORDER BY id")
+                for chunk in iter_chunks(cursor, 4096):
+                    feats = np.frombuffer(b"".join(r[1] for r in chunk), "<f4").reshape(len(chunk), dim)
+                    sketches = sketch(feats, basis)
+                    self.conn.executemany(
+                        "INSERT INTO sketches VALUES (?, ?)",
+                        [(r[0], v.tobytes()) for r, v in zip(chunk, sketches, strict=True)],
+                    )
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self.version = SCHEMA_VERSION
 
     def close(self) -> None:
         self.conn.close()
@@ -222,6 +267,26 @@ class Index:
             else:
                 self._tags = json.loads(stored)
         return self._tags
+
+    @property
+    def basis(self) -> np.ndarray | None:
+        """The index's sketch basis (feature_dim x sketch.DIMS; stored as float32, held as float64), or None
+        before any feature is stored or in a version-1 file opened read-only."""
+        if self._basis is None and self.version >= 2:
+            row = self.conn.execute("SELECT basis FROM sketch_basis WHERE id = 1").fetchone()
+            if row is not None:
+                self._basis = np.frombuffer(row[0], "<f4").reshape(-1, SKETCH_DIMS).astype(np.float64)
+        return self._basis
+
+    def _make_basis(self, dim: int) -> np.ndarray:
+        """Draw and store the basis (inside a transaction), once."""
+        existing = self.basis
+        if existing is not None:
+            return existing
+        basis = make_basis(dim, SKETCH_DIMS, SKETCH_SEED)
+        self.conn.execute("INSERT INTO sketch_basis VALUES (1, ?, ?)", (SKETCH_SEED, basis.astype("<f4").tobytes()))
+        self._basis = basis.astype(np.float64)
+        return self._basis
 
     @property
     def feature_dim(self) -> int | None:
@@ -310,6 +375,13 @@ class Index:
             )
         if scores is not None:
             self._add_tag_scores(row, scores)
+        if feature is not None:
+            basis = self._make_basis(len(feature))
+            self.conn.execute(
+                "INSERT OR REPLACE INTO sketches VALUES (?, ?)", (row, sketch(feature[None, :], basis)[0].tobytes())
+            )
+        elif old is not None:
+            self.conn.execute("DELETE FROM sketches WHERE image = ?", (row,))
 
     def copy_results(self, source: int, state: FileState) -> None:
         """Give ``state.path`` the results of row ``source`` (same content): no network run."""
@@ -335,6 +407,7 @@ class Index:
         if old is not None:
             self._drop_tag_scores(row, old[0])
             self.conn.execute("DELETE FROM images WHERE id = ?", (row,))
+            self.conn.execute("DELETE FROM sketches WHERE image = ?", (row,))
 
     def _add_tag_scores(self, row: int, scores: np.ndarray) -> None:
         cols = np.flatnonzero(scores >= TAG_FLOOR)

@@ -16,19 +16,25 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .errors import I2VError
 from .index import TAG_FLOOR, Index, fs_path, iter_chunks
+from .sketch import sketch
 
 _TOKEN = re.compile(r'(?:"[^"]*"|[^\s"])+|"[^"]*$')
 _BOUND = re.compile(r"^(?P<tag>.+?)(?P<op>>=|<=|>|<)(?P<value>\d*\.?\d+)$")
 RATINGS = ("safe", "questionable", "explicit")
 #: Rows whose features are scored at a time by ``--like``.
 LIKE_CHUNK = 4096
+#: Rows whose sketches are scored at a time by ``--like``.
+SKETCH_CHUNK = 32768
+#: ``--like`` scores at most this many matches (the closest by sketch) on their full features.
+RERANK = 2000
 
 
 class QueryError(I2VError):
@@ -154,26 +160,80 @@ def search(
     like: np.ndarray | None = None,
     exclude: int | None = None,
     k: int | None = None,
+    exact: bool = False,
 ) -> list[Hit]:
     """The rows matching every term: in path order (the first ``k``), or with ``like`` (a feature) the ``k``
-    most similar by cosine, most similar first (ties by row), leaving out row ``exclude``."""
+    most similar by cosine, most similar first (ties by row), leaving out row ``exclude``.
+
+    With ``like``, when more than :data:`RERANK` rows match, the matches are ranked by their sketches and the
+    best :data:`RERANK` are scored on their full features (``exact=True`` scores every match on its feature:
+    slower, but no ranking error); the similarities returned are always the full features' cosines."""
     index.conn.create_function("i2v_score", 2, _score, deterministic=True)
     cond, params = where(terms)
     if like is None:
         sql = f"SELECT id, path FROM images WHERE {cond} ORDER BY path" + (" LIMIT ?" if k else "")
         rows = index.conn.execute(sql, [*params, *([k] if k else [])])
         return [Hit(i, os.fsdecode(bytes(p))) for i, p in rows]
-    return _like(index, cond, params, like, exclude, k or 10)
-
-
-def _like(index: Index, cond: str, params: list[object], like: np.ndarray, exclude: int | None, k: int) -> list[Hit]:
     query = np.asarray(like, np.float32)
     norm = float(np.linalg.norm(query.astype(np.float64)))
     unit = query / max(norm, np.finfo(np.float32).tiny)
+    k = k or 10
+    chunks: Iterable[list[tuple[Any, ...]]]
+    basis = None if exact else index.basis
+    if basis is not None:
+        if unit.shape[0] != basis.shape[0]:
+            raise QueryError(f"the query feature has {unit.shape[0]} values, the index's {basis.shape[0]}")
+        rows = _sketch_candidates(index, cond, params, sketch(unit[None, :], basis)[0], exclude, max(RERANK, 20 * k))
+        chunks = _features_of(index, rows)
+    else:
+        cursor = index.conn.execute(f"SELECT id, feature FROM images WHERE {cond}", params)
+        chunks = iter_chunks(cursor, LIKE_CHUNK)
+    best_rows, best = _most_similar(chunks, unit, exclude, k)
+    paths = dict(_paths(index, best_rows.tolist()))
+    return [Hit(int(r), paths[int(r)], float(s)) for r, s in zip(best_rows, best, strict=True)]
+
+
+def _sketch_candidates(
+    index: Index, cond: str, params: list[object], query: np.ndarray, exclude: int | None, count: int
+) -> list[int]:
+    """The ``count`` matching rows whose sketches are closest to the query's (all matches when fewer)."""
+    query = query.astype(np.float32)
+    rows = np.empty(0, np.int64)
+    sims = np.empty(0, np.float32)
+    cursor = index.conn.execute(
+        f"SELECT sketches.image, sketches.sketch FROM sketches JOIN images ON images.id = sketches.image WHERE {cond}",
+        params,
+    )
+    for chunk in iter_chunks(cursor, SKETCH_CHUNK):
+        ids = np.fromiter((r[0] for r in chunk), np.int64, len(chunk))
+        vecs = np.frombuffer(b"".join(r[1] for r in chunk), "<f2").reshape(len(chunk), -1)
+        rows = np.concatenate([rows, ids])
+        sims = np.concatenate([sims, vecs.astype(np.float32) @ query])
+        if exclude is not None:
+            sims[rows == exclude] = -np.inf
+        if len(rows) > count:
+            keep = np.argpartition(-sims, count - 1)[:count]
+            rows, sims = rows[keep], sims[keep]
+    return sorted(rows.tolist())
+
+
+def _features_of(index: Index, rows: Sequence[int]) -> Iterator[list[tuple[Any, ...]]]:
+    """``(id, feature)`` rows of these ids, a few hundred at a time."""
+    for start in range(0, len(rows), 900):
+        part = list(rows[start : start + 900])
+        marks = ", ".join("?" * len(part))
+        yield index.conn.execute(f"SELECT id, feature FROM images WHERE id IN ({marks})", part).fetchall()
+
+
+def _most_similar(
+    chunks: Iterable[list[tuple[Any, ...]]], unit: np.ndarray, exclude: int | None, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows of ``(id, feature)`` chunks most similar to ``unit``, most similar first (ties by row)."""
     best_rows = np.empty(0, np.int64)
     best = np.empty(0, np.float32)
-    cursor = index.conn.execute(f"SELECT id, feature FROM images WHERE {cond}", params)
-    for chunk in iter_chunks(cursor, LIKE_CHUNK):
+    for chunk in chunks:
+        if not chunk:
+            continue
         ids = np.fromiter((r[0] for r in chunk), np.int64, len(chunk))
         vecs = np.frombuffer(b"".join(r[1] for r in chunk), np.float32).reshape(len(chunk), -1)
         if vecs.shape[1] != unit.shape[0]:
@@ -186,9 +246,7 @@ def _like(index: Index, cond: str, params: list[object], like: np.ndarray, exclu
         order = np.lexsort((best_rows, -best))[:k]
         best_rows, best = best_rows[order], best[order]
     keep = np.isfinite(best)
-    best_rows, best = best_rows[keep], best[keep]
-    paths = dict(_paths(index, best_rows.tolist()))
-    return [Hit(int(r), paths[int(r)], float(s)) for r, s in zip(best_rows, best, strict=True)]
+    return best_rows[keep], best[keep]
 
 
 def _paths(index: Index, rows: Sequence[int]) -> Iterator[tuple[int, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import numbers
 import os
@@ -24,6 +25,17 @@ DEFAULT_THRESHOLD = 0.5
 
 def load_tag_list(path: str | os.PathLike[str] | None = None) -> list[str]:
     """Read a tag list (the packaged release list when ``path`` is None) and check it is 1,539 strings."""
+    if path is None:
+        return list(_packaged_tag_list())  # read and checked once a process (checking costs about 30 ms)
+    return _read_tag_list(path)
+
+
+@functools.cache
+def _packaged_tag_list() -> tuple[str, ...]:
+    return tuple(_read_tag_list(None))
+
+
+def _read_tag_list(path: str | os.PathLike[str] | None) -> list[str]:
     try:
         if path is None:
             text = resources.files("i2v_cli").joinpath("tag_list.json").read_text(encoding="utf-8")

@@ -8,7 +8,7 @@ from ..dupes import DEFAULT_MIN_SIMILARITY, find_dupes
 from ..errors import I2VError
 from ..index import Index
 from ..writers import display, open_writer
-from .common import CONTEXT_SETTINGS, UsageFailure
+from .common import CONTEXT_SETTINGS, UsageFailure, progress_bar, progress_option
 from .index import db_option
 
 
@@ -31,7 +31,14 @@ from .index import db_option
     show_default=True,
     help="jsonl: one group a line, {keep, paths, min_similarity}; text: the kept copy, then the others.",
 )
-def dupes(db: str, min_similarity: float, fmt: str) -> None:
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Compare every pair of full features, however large the index (hours at a million images; by default "
+    "above 10,000 images, 512-byte sketches choose the pairs to compare).",
+)
+@progress_option
+def dupes(db: str, min_similarity: float, fmt: str, exact: bool, progress: bool | None) -> None:
     """Find groups of near-duplicates (re-encodes, resizes, small edits) in an index.
 
     Each group names the copy to keep: the largest resolution, then a lossless format (PNG, BMP, TIFF, GIF),
@@ -43,8 +50,13 @@ def dupes(db: str, min_similarity: float, fmt: str) -> None:
       i2v dupes --db collection.db -s 0.98 -f jsonl | jq -r '.paths[1:][]'   # the copies not kept
     """
     try:
-        with Index(db, readonly=True) as idx:
-            groups = find_dupes(idx, min_similarity)
+        with Index(db, readonly=True) as idx, progress_bar(None, progress, unit="list", desc="dupes") as bar:
+
+            def advance(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            groups = find_dupes(idx, min_similarity, exact=exact, progress=advance)
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     if fmt == "text":

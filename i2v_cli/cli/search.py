@@ -66,6 +66,12 @@ def query_feature(index: Index, image: str, feature_weights: str | None, device:
 )
 @click.option("--format", "-f", "fmt", type=click.Choice(["text", "json", "jsonl"]), default="text", show_default=True)
 @click.option("--feature-weights", metavar="FILE", help="Feature model for a --like image that is not indexed.")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="With --like, score every match on its full feature (slower on a large index; by default more than "
+    "2,000 matches are ranked by their 512-byte sketches first).",
+)
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]")
 def search(
     query: tuple[str, ...],
@@ -75,6 +81,7 @@ def search(
     threshold: float,
     fmt: str,
     feature_weights: str | None,
+    exact: bool,
     device: str,
 ) -> None:
     """Search an index by tags (QUERY) and/or by similarity (--like IMAGE).
@@ -96,7 +103,7 @@ def search(
             row = feature = None
             if like is not None:
                 row, feature = query_feature(idx, like, feature_weights, device)
-            hits = run_search(idx, terms, like=feature, exclude=row, k=k)  # type: ignore[arg-type]
+            hits = run_search(idx, terms, like=feature, exclude=row, k=k, exact=exact)  # type: ignore[arg-type]
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     write_hits(hits, fmt)
