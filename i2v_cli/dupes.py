@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .index import Index, iter_chunks
 from .sketch import DIMS as SKETCH_DIMS
@@ -94,6 +93,8 @@ def load_features(index: Index) -> tuple[np.ndarray, np.ndarray]:
 
 def similar_pairs(unit: np.ndarray, min_similarity: float, block: int = BLOCK_ROWS) -> Iterator[tuple[int, int, float]]:
     """Every pair ``(i, j, cosine)`` with ``i < j`` of unit rows whose cosine is at least ``min_similarity``."""
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         all_rows = torch.from_numpy(unit)

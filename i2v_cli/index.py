@@ -28,10 +28,9 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .config import CATEGORIES, NUM_TAGS
 from .errors import OutputError, WriteError
@@ -40,6 +39,9 @@ from .sketch import DIMS as SKETCH_DIMS
 from .sketch import SEED as SKETCH_SEED
 from .sketch import make_basis, sketch
 from .writers import Record, Sink, display
+
+if TYPE_CHECKING:  # torch is imported only where a network runs: searches start fast
+    import torch
 
 #: Recorded as ``PRAGMA user_version``; a file with another version is refused with a clear message.
 SCHEMA_VERSION = 2
@@ -602,6 +604,8 @@ class CombinedNet:
         self.feature_net = feature_net
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.cat([self.tag_net(x).float(), self.feature_net(x).float()], dim=1)
 
 

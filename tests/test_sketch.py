@@ -153,3 +153,23 @@ def test_a_version_1_index_is_read_and_upgraded(tmp_path):
     con = sqlite3.connect(db)
     assert con.execute("PRAGMA user_version").fetchone()[0] == 2
     con.close()
+
+
+def test_search_and_dupes_start_without_torch(tmp_path):
+    # No network runs for a tag search, --like on an indexed path, dupes' plumbing or export: torch (2 s to
+    # import) is not loaded for them.
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(7)
+    db = str(tmp_path / "c.db")
+    _synthetic_index(db, rng.standard_normal((10, DIM)).astype(np.float32)).close()
+    code = (
+        "import sys\nfrom i2v_cli.cli import cli\n"
+        f"for argv in (['search', '--db', {db!r}, 'solo'], ['search', '--db', {db!r}, '--like', '/c/00001.png'],"
+        f" ['export', '--db', {db!r}, '--to', 'hydrus']):\n"
+        "    try:\n        cli(argv, prog_name='i2v')\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules, 'onnxruntime' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip().splitlines()[-1] == "False False", proc.stderr

@@ -9,14 +9,11 @@ from typing import Any
 
 import click
 
-from ..config import FEATURE, TAG
+from ..config import BACKENDS, FEATURE, PRECISIONS, TAG
 from ..errors import I2VError
 from ..index import CombinedNet, Index, Plan, update
-from ..inference import BACKENDS, PRECISIONS, describe, prepare_for_inference, resolve_backend
 from ..inputs import expand_inputs
 from ..resume import JobLock, make_job
-from ..runner import resolve_device
-from ..weights import load_model, resolve_weights
 from ..writers import display
 from .common import (
     CONTEXT_SETTINGS,
@@ -62,6 +59,10 @@ def network_options(f: F) -> F:
 def load_networks(tag_weights: str | None, feature_weights: str | None, device: str, precision: str,
                   backend: str) -> tuple[Any, CombinedNet, dict[str, str], dict[str, str], int]:  # fmt: skip
     """Both models, prepared: (tag model, combined net, tag model id, feature model id, feature length)."""
+    from ..inference import prepare_for_inference, resolve_backend  # torch: only once a network must run
+    from ..runner import resolve_device
+    from ..weights import load_model, resolve_weights
+
     dev = resolve_device(device)
     resolve_backend(backend, dev, precision)
     tag_model, tag_info = load_model(resolve_weights(tag_weights, TAG), kind=TAG, device=str(dev))
@@ -173,6 +174,8 @@ def index(
     if fmt == "json":
         click.echo(json.dumps(summary.counts()))
     counts = ", ".join(f"{v} {k}" for k, v in summary.counts().items())
+    from ..inference import describe
+
     echo(None, f"i2v: {display(db)}: {counts} in {time.perf_counter() - started:.1f} s ({describe(net.tag_net)})")
     if summary.failed:
         sys.exit(EXIT_SOME_FAILED)
