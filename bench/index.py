@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from i2v_cli.config import NUM_TAGS
-from i2v_cli.dupes import find_dupes, similar_pairs, verified_pairs
+from i2v_cli.dupes import find_dupes, load_sketches, similar_pairs, verified_pairs
 from i2v_cli.index import FileState, Index
 from i2v_cli.query import parse, search
 from i2v_cli.sketch import candidate_pairs, candidate_threshold
@@ -122,12 +122,12 @@ def queries(idx: Index, exact_like: int) -> None:
 def dupes_recall(idx: Index, subset: int, min_similarity: float) -> None:
     """Pairs found through sketches against an exact all-pairs search, on the first ``subset`` images."""
     ids = np.array([r for (r,) in idx.conn.execute("SELECT id FROM images ORDER BY id LIMIT ?", (subset,))])
+    all_ids, all_sketches = load_sketches(idx)
+    sketches = all_sketches[np.searchsorted(all_ids, ids)]
+    del all_sketches
     feats = np.empty((len(ids), idx.feature_dim), np.float32)
-    sketches = np.empty((len(ids), 256), np.float16)
-    for n, (blob, sk) in enumerate(idx.conn.execute(
-        "SELECT feature, sketch FROM images JOIN sketches ON image = id ORDER BY id LIMIT ?", (subset,))):  # fmt: skip
+    for n, (blob,) in enumerate(idx.conn.execute("SELECT feature FROM images ORDER BY id LIMIT ?", (subset,))):
         feats[n] = np.frombuffer(blob, np.float32)
-        sketches[n] = np.frombuffer(sk, np.float16)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     start = time.perf_counter()
     exact = {(i, j) for i, j, _ in similar_pairs(feats, min_similarity)}

@@ -140,15 +140,10 @@ def groups_of(pairs: Iterator[tuple[int, int, float]], n: int) -> dict[int, tupl
 
 def load_sketches(index: Index) -> tuple[np.ndarray, np.ndarray]:
     """Row ids and sketches (N x sketch.DIMS float16) of every image that has results."""
-    ids: list[np.ndarray] = []
-    blocks: list[np.ndarray] = []
-    cursor = index.conn.execute("SELECT image, sketch FROM sketches ORDER BY image")
-    for chunk in iter_chunks(cursor, 16384):
-        ids.append(np.fromiter((r[0] for r in chunk), np.int64, len(chunk)))
-        blocks.append(np.frombuffer(b"".join(r[1] for r in chunk), "<f2").reshape(len(chunk), -1))
-    if not ids:
+    blocks = list(index.sketch_blocks())
+    if not blocks:
         return np.empty(0, np.int64), np.empty((0, SKETCH_DIMS), np.float16)
-    return np.concatenate(ids), np.concatenate(blocks)
+    return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
 
 def verified_pairs(

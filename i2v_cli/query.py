@@ -183,7 +183,7 @@ def search(
     if basis is not None:
         if unit.shape[0] != basis.shape[0]:
             raise QueryError(f"the query feature has {unit.shape[0]} values, the index's {basis.shape[0]}")
-        rows = _sketch_candidates(index, cond, params, sketch(unit[None, :], basis)[0], exclude, max(RERANK, 20 * k))
+        rows = _sketch_candidates(index, terms, sketch(unit[None, :], basis)[0], exclude, max(RERANK, 20 * k))
         chunks = _features_of(index, rows)
     else:
         cursor = index.conn.execute(f"SELECT id, feature FROM images WHERE {cond}", params)
@@ -194,27 +194,54 @@ def search(
 
 
 def _sketch_candidates(
-    index: Index, cond: str, params: list[object], query: np.ndarray, exclude: int | None, count: int
+    index: Index, terms: Sequence[Term], query: np.ndarray, exclude: int | None, count: int
 ) -> list[int]:
     """The ``count`` matching rows whose sketches are closest to the query's (all matches when fewer)."""
     query = query.astype(np.float32)
+    constraints = _id_constraints(index, terms)
     rows = np.empty(0, np.int64)
     sims = np.empty(0, np.float32)
-    cursor = index.conn.execute(
-        f"SELECT sketches.image, sketches.sketch FROM sketches JOIN images ON images.id = sketches.image WHERE {cond}",
-        params,
-    )
-    for chunk in iter_chunks(cursor, SKETCH_CHUNK):
-        ids = np.fromiter((r[0] for r in chunk), np.int64, len(chunk))
-        vecs = np.frombuffer(b"".join(r[1] for r in chunk), "<f2").reshape(len(chunk), -1)
-        rows = np.concatenate([rows, ids])
-        sims = np.concatenate([sims, vecs.astype(np.float32) @ query])
-        if exclude is not None:
-            sims[rows == exclude] = -np.inf
-        if len(rows) > count:
+    for ids, vecs in index.sketch_blocks():
+        mask = ids != exclude if exclude is not None else np.ones(len(ids), bool)
+        for allowed, positive in constraints:
+            pos = np.minimum(np.searchsorted(allowed, ids), max(0, len(allowed) - 1))
+            inside = allowed[pos] == ids if len(allowed) else np.zeros(len(ids), bool)
+            mask &= inside if positive else ~inside
+        if not mask.any():
+            continue
+        rows = np.concatenate([rows, ids[mask]])
+        sims = np.concatenate([sims, vecs[mask].astype(np.float32) @ query])
+        if len(rows) > 4 * count:
             keep = np.argpartition(-sims, count - 1)[:count]
             rows, sims = rows[keep], sims[keep]
+    if len(rows) > count:
+        rows = rows[np.argpartition(-sims, count - 1)[:count]]
     return sorted(rows.tolist())
+
+
+def _id_constraints(index: Index, terms: Sequence[Term]) -> list[tuple[np.ndarray, bool]]:
+    """The terms as sets of row ids (ascending), each one the rows must be in (True) or out of (False); read
+    from the indexes of ``tag_scores`` and ``images.rating``, never from the wide ``images`` rows. A bound below
+    the index's floor, which only the ``scores`` BLOBs answer, is one SQL scan of ``images``."""
+    out = []
+    for term in terms:
+        if isinstance(term, RatingTerm):
+            sql, params = "SELECT id FROM images WHERE rating = ?", [term.rating]
+            positive = not term.negate
+        else:
+            op = _negated(term.op) if term.negate else term.op
+            bound = float(np.float32(term.value))
+            if bound < TAG_FLOOR:
+                index.conn.create_function("i2v_score", 2, _score, deterministic=True)
+                sql, params = f"SELECT id FROM images WHERE i2v_score(images.scores, ?) {op} ?", [term.tag, bound]
+                positive = True
+            else:
+                positive = op in (">=", ">")
+                sql = f"SELECT image FROM tag_scores WHERE tag = ? AND score {op if positive else _negated(op)} ?"
+                params = [term.tag, bound]
+        ids = np.fromiter((r for (r,) in index.conn.execute(sql, params)), np.int64)
+        out.append((np.unique(ids), positive))
+    return out
 
 
 def _features_of(index: Index, rows: Sequence[int]) -> Iterator[list[tuple[Any, ...]]]:

@@ -69,6 +69,10 @@ def test_inverted_file_finds_the_pairs_an_all_pairs_search_finds():
     assert all(sims[i, j] >= threshold - 1e-3 for i, j in found)
 
 
+def _sketches(idx: Index) -> dict[int, bytes]:
+    return {int(i): v.tobytes() for ids, vecs in idx.sketch_blocks() for i, v in zip(ids, vecs, strict=True)}
+
+
 def _synthetic_index(path: str, features: np.ndarray) -> Index:
     rng = np.random.default_rng(2)
     idx = Index(path, create=True)
@@ -78,6 +82,7 @@ def _synthetic_index(path: str, features: np.ndarray) -> Index:
             scores = np.zeros(NUM_TAGS, np.float32)
             scores[rng.choice(NUM_TAGS - 3, 5, replace=False)] = rng.uniform(0.3, 1, 5)
             scores[-3:] = rng.dirichlet([3, 1, 1])
+            scores[0] = rng.uniform(0, 1)  # one broad tag, for filters that keep about half
             state = FileState(f"/c/{i:05d}.png", 100 + i, i, i.to_bytes(32, "big"), 640 - i % 7, 480, "PNG")
             idx.put(state, scores, f, None)
     return idx
@@ -112,10 +117,18 @@ def test_like_through_sketches_equals_the_exact_search(tmp_path, monkeypatch):
             exact = search(idx, [], like=like, exclude=row, k=10, exact=True)
             fast = search(idx, [], like=like, exclude=row, k=10)
             assert [(h.row, h.score) for h in fast] == [(h.row, h.score) for h in exact]
-            terms = parse("rating:safe", idx.tags)
-            assert [h.row for h in search(idx, terms, like=like, exclude=row, k=5)] == [
-                h.row for h in search(idx, terms, like=like, exclude=row, k=5, exact=True)
-            ]
+        tag = idx.tags[0].replace(" ", "_")
+        for text in ("rating:safe", "-rating:safe", f"{tag}>=0.5", f"{tag}<0.5", f"-{tag}>0.3 -rating:explicit",
+                     f"{tag}<0.03", f"{tag}>0.02", f"{tag}>0.7 rating:safe"):  # fmt: skip
+            terms = parse(text, idx.tags)
+            matches = {h.row for h in search(idx, terms)}
+            assert 5 < len(matches) < 395, text
+            for row in (1, 7):
+                like = idx.feature(row)
+                fast = search(idx, terms, like=like, exclude=row, k=5)
+                assert {h.row for h in fast} <= matches, text
+                assert [h.row for h in fast] == [h.row for h in search(idx, terms, like=like, exclude=row, k=5,
+                                                                       exact=True)], text  # fmt: skip
 
 
 def test_sketches_follow_the_features(tmp_path):
@@ -126,7 +139,7 @@ def test_sketches_follow_the_features(tmp_path):
             idx.remove(3)
             idx.put(FileState("/c/00005.png", 1, 1, b"x" * 32), None, None, "broken")
             idx.put(FileState("/c/00006.png", 1, 1, b"y" * 32), np.zeros(NUM_TAGS, np.float32), -x[6], None)
-        rows = dict(idx.conn.execute("SELECT image, sketch FROM sketches"))
+        rows = _sketches(idx)
         with_features = [r for (r,) in idx.conn.execute("SELECT id FROM images WHERE feature IS NOT NULL")]
         assert sorted(rows) == sorted(with_features) and len(rows) == 18
         assert np.array_equal(np.frombuffer(rows[7], "<f2"), sketch(idx.feature(7)[None], idx.basis)[0])
@@ -138,10 +151,12 @@ def test_a_version_1_index_is_read_and_upgraded(tmp_path):
     x = rng.standard_normal((30, DIM)).astype(np.float32)
     db = str(tmp_path / "c.db")
     with _synthetic_index(db, x) as idx:
-        want = dict(idx.conn.execute("SELECT image, sketch FROM sketches"))
+        want = _sketches(idx)
         exact = [h.row for h in search(idx, [], like=x[0], exclude=1, k=5)]
     con = sqlite3.connect(db)
-    con.executescript("DROP TABLE sketches; DROP TABLE sketch_basis; PRAGMA user_version = 1;")
+    con.executescript(
+        "DROP TABLE sketch_blocks; DROP TABLE sketch_basis; DROP INDEX images_rating; PRAGMA user_version = 1;"
+    )
     con.close()
     with Index(db, readonly=True) as old:  # read as it is: searches compare full features
         assert old.version == 1 and old.basis is None
@@ -149,7 +164,7 @@ def test_a_version_1_index_is_read_and_upgraded(tmp_path):
         assert find_dupes(old, 0.95) == []
     with Index(db) as upgraded:  # opened to write: upgraded in place
         assert upgraded.version == 2
-        assert dict(upgraded.conn.execute("SELECT image, sketch FROM sketches")) == want
+        assert _sketches(upgraded) == want
     con = sqlite3.connect(db)
     assert con.execute("PRAGMA user_version").fetchone()[0] == 2
     con.close()
