@@ -225,3 +225,18 @@ def test_closest_tags():
     assert closest_tags("Long_Hair", TAGS) == ["long hair"]
     assert closest_tags("long hiar", TAGS)[0] == "long hair"
     assert closest_tags("zzzzqqq", TAGS) == []
+
+
+def test_the_packaged_list_is_read_and_checked_once(monkeypatch):
+    # Checking the 1,539 names costs about 30 ms; the index called it for every image it stored (top_rating).
+    from i2v_cli import tags
+
+    calls = []
+    real = tags.check_tag_names
+    monkeypatch.setattr(tags, "check_tag_names", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tags._packaged_tag_list.cache_clear()
+    first = tags.load_tag_list()
+    first.append("mutated by a caller")
+    second = tags.load_tag_list()
+    assert len(calls) == 1 and len(second) == 1539 and second[-1] != "mutated by a caller"
+    tags._packaged_tag_list.cache_clear()
