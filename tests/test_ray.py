@@ -354,6 +354,9 @@ def test_engine_options_are_checked(tag_weights, images, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "--format parquet: for --engine ray only" in result.output
     result = runner.invoke(cli, [*base, "--ray-transfer", "uint8"])
     assert (result.exit_code, result.output) == (2, "Error: --ray-transfer: for --engine ray only\n")
+    for command in ("tag", "features"):  # listed with the other Ray options
+        text = runner.invoke(cli, [command, "-h"]).output
+        assert text.index("Ray cluster (--engine ray):") < text.index("--ray-transfer [float32|uint8]")
     monkeypatch.setattr("i2v_cli.cli.ray_options.find_spec", lambda name: None)
     result = runner.invoke(cli, [*base, "--engine", "ray", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
