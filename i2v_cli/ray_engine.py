@@ -5,7 +5,9 @@ holds inputs ``k * shard_size`` up to the next shard's first. The shards are the
 task decodes and preprocesses a shard's images (:func:`~i2v_cli.data.decode_in_worker`, so a bad file is an
 error record, never a dead task, even one that crashes its decoder), and a pool of actors, each holding the
 network once (on a GPU when asked for), runs it and writes the shard's file itself, so only network inputs cross
-the object store. The output folder:
+the object store: as float32 by default (exact), or with ``transfer="uint8"`` as the resized images rounded to
+uint8 (a quarter of the bytes; scores move by up to :data:`UINT8_BOUND`), normalised on the actor. The output
+folder:
 
 - ``part-00000.jsonl`` (or ``.csv``, ``.parquet``) per shard of ``i2v tag``: the records of a local run, in
   input order; ``part-00000.npy`` + ``part-00000.paths.jsonl`` (a :mod:`i2v_cli.features` pair) and
@@ -34,7 +36,7 @@ from typing import IO, Any
 import numpy as np
 
 from .atomic import is_temp_name, write_bytes, write_text
-from .config import FEATURE, INPUT_SIZE, TAG
+from .config import FEATURE, INPUT_SIZE, MEAN_BGR, TAG
 from .errors import I2VError, InputError
 from .features import FeatureWriter
 from .inputs import expand_inputs, read_path_list
@@ -50,6 +52,13 @@ DEFAULT_SHARD_SIZE = 256
 HOLD_ENV = "I2V_RAY_HOLD_DIR"
 _INPUT_SHAPE = (3, INPUT_SIZE, INPUT_SIZE)
 _INPUT_BYTES = 4 * 3 * INPUT_SIZE * INPUT_SIZE
+_PIXELS_SHAPE = (INPUT_SIZE, INPUT_SIZE, 3)
+#: How the network inputs travel from the decoding tasks to the actors: float32, exact (602 KB an image), or
+#: uint8, the resized image rounded to 0-255 (150 KB) and normalised on the actor.
+TRANSFERS = ("float32", "uint8")
+#: The largest change of a score (a probability) that ``transfer="uint8"`` made on the golden models and the
+#: benchmark's images (bench/ray_transfer.py), with a margin; tests/test_ray.py holds it.
+UINT8_BOUND = 0.02
 _CATEGORIES = ("general", "character", "copyright", "rating")
 
 
@@ -80,6 +89,11 @@ class RayJob:
     require_gpus: bool = False  # --device cuda: refuse a cluster without GPUs instead of running on CPUs
     progress: bool = True
     options: Mapping[str, Any] = field(default_factory=dict)  # recorded in the manifest, compared on resume
+    transfer: str = "float32"  # one of TRANSFERS; recorded in the manifest's options (it shapes the records)
+
+    def __post_init__(self) -> None:
+        if self.transfer not in TRANSFERS:
+            raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {self.transfer!r}")
 
 
 @dataclass
@@ -93,6 +107,12 @@ class RaySummary:
     seconds: float
     workers: int
     gpus_per_worker: float
+    input_bytes: int = 0  # network inputs put in the object store by this run's decoding tasks
+
+    @property
+    def bytes_per_image(self) -> float:
+        """Object-store bytes of network input per image processed (decoded or not) by this run."""
+        return self.input_bytes / self.images if self.images else 0.0
 
     @property
     def throughput(self) -> float:
@@ -134,7 +154,7 @@ def _plan(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> dict[
         "inputs_digest": _digest(inputs),
         "shard_size": job.shard_size,
         "model": dict(model),
-        "options": dict(job.options),
+        "options": {**job.options, "transfer": job.transfer},
         "cwd": display(os.getcwd()),
     }
 
@@ -152,6 +172,8 @@ def prepare_output(job: RayJob, inputs: Sequence[str], model: Mapping[str, str])
             old = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise RayEngineError(f"cannot resume: {manifest} is not readable: {exc}") from None
+        if isinstance(old.get("options"), dict):
+            old["options"] = {"transfer": "float32", **old["options"]}  # written before the transfer was recorded
         differ = [k for k in ("command", "output_format", "inputs_digest", "shard_size", "model", "options")
                   if old.get(k) != plan[k]]  # fmt: skip
         if differ:
@@ -297,8 +319,33 @@ def _enter(cwd: str) -> None:
         os.chdir(cwd)
 
 
-def decode_shards(batch: Any, cwd: str) -> Any:
-    """CPU task: decode and preprocess the images of each shard row; the inputs travel as float32 bytes."""
+def round_inputs(inputs: Any) -> np.ndarray:
+    """Network inputs (N, 3, S, S) back to the resized RGB images they were made from, rounded to uint8
+    (N, S, S, 3): the one lossy step of ``transfer="uint8"`` (each value moves by at most 0.5)."""
+    import torch
+
+    mean = torch.tensor(MEAN_BGR, dtype=torch.float32).view(1, 3, 1, 1)
+    rgb = (torch.as_tensor(inputs, dtype=torch.float32) + mean).flip(1).permute(0, 2, 3, 1)
+    return rgb.round().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def normalise(pixels: np.ndarray, device: Any = "cpu") -> Any:
+    """uint8 RGB images (N, S, S, 3) to network inputs (N, 3, S, S) on ``device``: the local pipeline's step 3,
+    :func:`~i2v_cli.transform.to_network_input` (BGR minus the mean), on the actor. On a GPU the pixels cross
+    as uint8 and are normalised there (the same IEEE float32 subtraction, so the same inputs)."""
+    import torch
+
+    from .transform import to_network_input
+
+    if not len(pixels):
+        return torch.empty((0, *_INPUT_SHAPE), device=device)
+    rgb = torch.from_numpy(np.array(pixels, np.uint8)).to(device)
+    return torch.stack([to_network_input(p) for p in rgb])
+
+
+def decode_shards(batch: Any, cwd: str, transfer: str = "float32") -> Any:
+    """CPU task: decode and preprocess the images of each shard row; the inputs travel as bytes, float32 or
+    (``transfer="uint8"``) rounded to uint8 pixels (:func:`round_inputs`)."""
     import pyarrow as pa
     import torch
 
@@ -310,7 +357,8 @@ def decode_shards(batch: Any, cwd: str) -> Any:
     for row in batch.to_pylist():
         paths = [os.fsdecode(p) for p in row["paths"]]
         decoded = decode_in_worker(paths)  # an image that crashes its decoder fails alone, not the shard's task
-        inputs = decoded.inputs.numpy() if decoded.ok else np.zeros((0, *_INPUT_SHAPE), np.float32)
+        inputs = decoded.inputs if decoded.ok else torch.zeros((0, *_INPUT_SHAPE))
+        inputs = round_inputs(inputs) if transfer == "uint8" else inputs.numpy()
         # Arrow strings are UTF-8: a message naming a file that is not UTF-8 travels in its readable form.
         errors = [None if i not in decoded.errors else display(decoded.errors[i]) for i in range(len(paths))]
         rows.append({"shard": row["shard"], "paths": row["paths"], "errors": errors, "inputs": inputs.tobytes()})
@@ -358,7 +406,10 @@ class NetworkWorker:
             paths = [os.fsdecode(p) for p in row["paths"]]
             errors: list[str | None] = row["errors"]
             ok = [i for i, e in enumerate(errors) if e is None]
-            inputs = torch.from_numpy(np.frombuffer(row["inputs"], np.float32).copy()).reshape(-1, *_INPUT_SHAPE)
+            if job.transfer == "uint8":
+                inputs = normalise(np.frombuffer(row["inputs"], np.uint8).reshape(-1, *_PIXELS_SHAPE), self.device)
+            else:
+                inputs = torch.from_numpy(np.frombuffer(row["inputs"], np.float32).copy()).reshape(-1, *_INPUT_SHAPE)
             decoded = Batch(ok, inputs, {i: e for i, e in enumerate(errors) if e is not None})
             records = make(map_batch(self.net, paths, decoded, self.device, job.batch_size))
             _checkpoint(self.written)
@@ -370,7 +421,7 @@ class NetworkWorker:
                 name = write_feature_shard(self.out, row["shard"], records, dim=dim, binary=job.binary, model=model)
             self.written += 1
             failed = [(r["path"], r["error"]) for r in records if "error" in r]
-            rows.append({"shard": row["shard"], "file": name, "count": len(paths),
+            rows.append({"shard": row["shard"], "file": name, "count": len(paths), "input_bytes": len(row["inputs"]),
                          "error_paths": [os.fsencode(p) for p, _ in failed],
                          "error_messages": [display(e) for _, e in failed]})  # fmt: skip
         return pa.Table.from_pylist(rows, schema=_summary_schema())
@@ -379,7 +430,7 @@ class NetworkWorker:
 def _summary_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema([("shard", pa.int64()), ("file", pa.string()), ("count", pa.int64()),
+    return pa.schema([("shard", pa.int64()), ("file", pa.string()), ("count", pa.int64()), ("input_bytes", pa.int64()),
                       ("error_paths", pa.list_(pa.binary())), ("error_messages", pa.list_(pa.string()))])  # fmt: skip
 
 
@@ -447,8 +498,9 @@ def run_job(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> Ite
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             # Decoding runs in tasks of its own: its memory reservation (a worker with torch, and a shard's inputs
             # twice) also keeps Ray from fusing it into the actors.
-            ds = ds.map_batches(decode_shards, fn_kwargs={"cwd": cwd}, batch_size=1, batch_format="pyarrow",
-                                num_cpus=1, memory=(256 << 20) + 2 * size * _INPUT_BYTES)  # fmt: skip
+            ds = ds.map_batches(decode_shards, fn_kwargs={"cwd": cwd, "transfer": job.transfer}, batch_size=1,
+                                batch_format="pyarrow", num_cpus=1,
+                                memory=(256 << 20) + 2 * size * _INPUT_BYTES)  # fmt: skip
             ds = ds.map_batches(
                 NetworkWorker,
                 fn_constructor_kwargs={"job": job, "cwd": cwd, "device": "cuda" if gpus > 0 else "cpu"},
@@ -461,6 +513,7 @@ def run_job(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> Ite
             for batch in ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=0):
                 for row in batch.to_pylist():
                     summary.images += row["count"]
+                    summary.input_bytes += row["input_bytes"]
                     summary.shards += 1
                     summary.errors.extend(zip(map(os.fsdecode, row["error_paths"]), row["error_messages"], strict=True))
                     summary.seconds = time.perf_counter() - started

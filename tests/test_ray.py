@@ -196,6 +196,68 @@ def test_tag_records_equal_the_local_engine(cluster, images, tag_weights, tmp_pa
     assert_same_records(_records(_joined(tmp_path / "out")), _records(local))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert (manifest["records"], manifest["errors"], len(manifest["shards"])) == (13, 1, 4)
+    assert manifest["options"]["transfer"] == "float32"  # the default: exact, the records of a local run
+
+
+def test_uint8_transfer_rounds_the_network_input(cluster, images, tag_weights, tmp_path):
+    """--ray-transfer uint8: the records of the local pipeline on each image's resized pixels rounded to uint8,
+    within UINT8_BOUND of the exact records; the manifest records the mode and a resume with another is refused."""
+    from PIL import Image
+
+    from i2v_cli.ray_engine import UINT8_BOUND, round_inputs
+    from i2v_cli.transform import load_and_preprocess
+
+    address, _ = cluster
+    exact = _records(_local_jsonl(images, tag_weights, tmp_path))
+    # The expectation, through the library: the exact transform, rounded to uint8 and saved as a 224 x 224 PNG,
+    # which the local pipeline takes as it is (no resize), then normalises and runs as the actor does.
+    rounded = tmp_path / "rounded"
+    rounded.mkdir()
+    for src in sorted(images.iterdir()):
+        if src.name != BROKEN:
+            Image.fromarray(round_inputs(load_and_preprocess(src)[None])[0]).save(rounded / f"{src.stem}.png")
+    out = tmp_path / "want.jsonl"
+    result = CliRunner().invoke(
+        cli, ["tag", str(rounded), "-t", "0", "-j", "0", "-w", str(tag_weights), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    want = _records(out.read_text())
+
+    args = ["tag", images, "-t", "0", "-w", tag_weights, "--shard-size", "4", "-o", "out"]
+    code, err = _finish(_ray([*args, "--ray-transfer", "uint8"], address, tmp_path))
+    assert code == 1, err
+    got = _records(_joined(tmp_path / "out"))
+    assert [r["path"] for r in got] == [r["path"] for r in exact]
+    assert [r for r in got if "error" in r] == [r for r in exact if "error" in r]
+    ok = [r for r in got if "error" not in r]
+    assert [Path(r["path"]).stem for r in ok] == [Path(r["path"]).stem for r in want]
+    assert_same_records(ok, [{**w, "path": g["path"]} for g, w in zip(ok, want, strict=True)])
+    categories = ("general", "character", "copyright", "rating")
+    moved = max(abs(g[c][t] - e[c][t]) for g, e in zip(got, exact, strict=True) if "error" not in e
+                for c in categories for t in e[c])  # fmt: skip
+    assert 0 < moved <= UINT8_BOUND
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["options"]["transfer"] == "uint8"
+    code, err = _finish(_ray([*args, "--resume"], address, tmp_path))  # the default transfer, float32
+    assert code == 2 and "written with other options" in err, err
+
+
+def test_resume_checks_the_transfer(tmp_path):
+    """A folder records its transfer; one written before the transfer was recorded counts as float32."""
+    from i2v_cli.ray_engine import RayEngineError, RayJob, prepare_output
+
+    inputs, model = ["a.png", "b.png"], {"source": "m", "sha256": "0"}
+    job = RayJob(kind="tag", weights="w", out=str(tmp_path), fmt="jsonl", options={"top_k": None})
+    prepare_output(job, inputs, model)
+    manifest = tmp_path / "manifest.json"
+    old = json.loads(manifest.read_text())
+    assert old["options"] == {"top_k": None, "transfer": "float32"}
+    del old["options"]["transfer"]
+    manifest.write_text(json.dumps(old))
+    resume = RayJob(kind="tag", weights="w", out=str(tmp_path), fmt="jsonl", options={"top_k": None}, resume=True)
+    assert prepare_output(resume, inputs, model)[1] == set()
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(RayEngineError, match="written with other options"):
+        prepare_output(RayJob(**{**resume.__dict__, "transfer": "uint8"}), inputs, model)
 
 
 def test_parquet_shards_and_features(cluster, images, tag_weights, feature_weights, tmp_path):
@@ -290,6 +352,11 @@ def test_engine_options_are_checked(tag_weights, images, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "--num-workers: for --engine ray only" in result.output
     result = runner.invoke(cli, [*base, "-f", "parquet"])
     assert result.exit_code == 2 and "--format parquet: for --engine ray only" in result.output
+    result = runner.invoke(cli, [*base, "--ray-transfer", "uint8"])
+    assert (result.exit_code, result.output) == (2, "Error: --ray-transfer: for --engine ray only\n")
+    for command in ("tag", "features"):  # listed with the other Ray options
+        text = runner.invoke(cli, [command, "-h"]).output
+        assert text.index("Ray cluster (--engine ray):") < text.index("--ray-transfer [float32|uint8]")
     monkeypatch.setattr("i2v_cli.cli.ray_options.find_spec", lambda name: None)
     result = runner.invoke(cli, [*base, "--engine", "ray", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2

@@ -149,7 +149,7 @@ class SectionedCommand(click.Command):
 
 
 MODEL_SECTION = ("weights", "device", "batch_size", "workers", "precision", "backend")
-RAY_SECTION = ("engine", "ray_address", "num_workers", "gpus_per_worker", "shard_size")
+RAY_SECTION = ("engine", "ray_address", "num_workers", "gpus_per_worker", "shard_size", "ray_transfer")
 
 
 def default_workers() -> int:
