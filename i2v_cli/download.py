@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import http.client
 import json
 import os
@@ -32,6 +31,7 @@ from typing import Any, Protocol
 from .atomic import AtomicFile, is_special, resolve_target, write_text
 from .config import FEATURE, TAG
 from .errors import DownloadError, I2VError, ServerUnreachableError, WeightsError
+from .hashing import sha256_file
 from .store import CAFFEMODEL_FILES, RELEASE_BASE_URL, WEIGHT_FILES
 from .weights import load_weights, save_safetensors
 
@@ -294,14 +294,10 @@ def _drop(part: Path) -> None:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     try:
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
+        return sha256_file(path).hex()
     except OSError as exc:
         raise DownloadError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return h.hexdigest()
 
 
 def _range_total(content_range: str) -> int | None:

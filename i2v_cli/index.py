@@ -21,7 +21,6 @@ Nothing here prints.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -35,6 +34,7 @@ import numpy as np
 from .config import CATEGORIES, NUM_TAGS
 from .errors import OutputError, WriteError
 from .features import binarize
+from .hashing import sha256_file
 from .sketch import DIMS as SKETCH_DIMS
 from .sketch import SEED as SKETCH_SEED
 from .sketch import make_basis, sketch
@@ -54,7 +54,6 @@ APPLICATION_ID = 0x69327658
 TAG_FLOOR = 0.05
 #: Rows a network batch commits at a time are the run's batches; metadata-only changes commit this many at once.
 COMMIT_ROWS = 2000
-_HASH_CHUNK = 1 << 20
 _RATING = next(c for c in CATEGORIES if c.name == "rating")
 
 #: Images a row of ``sketch_blocks`` holds: the ids ``block * 1024`` to ``block * 1024 + 1023``. Reading a million
@@ -135,11 +134,7 @@ def fs_path(path: str) -> bytes:
 
 def file_sha256(path: str) -> bytes:
     """SHA-256 of a file's bytes (raises OSError)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.digest()
+    return sha256_file(path)
 
 
 def probe(path: str, st: os.stat_result, sha256: bytes | None = None) -> FileState:

@@ -42,6 +42,7 @@ from google.protobuf.message import DecodeError, Message
 from .atomic import AtomicFile, describe_oserror, same_file
 from .config import CONV_NAMES, FEATURE, TAG
 from .errors import ModelKindError, OutputError, WeightsError, WeightsNotFoundError
+from .hashing import sha256_file
 from .model import Architecture, Illust2VecNet, build_model, check_state_dict, layer_key, remap_legacy_state_dict
 from .sniff import IMAGE_KINDS, describe, sniff
 
@@ -599,15 +600,11 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
+    """SHA-256 of a file (hex)."""
     try:
-        with path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
+        return sha256_file(path).hex()
     except OSError as exc:
         raise WeightsError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
