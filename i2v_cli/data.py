@@ -180,6 +180,7 @@ def iter_batches(
     """
     handoff: queue.Queue[object] = queue.Queue(maxsize=2)
     stop = threading.Event()
+    workers = min(workers, -(-len(paths) // batch_size))  # no process is started that would get no batch
 
     def put(item: object) -> None:
         while not stop.is_set():
