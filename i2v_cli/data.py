@@ -191,6 +191,11 @@ def iter_batches(
                 continue
 
     def read() -> None:
+        if workers == 0:
+            # Decoding here, beside the network: one thread, as in a worker. torch's setting is per thread (its
+            # OpenMP and MKL counts), so the network's threads are left as they are; without it each resize
+            # woke the other core's OpenMP thread, whose spinning doubled the CPU time of a run (measured).
+            torch.set_num_threads(1)
         try:
             done = 0
             while done < len(paths) and not stop.is_set():
