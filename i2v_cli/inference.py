@@ -438,7 +438,7 @@ class OnnxRuntimeNet(_Described):
                 where = f"export kept in memory: cannot write the cache ({reason})"
                 self.export = None
             try:
-                self.session = session_saving_optimised(session, path) if path.is_file() else session(data)
+                self.session = session_saving_optimised(session, path) if self.export else session(data)
             except ort_errors() as exc:
                 with contextlib.suppress(OSError):
                     path.unlink()
