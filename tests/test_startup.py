@@ -100,3 +100,24 @@ def test_a_cached_run_imports_no_onnx_exporter(tmp_path, tag_weights, image):
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)  # exports, records
     done = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_a_wrong_thread_guess_reopens_the_session_with_torchs_count(monkeypatch, tmp_path, tag_weights, image):
+    import torch
+
+    import i2v_cli.cli.common as common
+    import i2v_cli.weights
+
+    first = _tag(tmp_path / "home", tag_weights, image, tmp_path / "a.jsonl")
+    monkeypatch.setattr(common, "default_threads", lambda: torch.get_num_threads() + 3)
+    monkeypatch.setattr(i2v_cli.weights, "load_model", lambda *a, **k: pytest.fail("the weights were read"))
+    made = []
+    real = OnnxRuntimeNet.from_session.__func__
+
+    def spy(cls, session, export):
+        made.append(session)
+        return real(cls, session, export)
+
+    monkeypatch.setattr(OnnxRuntimeNet, "from_session", classmethod(spy))
+    assert _tag(tmp_path / "home", tag_weights, image, tmp_path / "b.jsonl") == first
+    assert [s.get_session_options().intra_op_num_threads for s in made] == [torch.get_num_threads()]

@@ -199,7 +199,7 @@ def tag(
         import torch
 
         from ..inference import OnnxRuntimeNet, describe, prepare_for_inference, resolve_backend
-        from ..ortcache import file_identity, remember_export
+        from ..ortcache import file_identity, open_cached, remember_export
         from ..pipeline import CaptionSink, TagRecords, run_job
         from ..runner import resolve_device
         from ..weights import load_model
@@ -207,11 +207,12 @@ def tag(
         dev = resolve_device(device)
         onnx = resolve_backend(backend, dev, precision) == "onnxruntime" and precision == "fp32"
         model, net = None, None
-        if recalled is not None and onnx and dev.type == "cpu" and recalled[0] == torch.get_num_threads():
-            _, session, export, info = recalled
-            net = OnnxRuntimeNet.from_session(session, export)
-        else:
-            recalled = None
+        if recalled is not None and onnx and dev.type == "cpu":
+            threads, session, export, info = recalled
+            if threads != torch.get_num_threads():  # the guess was off (torch may count cores, not CPUs)
+                session = open_cached(export, torch.get_num_threads())
+            net = None if session is None else OnnxRuntimeNet.from_session(session, export)
+        if net is None:
             before = file_identity(weights_path)
             loaded, weights_info = load_model(weights_path, kind=TAG, device=str(dev))
             model, info = loaded, weights_info.as_dict()
