@@ -253,16 +253,18 @@ def child_model_only(kind: str, names: list[str], rounds: int, batches: int) -> 
     preds = _predictors(kind, names)
     x = torch.randn(BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 50
     rates: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}  # CPU seconds per image, all threads of the process
     with torch.inference_mode():
         ref = preds[names[0]](x).float()
         diffs = {n: float((p(x).float() - ref).abs().max()) for n, p in preds.items()}
         for _ in range(rounds):
             for n, p in preds.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 for _ in range(batches):
                     p(x)
                 rates[n].append(BATCH * batches / (time.perf_counter() - t))
-    return {"rates": rates, "maxdiff_vs_first": diffs}
+                cpu[n].append((time.process_time() - c) / (BATCH * batches))
+    return {"rates": rates, "cpu": cpu, "maxdiff_vs_first": diffs}
 
 
 def child_naive_e2e(folder: str, limit: int) -> dict:
@@ -304,6 +306,65 @@ def child_resize(folder: str) -> dict:
     return {"resize_ms_per_mp": 1000 * resize / mp, "decode_ms_per_mp": 1000 * decode / mp, "megapixels": mp}
 
 
+def child_stages(folder: str, limit: int) -> dict:
+    """Where the CPU time of `i2v tag` goes, stage by stage, in one thread (CPU seconds per image): decoding,
+    the exact resize, normalising, the hand-over of a batch from a worker (pickling its array), the network
+    (ONNX Runtime, its own threads included: process CPU time), records and the JSONL writer. On a machine whose
+    cores the network fills, end to end can reach at most network / (network + the rest) of model-only speed."""
+    import pickle
+
+    import torch
+
+    from i2v_cli.data import Sample, collate
+    from i2v_cli.decode import RGBPixels, open_image
+    from i2v_cli.inference import prepare_for_inference
+    from i2v_cli.pipeline import TagRecords
+    from i2v_cli.runner import map_batch
+    from i2v_cli.tags import Selection, load_tag_list
+    from i2v_cli.transform import resize_pixels, to_network_input
+    from i2v_cli.writers import open_writer
+
+    files = [str(f) for f in sorted(Path(folder).iterdir())[:limit]]
+    net = prepare_for_inference(_load("tag"), cache_dir=OUT / "cache")
+    records = TagRecords(load_tag_list(None), Selection.make(None))
+    writer = open_writer("jsonl", os.devnull)
+    cpu = dict.fromkeys(["decode", "resize", "normalise", "hand-over", "network", "records", "writer"], 0.0)
+    torch.set_num_threads(1)  # the decoding stages as in a worker; the network's threads are ORT's own
+    for start in range(0, len(files), BATCH):
+        batch_files = files[start : start + BATCH]
+        samples = []
+        for i, f in enumerate(batch_files):
+            t0 = time.thread_time()
+            pixels = RGBPixels(open_image(f))
+            t1 = time.thread_time()
+            rgb = resize_pixels(pixels)
+            t2 = time.thread_time()
+            x = to_network_input(rgb)
+            t3 = time.thread_time()
+            cpu["decode"] += t1 - t0
+            cpu["resize"] += t2 - t1
+            cpu["normalise"] += t3 - t2
+            samples.append(Sample(start + i, x, None))
+        t0 = time.thread_time()
+        batch = collate(samples)  # in the worker, then through the pipe to the reader thread
+        batch = pickle.loads(pickle.dumps(batch))
+        batch.inputs = torch.as_tensor(batch.inputs)
+        cpu["hand-over"] += time.thread_time() - t0
+        t1 = time.process_time()  # the network's threads (this one is one of them) all count
+        results = map_batch(net, files, batch, torch.device("cpu"))
+        t2 = time.process_time()
+        t3 = time.thread_time()
+        recs = records(results)
+        t4 = time.thread_time()
+        writer.write(recs)
+        t5 = time.thread_time()
+        cpu["network"] += t2 - t1
+        cpu["records"] += t4 - t3
+        cpu["writer"] += t5 - t4
+    writer.close()
+    return {"images": len(files), "cpu_ms_per_image": {k: 1000 * v / len(files) for k, v in cpu.items()}}
+
+
 def _child(argv: list[str]) -> None:
     what = argv[0]
     if what == "setup":
@@ -314,6 +375,8 @@ def _child(argv: list[str]) -> None:
         result = child_accuracy(argv[1], argv[2].split(","), argv[3], int(argv[4]))
     elif what == "naive-e2e":
         result = child_naive_e2e(argv[1], int(argv[2]))
+    elif what == "stages":
+        result = child_stages(argv[1], int(argv[2]))
     else:
         result = child_resize(argv[1])
     print(json.dumps(result))
@@ -341,6 +404,59 @@ def run_child(args: list[str], cmd: list[str] | None = None) -> tuple[dict, floa
     return (json.loads(lines[-1]) if lines and args else {}), wall, rss
 
 
+def run_cli(cmd: list[str]) -> tuple[float, float]:
+    """Run an i2v command (the bench's cache); its wall seconds and CPU seconds (its decoding workers included)."""
+    env = {**os.environ, "I2V_HOME": str(OUT / "cache")}
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def measure_e2e(i2v: str, folder: Path, weights: Path, n: int, rounds: int, precision: str) -> dict:
+    """`i2v tag` end to end with its start-up taken out, against i2v's own model-only rate, round by round.
+
+    Each round runs the model-only child (i2v's network, same batch size, n images), then `i2v tag` on one
+    image and on all n. The start-up (imports, session, first image) is what the one-image run costs, so the
+    rate without it is (n - 1) / (wall(n) - wall(1)); the CPU seconds per image are taken the same way. Ratios
+    are per round (neighbours slow both alike), reported as median and range."""
+    one = sorted(folder.iterdir())[0]
+    base = [i2v, "tag", "-w", str(weights), "-o", str(OUT / "tags-e2e.jsonl"), "-b", str(BATCH), "--precision"]
+    run_cli([*base, precision, str(one)])  # the caches (export, optimised graph, weights record) are warm
+    name = "i2v" if precision == "fp32" else "i2v-int8"
+    walls, ratios, cpu_ratios, rates, model_rates, cpu_img, net_cpu_img = [], [], [], [], [], [], []
+    for _ in range(rounds):
+        model, _, _ = run_child(["model", "tag", name, "1", str(max(1, n // BATCH))])
+        w1, c1 = run_cli([*base, precision, str(one)])
+        wn, cn = run_cli([*base, precision, str(folder)])
+        rate = (n - 1) / (wn - w1)
+        walls.append(w1)
+        rates.append(rate)
+        model_rates.append(model["rates"][name][0])
+        ratios.append(rate / model["rates"][name][0])
+        cpu_img.append((cn - c1) / (n - 1))
+        net_cpu_img.append(model["cpu"][name][0])
+        cpu_ratios.append(model["cpu"][name][0] / cpu_img[-1])
+    return {
+        "one_image_s": walls,
+        "rate": rates,
+        "model_rate": model_rates,
+        "ratio": ratios,
+        "cpu_ms_per_image": [1000 * c for c in cpu_img],
+        "model_cpu_ms_per_image": [1000 * c for c in net_cpu_img],
+        "cpu_ratio": cpu_ratios,
+    }
+
+
+def measure_help(i2v: str, rounds: int) -> dict[str, list[float]]:
+    """Wall seconds of `i2v --help` and `i2v tag -h` (no network: torch and ONNX Runtime are not imported)."""
+    return {" ".join(args): [run_cli([i2v, *args])[0] for _ in range(rounds)] for args in (["--help"], ["tag", "-h"])}
+
+
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -366,13 +482,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="48 images, 2 rounds, no feature rows")
     parser.add_argument("--no-features", action="store_true", help="skip the feature-network rows")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end rows (model only)")
+    parser.add_argument("--e2e-rounds", type=int, default=3, help="rounds of the start-up-free end-to-end ratio")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args.child)
         return
     if args.quick:
-        args.images, args.naive_images, args.rounds, args.no_features = 48, 24, 2, True
+        args.images, args.naive_images, args.rounds, args.no_features, args.e2e_rounds = 48, 24, 2, True, 1
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     from importlib.metadata import PackageNotFoundError, version
@@ -423,6 +540,9 @@ def main() -> None:
             rows.append(
                 (f"tag, end to end: `i2v tag --precision {precision}`", args.images / wall, rss, f"{wall:.1f} s", None)
             )
+        e2e = {p: measure_e2e(i2v, folder, models["tag"], args.images, args.e2e_rounds, p) for p in ("fp32", "int8")}
+        helps = measure_help(i2v, 3)
+        stages, _, _ = run_child(["stages", str(folder), str(min(args.images, 48))])
     fres = None
     if not args.no_features:
         fint8 = ["i2v-int8", *(["ov-int8"] if have_ov else [])]
@@ -499,7 +619,40 @@ def main() -> None:
         f"resize (i2v's exact Caffe/scikit-image resize): {resize['resize_ms_per_mp']:.1f} ms per megapixel; "
         f"decoding: {resize['decode_ms_per_mp']:.1f} ms per megapixel (one core)"
     )
+    if not args.no_e2e:
+        print_e2e(e2e, helps, stages, args.images)
     print(f"bench took {time.perf_counter() - started:.0f} s; outputs in {OUT}")
+
+
+def _med(values: list[float], fmt: str = ".2f") -> str:
+    """Median [min-max] of a list of measurements."""
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+
+def print_e2e(e2e: dict[str, dict], helps: dict[str, list[float]], stages: dict, n: int) -> None:
+    """End to end without start-up against model-only, start-up times, and where the CPU time of a run goes."""
+    print(f"\n`i2v tag -b {BATCH}` end to end, start-up taken out ((n-1) / (wall(n) - wall(1)), n = {n}), against")
+    print("i2v's own model-only rate measured in the same round; median [min-max] over rounds:\n")
+    print("| precision | e2e img/s | model-only img/s | e2e / model-only | by CPU time | CPU ms/img e2e | model-only |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for p, r in e2e.items():
+        print(
+            f"| {p} | {_med(r['rate'], '.1f')} | {_med(r['model_rate'], '.1f')} | {_med(r['ratio'])} | "
+            f"{_med(r['cpu_ratio'])} | {_med(r['cpu_ms_per_image'], '.0f')} | "
+            f"{_med(r['model_cpu_ms_per_image'], '.0f')} |"
+        )
+    print("\nstart-up (wall seconds, median [min-max]): " + ", ".join(
+        [f"`i2v {k}` {_med(v)}" for k, v in helps.items()]
+        + [f"`i2v tag ONE_IMAGE` (cached export) {_med(e2e['fp32']['one_image_s'])}"]
+    ))  # fmt: skip
+    cpu = stages["cpu_ms_per_image"]
+    rest = sum(v for k, v in cpu.items() if k != "network")
+    print(
+        f"\nwhere a run's CPU time goes, per image (ms, one thread, {stages['images']} images): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+        + f"; with the network filling every core, end to end reaches at most network / (network + the rest) = "
+        f"{cpu['network'] / (cpu['network'] + rest):.2f} of model-only"
+    )
 
 
 def _paired(rates: dict[str, list[float]], name: str, ref: str) -> float:

@@ -180,6 +180,7 @@ def iter_batches(
     """
     handoff: queue.Queue[object] = queue.Queue(maxsize=2)
     stop = threading.Event()
+    workers = min(workers, -(-len(paths) // batch_size))  # no process is started that would get no batch
 
     def put(item: object) -> None:
         while not stop.is_set():
@@ -190,6 +191,11 @@ def iter_batches(
                 continue
 
     def read() -> None:
+        if workers == 0:
+            # Decoding here, beside the network: one thread, as in a worker. torch's setting is per thread (its
+            # OpenMP and MKL counts), so the network's threads are left as they are; without it each resize
+            # woke the other core's OpenMP thread, whose spinning doubled the CPU time of a run (measured).
+            torch.set_num_threads(1)
         try:
             done = 0
             while done < len(paths) and not stop.is_set():

@@ -30,6 +30,7 @@ from .atomic import write_bytes
 from .config import BACKENDS, INPUT_SIZE, PRECISIONS, TAG
 from .errors import BackendWarning, I2VError, OutputError
 from .model import Illust2VecNet
+from .ortcache import new_session, open_optimised, ort_errors, session_saving_optimised
 from .store import onnx_cache_dir
 
 #: Numeric precisions of ``--precision``. fp32 gives the reference results (IEEE float32 arithmetic, TF32 off);
@@ -90,13 +91,16 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 
 def onnxruntime_available() -> bool:
-    """Whether ONNX Runtime and the ONNX exporter's needs are importable (the ``onnx`` extra)."""
+    """Whether ONNX Runtime and the ONNX exporter's needs are installed (the ``onnx`` extra). ``onnx`` is only
+    looked for, not imported (about 0.1 s): a run with a cached export never needs it, and an export that fails
+    for want of it falls back to PyTorch with a note."""
+    import importlib.util
+
     try:
-        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
         return False
-    return True
+    return importlib.util.find_spec("onnx") is not None
 
 
 def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
@@ -368,14 +372,6 @@ def _export_bytes(model: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-def _ort_errors() -> tuple[type[BaseException], ...]:
-    """What ONNX Runtime raises for a model it cannot load (its own exception classes, not RuntimeError's)."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    own = tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
-    return (*own, RuntimeError, ValueError, OSError)
-
-
 class _FeatureNet(nn.Module):
     """The feature network with ``encode1``'s weight as a second input: exported so, the ONNX file holds
     everything but that 800 MB matrix, which the session reads from the model's own tensor at each call."""
@@ -406,8 +402,6 @@ class OnnxRuntimeNet(_Described):
     """
 
     def __init__(self, model: Illust2VecNet, cache_dir: Path | None = None, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.feeds: dict[str, np.ndarray] = {}
         exported: nn.Module = model
         name = model.arch.kind
@@ -416,20 +410,19 @@ class OnnxRuntimeNet(_Described):
             self.feeds = {"encode1_weight": model.encode1.weight.detach().contiguous().numpy()}  # shares memory
         self.notes = []
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()  # as many as PyTorch would use
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        threads = threads or torch.get_num_threads()  # as many as PyTorch would use
 
-        def session(model_or_path: str | bytes) -> Any:
-            return ort.InferenceSession(model_or_path, options, providers=["CPUExecutionProvider"])
+        def session(model_or_path: str | bytes, save_to: Path | None = None) -> Any:
+            return new_session(model_or_path, threads, save_to)
 
         path = onnx_cache_path(exported, name, cache_dir)
-        self.session, where = None, "cached export"
-        if path.is_file():
+        self.export: Path | None = path
+        where = "cached export"
+        self.session = open_optimised(path, threads)
+        if self.session is None and path.is_file():
             try:
-                self.session = session(str(path))
-            except _ort_errors() as exc:
+                self.session = session_saving_optimised(session, path)
+            except ort_errors() as exc:
                 note = f"the cached ONNX export {path} could not be loaded ({_one_line(exc)}): exported it again"
                 self.notes.append(note)
                 warnings.warn(note, BackendWarning, stacklevel=3)
@@ -443,15 +436,26 @@ class OnnxRuntimeNet(_Described):
             except (OSError, OutputError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
                 where = f"export kept in memory: cannot write the cache ({reason})"
+                self.export = None
             try:
-                self.session = session(data)
-            except _ort_errors() as exc:
+                self.session = session_saving_optimised(session, path) if self.export else session(data)
+            except ort_errors() as exc:
                 with contextlib.suppress(OSError):
                     path.unlink()
                 raise OnnxUnusableError(f"ONNX Runtime cannot load the fresh export ({_one_line(exc)})") from None
         self.input_name = self.session.get_inputs()[0].name
         part = ", encode1's weight fed from the model" if self.feeds else ""
         self.name = f"onnxruntime fp32 on cpu{part} ({where})"
+
+    @classmethod
+    def from_session(cls, session: Any, export: Path) -> OnnxRuntimeNet:
+        """The predictor of a tag network's session opened on its cached ``export`` without the model in memory
+        (:func:`i2v_cli.ortcache.recall_export`)."""
+        net = cls.__new__(cls)
+        net.feeds, net.notes, net.export, net.session = {}, [], export, session
+        net.input_name = session.get_inputs()[0].name
+        net.name = "onnxruntime fp32 on cpu (cached export)"
+        return net
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Run a float32 CPU batch through the session."""

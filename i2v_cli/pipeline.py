@@ -106,7 +106,7 @@ class Summary:
 
 
 def run_job(
-    model: Illust2VecNet,
+    model: Illust2VecNet | None,
     paths: Sequence[str],
     *,
     records: RecordMaker,
@@ -121,7 +121,8 @@ def run_job(
     """Run one job: every path through the network into ``sink``, batch by batch, in input order.
 
     ``sink`` is closed when the job ends, on an interruption too (Ctrl-C, SIGTERM: what was done is kept), and
-    aborted on any other exception. ``on_batch`` sees each batch's records after they were written.
+    aborted on any other exception. ``on_batch`` sees each batch's records after they were written. ``model``
+    may be None when ``net`` is given (see :func:`i2v_cli.runner.run_model`).
     """
     summary = Summary()
     with sink:

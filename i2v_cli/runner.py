@@ -42,7 +42,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def run_model(
-    model: Illust2VecNet,
+    model: Illust2VecNet | None,
     paths: Sequence[str],
     *,
     batch_size: int = 16,
@@ -57,10 +57,14 @@ def run_model(
     The reader stage (:func:`i2v_cli.data.iter_batches`) decodes ahead in its own thread; images that fail get
     a Result with an error and no output, the others are unaffected, even when an image kills its decoding
     process. ``precision`` (fp32, bf16, fp16) and ``backend`` (auto, torch, onnxruntime) choose how the network
-    runs (see :func:`i2v_cli.inference.prepare_for_inference`); ``net`` is a network prepared already.
+    runs (see :func:`i2v_cli.inference.prepare_for_inference`); ``net`` is a network prepared already, and then
+    ``model`` may be None (a CPU session on a cached export, the weights never loaded).
     """
-    device = model_device(model)
+    if model is None and net is None:
+        raise ValueError("run_model needs a model, a prepared net, or both")
+    device = model_device(model) if model is not None else torch.device("cpu")
     if net is None:
+        assert model is not None
         net = prepare_for_inference(model, precision=precision, backend=backend)
     batches = iter_batches(paths, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
     try:

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -157,6 +158,62 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def default_threads() -> int:
+    """The intra-op threads torch will use by default, guessed without importing it: ``$OMP_NUM_THREADS``, else
+    the cores this process may run on. A guess that turns out wrong only costs the early session (see
+    :func:`recall_while_importing`)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _surely_cpu(device: str) -> bool:
+    """Whether ``--device`` will resolve to the CPU, known without torch: ``cpu``, or ``auto`` on a Linux system
+    with no GPU device node (CUDA and ROCm need theirs)."""
+    if device == "cpu":
+        return True
+    gpu_nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+    return device == "auto" and sys.platform.startswith("linux") and not any(map(os.path.exists, gpu_nodes))
+
+
+def _import_network_modules() -> None:
+    """Import what runs a network (torch comes with it), in a thread beside the session being opened."""
+    import contextlib
+
+    with contextlib.suppress(ImportError):  # raised again, with its message, where the main thread imports them
+        from .. import pipeline, weights  # noqa: F401
+
+
+def recall_while_importing(
+    weights: os.PathLike[str], device: str, backend: str, precision: str
+) -> tuple[int, Any, Any, dict[str, Any]] | None:
+    """When the run will be fp32 in ONNX Runtime on the CPU and an earlier run recorded the export of ``weights``
+    (:func:`i2v_cli.ortcache.recall_export`): ``(threads, session, export, info)``, the session opened while
+    torch is imported in a thread beside it (it releases the GIL for most of its work). Else None, after the same
+    import. The caller checks the guesses (device, threads) once torch is there."""
+    import importlib.util
+    import threading
+
+    if precision != "fp32" or backend not in ("auto", "onnxruntime") or not _surely_cpu(device):
+        return None
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    from ..ortcache import recall_export
+
+    importer = threading.Thread(target=_import_network_modules, name="i2v-import", daemon=True)
+    importer.start()
+    try:
+        threads = default_threads()
+        found = recall_export(Path(weights), threads)
+    finally:
+        importer.join()
+    return None if found is None else (threads, *found)
+
+
 def model_options(f: F) -> F:
     """--weights, --device, --batch-size, --workers, --precision and --backend: how to run a network."""
     for option in reversed(
@@ -196,7 +253,8 @@ def model_options(f: F) -> F:
                 default="fp32",
                 show_default=True,
                 help="Arithmetic of the network. fp32 gives the reference scores (IEEE, also on CUDA); tf32 "
-                "(CUDA), bf16 (CPU or CUDA) and fp16 (CUDA) are faster and move scores by about 1e-2.",
+                "(CUDA), bf16 (CPU or CUDA) and fp16 (CUDA) are faster and move scores by about 1e-2; int8 "
+                "(CPU only, ONNX Runtime) is faster still, with about 1% of decisions at 0.5 changed.",
             ),
             click.option(
                 "--backend",
