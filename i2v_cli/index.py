@@ -226,7 +226,20 @@ class Index:
     def _upgrade(self) -> None:
         """Version 1 to 2: add the sketch tables and sketch every stored feature (one transaction: a killed
         upgrade leaves version 1 as it was)."""
+        try:
+            self._upgrade_in_place()
+        except OutputError as exc:
+            self.conn.close()
+            raise IndexDbError(
+                f"{exc} (upgrading it from schema version {self.version} to {SCHEMA_VERSION}, which `i2v index` "
+                "does before writing; searches read it as it is)"
+            ) from None
+        self.version = SCHEMA_VERSION
+
+    def _upgrade_in_place(self) -> None:
         with self.transaction():
+            if self.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+                return  # another process upgraded it since this one read the version
             for statement in V2_SCHEMA.split(";"):
                 if statement.strip():
                     self.conn.execute(statement)
@@ -237,7 +250,6 @@ class Index:
                         self._pending[row] = np.frombuffer(blob, "<f4")
                     self._flush_sketches()
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self.version = SCHEMA_VERSION
 
     def _flush_sketches(self) -> None:
         """Write the transaction's sketch changes: one read-modify-write of each block they touch."""
@@ -481,12 +493,14 @@ class _Transaction:
         except sqlite3.Error as exc:
             raise IndexDbError(f"cannot write the index {display(self.index.path)}: {exc}") from None
 
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, *_: object) -> None:
         conn = self.index.conn
         if exc_type is not None:
             self.index._pending.clear()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):  # a read-only file or folder, a full disk: a message, not a traceback
+                raise WriteError(f"{display(self.index.path)}: cannot write to the index: {exc}") from None
             return
         try:
             self.index._flush_sketches()
