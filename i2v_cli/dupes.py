@@ -36,6 +36,11 @@ BLOCK_ROWS = 2048
 EXACT_ROWS = 10_000
 #: Candidate pairs whose full features are read at once.
 _VERIFY_PAIRS = 8192
+#: A pair is kept from this much under the threshold: the float32 cosine of two bit-identical features (copies
+#: of one file) comes out up to about 1e-6 under 1, and ``-s 1.0`` must find every exact copy.
+_ROUNDING = 1e-5
+#: The same for sketches (float16): a sketch's cosine with itself is 1 within about 2e-4.
+_SKETCH_ROUNDING = 1e-3
 
 
 @dataclass
@@ -109,9 +114,10 @@ def similar_pairs(unit: np.ndarray, min_similarity: float, block: int = BLOCK_RO
 
 
 def groups_of(pairs: Iterator[tuple[int, int, float]], n: int) -> dict[int, tuple[list[int], float]]:
-    """Connected components of the pairs (union-find): root -> (members, lowest joining similarity)."""
+    """Connected components of the pairs (union-find): root -> (members, lowest similarity of a pair in it).
+    Memory is O(n) whatever the number of pairs (thousands of copies of one image are millions of pairs)."""
     parent = list(range(n))
-    low: dict[int, float] = {}
+    low: dict[int, float] = {}  # component root -> its lowest pair so far
 
     def find(x: int) -> int:
         while parent[x] != x:
@@ -119,18 +125,15 @@ def groups_of(pairs: Iterator[tuple[int, int, float]], n: int) -> dict[int, tupl
             x = parent[x]
         return x
 
-    edges: list[tuple[int, float]] = []
     for i, j, s in pairs:
         a, b = find(i), find(j)
+        root = min(a, b)
         if a != b:
-            parent[max(a, b)] = min(a, b)
-        edges.append((i, s))
-    for i, s in edges:
-        r = find(i)
-        low[r] = min(low.get(r, 1.0), s)
-    members: dict[int, list[int]] = {}
-    for r in low:
-        members[r] = []
+            other = max(a, b)
+            parent[other] = root
+            s = min(s, low.pop(other, s))
+        low[root] = min(low.get(root, 1.0), s)
+    members: dict[int, list[int]] = {r: [] for r in low}
     for x in range(n):
         r = find(x)
         if r in members:
@@ -185,21 +188,32 @@ def find_dupes(
 
     ``exact`` compares every pair of full features whatever the size; ``progress(done, total)`` follows the
     candidate search of a large index."""
+    with index.snapshot():  # ids, sketches, features and paths all of one commit, while `i2v index` writes
+        return _find_dupes(index, min_similarity, exact, progress)
+
+
+def _find_dupes(
+    index: Index, min_similarity: float, exact: bool, progress: Callable[[int, int], None] | None
+) -> list[Group]:
     with_features = index.conn.execute("SELECT count(*) FROM images WHERE feature IS NOT NULL").fetchone()[0]
-    if exact or index.basis is None or with_features <= EXACT_ROWS:
+    floor = min_similarity - _ROUNDING
+    threshold = candidate_threshold(min_similarity) - _SKETCH_ROUNDING
+    # Below a sketch cosine of -1 every pair is a candidate, all held in memory: the exact search streams them.
+    if exact or index.basis is None or with_features <= EXACT_ROWS or threshold <= -1.0:
         ids, unit = load_features(index)
-        pairs: Iterator[tuple[int, int, float]] = similar_pairs(unit, min_similarity)
+        pairs: Iterator[tuple[int, int, float]] = similar_pairs(unit, floor)
     else:
         ids, sketches = load_sketches(index)
-        candidates = candidate_pairs(sketches, candidate_threshold(min_similarity), progress=progress)
+        candidates = candidate_pairs(sketches, threshold, progress=progress)
         del sketches
-        pairs = verified_pairs(index, ids, candidates, min_similarity)
+        pairs = verified_pairs(index, ids, candidates, floor)
     components = groups_of(pairs, len(ids))
     out = []
     for members, low in components.values():
         images = [_image(index, int(ids[m])) for m in members]
         images.sort(key=Image.keep_key)
-        out.append(Group(images[0], images[1:], float(np.float32(min(low, 1.0)))))
+        # A pair within rounding under the threshold reports the threshold; none reports more than 1.
+        out.append(Group(images[0], images[1:], float(np.float32(min(max(low, min_similarity), 1.0)))))
     out.sort(key=lambda g: os.fsencode(g.keep.path))
     return out
 

@@ -8,7 +8,9 @@ import sqlite3
 import numpy as np
 import pytest
 
+from i2v_cli import dupes
 from i2v_cli.config import NUM_TAGS
+from i2v_cli.dupes import find_dupes
 from i2v_cli.errors import WriteError
 from i2v_cli.index import FileState, Index, IndexDbError
 
@@ -74,3 +76,111 @@ def test_a_write_to_a_read_only_index_is_a_write_error(tmp_path):
             idx.remove(1)
         idx.conn.execute("PRAGMA query_only = OFF")
         assert idx.count() == 4 and not idx.conn.in_transaction and not idx._pending
+
+
+def _copies(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` features at scales from 0.01 to 100, then each of them again, bit for bit (copies of one file)."""
+    x = rng.standard_normal((n, DIM)).astype(np.float32) * rng.uniform(0.01, 100, (n, 1)).astype(np.float32)
+    return np.concatenate([x, x])
+
+
+@pytest.mark.parametrize("exact_rows", [0, 10_000])
+def test_min_similarity_1_finds_every_exact_copy(tmp_path, monkeypatch, exact_rows):
+    # The float32 cosine of a feature with itself is 1 - 6e-8 for a third of them, and the sketches' float16
+    # cosine 1 - 2e-4: `-s 1.0` found 60% of the exact copies (exact search) and 30% (through sketches).
+    monkeypatch.setattr(dupes, "EXACT_ROWS", exact_rows)
+    with _index(str(tmp_path / "c.db"), _copies(np.random.default_rng(8), 150)) as idx:
+        groups = find_dupes(idx, 1.0)
+    assert sorted((g.keep.path, [o.path for o in g.others]) for g in groups) == [
+        (f"/c/{i:05d}.png", [f"/c/{i + 150:05d}.png"]) for i in range(150)
+    ]
+    assert {g.min_similarity for g in groups} == {1.0}
+
+
+def test_groups_of_keeps_no_list_of_the_pairs():
+    # 800 copies of one image are 319,600 pairs: the components took a list of every pair (25 MB here, tens of GB
+    # for tens of thousands of copies); they take O(n) memory now.
+    import tracemalloc
+
+    n = 800
+    pairs = ((i, j, 1.0 - (i + j) * 1e-6) for i in range(n) for j in range(i + 1, n))
+    tracemalloc.start()
+    try:
+        groups = dupes.groups_of(pairs, n + 5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert groups == {0: (list(range(n)), 1.0 - (2 * n - 3) * 1e-6)}
+    assert peak < 2_000_000
+
+
+def test_a_threshold_below_what_sketches_can_prune_searches_exactly(tmp_path, monkeypatch):
+    # At -s -0.2 or less the sketch threshold is under -1: every pair would be a candidate, all of them held in
+    # memory at once (N^2). The exact search streams them instead.
+    monkeypatch.setattr(dupes, "EXACT_ROWS", 0)
+    monkeypatch.setattr(dupes, "candidate_pairs", lambda *a, **k: pytest.fail("every pair a candidate"))
+    x = np.random.default_rng(9).standard_normal((40, DIM)).astype(np.float32)
+    with _index(str(tmp_path / "c.db"), x) as idx:
+        (group,) = find_dupes(idx, -1.0)
+        assert len(group.others) == 39 and -1.0 <= group.min_similarity < 0
+        assert find_dupes(idx, -0.2)[0].min_similarity >= -0.2
+
+
+def _writer_meanwhile(db: str, removed: list[int], failed: list[int]) -> None:
+    """Another process's `i2v index` commits: these rows' files are gone, these now fail to decode."""
+    with Index(db) as other, other.transaction():
+        for row in removed:
+            other.remove(row)
+        for row in failed:
+            other.put(FileState(f"/c/{row - 1:05d}.png", 1, 1, b"e" * 32), None, None, "broken")
+
+
+@pytest.mark.parametrize("exact_rows", [0, 10_000])
+def test_dupes_sees_one_commit_while_an_index_run_writes(tmp_path, monkeypatch, exact_rows):
+    # Ids were read in one statement and features and paths in the next ones: a commit in between (a file removed,
+    # one re-indexed with an error) crashed the run (KeyError, TypeError).
+    db = str(tmp_path / "c.db")
+    x = _copies(np.random.default_rng(10), 20)
+    monkeypatch.setattr(dupes, "EXACT_ROWS", exact_rows)
+    with _index(db, x) as idx:
+        want = [(g.keep.path, [o.path for o in g.others]) for g in find_dupes(idx, 0.99)]
+    search_pairs, load = dupes.candidate_pairs, dupes.load_features
+
+    def candidates_then_commit(*args, **kwargs):
+        out = search_pairs(*args, **kwargs)
+        _writer_meanwhile(db, [1, 22], [3, 24])
+        return out
+
+    def features_then_commit(*args, **kwargs):
+        out = load(*args, **kwargs)
+        _writer_meanwhile(db, [1, 22], [3, 24])
+        return out
+
+    monkeypatch.setattr(dupes, "candidate_pairs", candidates_then_commit)
+    monkeypatch.setattr(dupes, "load_features", features_then_commit)
+    with Index(db, readonly=True) as idx:
+        got = [(g.keep.path, [o.path for o in g.others]) for g in find_dupes(idx, 0.99)]
+        assert got == want and len(want) == 20
+        assert not idx.conn.in_transaction
+        assert idx.count() == 38  # the next read sees the commit
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_like_sees_one_commit_while_an_index_run_writes(tmp_path, monkeypatch, exact):
+    from i2v_cli import query
+
+    db = str(tmp_path / "c.db")
+    x = _copies(np.random.default_rng(11), 20)
+    with _index(db, x) as idx:
+        want = [(h.row, h.path) for h in query.search(idx, [], like=x[5], exclude=6, k=3, exact=exact)]
+    most_similar = query._most_similar
+
+    def rank_then_commit(*args, **kwargs):
+        out = most_similar(*args, **kwargs)
+        _writer_meanwhile(db, [26], [])
+        return out
+
+    monkeypatch.setattr(query, "_most_similar", rank_then_commit)
+    with Index(db, readonly=True) as idx:
+        assert [(h.row, h.path) for h in query.search(idx, [], like=x[5], exclude=6, k=3, exact=exact)] == want
+        assert want[0] == (26, "/c/00025.png")
