@@ -21,6 +21,7 @@ Nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -301,6 +302,21 @@ class Index:
     def transaction(self) -> _Transaction:
         """``with index.transaction():`` one write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
         return _Transaction(self)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """``with index.snapshot():`` every read inside sees the index as one commit left it, whatever another
+        process commits meanwhile (a read transaction: in WAL mode the writer goes on). A search that reads ids
+        in one statement and their features or paths in the next needs it; inside a transaction it does nothing."""
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
 
     def meta(self, key: str) -> str | None:
         return self._meta.get(key)

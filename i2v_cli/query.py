@@ -174,6 +174,20 @@ def search(
         sql = f"SELECT id, path FROM images WHERE {cond} ORDER BY path" + (" LIMIT ?" if k else "")
         rows = index.conn.execute(sql, [*params, *([k] if k else [])])
         return [Hit(i, os.fsdecode(bytes(p))) for i, p in rows]
+    with index.snapshot():  # sketches, features and paths of one commit, while `i2v index` writes
+        return _like(index, terms, cond, params, like, exclude, k, exact)
+
+
+def _like(
+    index: Index,
+    terms: Sequence[Term],
+    cond: str,
+    params: list[object],
+    like: np.ndarray,
+    exclude: int | None,
+    k: int | None,
+    exact: bool,
+) -> list[Hit]:
     query = np.asarray(like, np.float32)
     norm = float(np.linalg.norm(query.astype(np.float64)))
     unit = query / max(norm, np.finfo(np.float32).tiny)
