@@ -184,3 +184,37 @@ def test_like_sees_one_commit_while_an_index_run_writes(tmp_path, monkeypatch, e
     with Index(db, readonly=True) as idx:
         assert [(h.row, h.path) for h in query.search(idx, [], like=x[5], exclude=6, k=3, exact=exact)] == want
         assert want[0] == (26, "/c/00025.png")
+
+
+def test_like_through_a_symlink_or_a_copy_uses_the_stored_feature(tmp_path, monkeypatch):
+    # `--like` matched the exact absolute path only: through a symlinked folder, a symlink or a copy the image
+    # was "not indexed", the feature model had to be found and run, and the image itself came back as the
+    # best match (1.0). The content's hash finds the row; the row is left out only when it is the same file.
+    from i2v_cli.index import file_sha256
+    from i2v_cli.query import like_row
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    x = np.random.default_rng(12).standard_normal((3, DIM)).astype(np.float32)
+    db = str(tmp_path / "c.db")
+    with Index(db, create=True) as idx:
+        idx.check_models({"source": "t", "sha256": "0"}, {"source": "t", "sha256": "0"}, DIM)
+        with idx.transaction():
+            for i in range(3):
+                f = folder / f"{i}.png"
+                f.write_bytes(b"image %d" % i)
+                state = FileState(str(f), f.stat().st_size, f.stat().st_mtime_ns, file_sha256(str(f)), 8, 8, "PNG")
+                idx.put(state, np.zeros(NUM_TAGS, np.float32), x[i], None)
+    (tmp_path / "link").symlink_to(folder)
+    (tmp_path / "one.png").symlink_to(folder / "1.png")
+    (tmp_path / "copy.png").write_bytes(b"image 1")
+    (tmp_path / "other.png").write_bytes(b"image 9")
+    monkeypatch.chdir(tmp_path / "link")
+    with Index(db, readonly=True) as idx:
+        for name in (str(folder / "1.png"), str(tmp_path / "link" / "1.png"), "1.png", str(tmp_path / "one.png")):
+            row, feature = like_row(idx, name)
+            assert row == 2 and np.array_equal(feature, x[1]), name
+        row, feature = like_row(idx, str(tmp_path / "copy.png"))
+        assert row is None and np.array_equal(feature, x[1])
+        assert like_row(idx, str(tmp_path / "other.png")) == (None, None)
+        assert like_row(idx, str(tmp_path)) == (None, None)
