@@ -41,6 +41,11 @@ _VERIFY_PAIRS = 8192
 _ROUNDING = 1e-5
 #: The same for sketches (float16): a sketch's cosine with itself is 1 within about 2e-4.
 _SKETCH_ROUNDING = 1e-3
+#: Above this share of candidate pairs (estimated on a sample) the exact search runs instead: verifying a candidate
+#: reads two features from SQLite, a hundred times the cost of a pair in the exact search's matrix products, and
+#: the candidates are all held in memory (a low ``-s`` or thousands of copies of one image: N^2 of them).
+_MAX_CANDIDATE_SHARE = 0.01
+_SAMPLE = 1024
 
 
 @dataclass
@@ -149,6 +154,17 @@ def load_sketches(index: Index) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
 
+def candidate_share(sketches: np.ndarray, threshold: float, sample: int = _SAMPLE) -> float:
+    """The share of pairs whose sketch cosine reaches ``threshold``, estimated on a fixed random sample."""
+    n = len(sketches)
+    if n < 2:
+        return 0.0
+    rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, sample), replace=False))
+    part = np.asarray(sketches[rows], np.float32)
+    hits = np.triu(part @ part.T >= threshold, 1).sum()
+    return float(hits) / (len(rows) * (len(rows) - 1) / 2)
+
+
 def verified_pairs(
     index: Index, ids: np.ndarray, pairs: np.ndarray, min_similarity: float
 ) -> Iterator[tuple[int, int, float]]:
@@ -198,12 +214,17 @@ def _find_dupes(
     with_features = index.conn.execute("SELECT count(*) FROM images WHERE feature IS NOT NULL").fetchone()[0]
     floor = min_similarity - _ROUNDING
     threshold = candidate_threshold(min_similarity) - _SKETCH_ROUNDING
-    # Below a sketch cosine of -1 every pair is a candidate, all held in memory: the exact search streams them.
-    if exact or index.basis is None or with_features <= EXACT_ROWS or threshold <= -1.0:
+    # Sketches choose the pairs only where they leave few: not below a sketch cosine of -1 (every pair), nor where a
+    # sample says more than 1% of the pairs would be candidates (a low -s, thousands of copies of one image).
+    sketches = None
+    if not (exact or index.basis is None or with_features <= EXACT_ROWS or threshold <= -1.0):
+        ids, sketches = load_sketches(index)
+        if candidate_share(sketches, threshold) > _MAX_CANDIDATE_SHARE:
+            sketches = None
+    if sketches is None:
         ids, unit = load_features(index)
         pairs: Iterator[tuple[int, int, float]] = similar_pairs(unit, floor)
     else:
-        ids, sketches = load_sketches(index)
         candidates = candidate_pairs(sketches, threshold, progress=progress)
         del sketches
         pairs = verified_pairs(index, ids, candidates, floor)
