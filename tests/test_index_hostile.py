@@ -234,3 +234,18 @@ def test_sketches_that_would_leave_most_pairs_give_way_to_the_exact_search(tmp_p
     with _index(str(tmp_path / "c.db"), x) as idx:
         (group,) = find_dupes(idx, min_similarity)
         assert len(group.others) == 299
+
+
+def test_like_a_folder_or_a_device_says_what_it_is(tmp_path):
+    from click.testing import CliRunner
+
+    from i2v_cli.cli import cli
+
+    db = str(tmp_path / "c.db")
+    _index(db, np.eye(3, DIM, dtype=np.float32)).close()
+    runner = CliRunner()
+    for like, what in ((str(tmp_path), "not a file (a folder, a device or a pipe)"), ("/dev/null", "not a file (a "
+                       "folder, a device or a pipe)"), (str(tmp_path / "nope.png"), "no such file")):  # fmt: skip
+        result = runner.invoke(cli, ["search", "--db", db, "--like", like])
+        assert result.exit_code == 2
+        assert result.output.splitlines()[-1] == f"Error: --like {like}: {what}, and not an indexed path"
