@@ -445,8 +445,8 @@ class Index:
             )
         if scores is not None:
             self._add_tag_scores(row, scores)
-        if feature is not None:
-            self._pending[row] = feature.copy()
+        if blobs[2] is not None:  # a sketch exactly for the rows whose feature is stored (both results, no error)
+            self._pending[row] = feature.copy()  # type: ignore[union-attr]
         elif old is not None:
             self._pending[row] = None
 

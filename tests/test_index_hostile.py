@@ -249,3 +249,15 @@ def test_like_a_folder_or_a_device_says_what_it_is(tmp_path):
         result = runner.invoke(cli, ["search", "--db", db, "--like", like])
         assert result.exit_code == 2
         assert result.output.splitlines()[-1] == f"Error: --like {like}: {what}, and not an indexed path"
+
+
+def test_a_feature_without_scores_is_not_sketched(tmp_path):
+    # put() stores a feature only with its scores; given a feature alone (a half import) it stored none but still
+    # wrote a sketch, so searches through sketches met a row without a feature.
+    with _index(str(tmp_path / "c.db"), np.eye(3, DIM, dtype=np.float32)) as idx:
+        with idx.transaction():
+            idx.put(FileState("/c/00001.png", 1, 1, b"z" * 32), None, np.ones(DIM, np.float32), None)
+            idx.put(FileState("/c/new.png", 1, 1, b"n" * 32), None, np.ones(DIM, np.float32), None)
+        with_features = [r for (r,) in idx.conn.execute("SELECT id FROM images WHERE feature IS NOT NULL")]
+        sketched = [int(i) for ids, _ in idx.sketch_blocks() for i in ids]
+        assert sketched == with_features == [1, 3]
