@@ -32,6 +32,8 @@ DEFAULT_MIN_SIMILARITY = 0.95
 LOSSLESS = frozenset({"PNG", "BMP", "TIFF", "GIF", "PPM", "TGA"})
 #: Rows of the score matrix computed at once.
 BLOCK_ROWS = 2048
+#: Rows of a block of scores whose pairs are listed at once.
+_HIT_ROWS = 32
 #: Images up to which every pair of full features is compared; above, sketches choose the candidates.
 EXACT_ROWS = 10_000
 #: Candidate pairs whose full features are read at once.
@@ -112,10 +114,12 @@ def similar_pairs(unit: np.ndarray, min_similarity: float, block: int = BLOCK_RO
     for start in range(0, n, block):
         stop = min(start + block, n)
         sims = (all_rows[start:stop] @ all_rows[start:].T).numpy()
-        sims[np.tril_indices(stop - start)] = -np.inf  # the diagonal block's lower triangle and diagonal
-        ii, jj = np.nonzero(sims >= min_similarity)
-        for i, j in zip(ii.tolist(), jj.tolist(), strict=True):
-            yield start + i, start + j, float(sims[i, j])
+        # A few rows' hits at a time: at a low threshold nearly every score is a hit, and a block's hits as Python
+        # lists were gigabytes (2,048 x N pairs, 80 bytes each). np.triu leaves out j <= i (the block's diagonal).
+        for part in range(0, stop - start, _HIT_ROWS):
+            ii, jj = np.nonzero(np.triu(sims[part : part + _HIT_ROWS] >= min_similarity, part + 1))
+            for i, j in zip((ii + part).tolist(), jj.tolist(), strict=True):
+                yield start + i, start + j, float(sims[i, j])
 
 
 def groups_of(pairs: Iterator[tuple[int, int, float]], n: int) -> dict[int, tuple[list[int], float]]:

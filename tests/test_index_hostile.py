@@ -261,3 +261,23 @@ def test_a_feature_without_scores_is_not_sketched(tmp_path):
         with_features = [r for (r,) in idx.conn.execute("SELECT id FROM images WHERE feature IS NOT NULL")]
         sketched = [int(i) for ids, _ in idx.sketch_blocks() for i in ids]
         assert sketched == with_features == [1, 3]
+
+
+def test_exact_pairs_are_listed_a_few_rows_at_a_time():
+    # At -s -1 every score of a 2,048-row block is a pair: they were turned into Python lists a block at a time
+    # (about 80 bytes a pair: 1.6 GB a block at 10,000 images). The first pair now costs a few rows' worth.
+    import tracemalloc
+
+    import torch  # noqa: F401  (similar_pairs imports it: not what is measured)
+
+    unit = np.ones((1500, 4), np.float32) / 2  # 1,124,250 pairs
+    pairs = dupes.similar_pairs(unit, -1.0)
+    tracemalloc.start()
+    try:
+        first = next(pairs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert first == (0, 1, 1.0)
+    assert peak < 10_000_000
+    assert sum(1 for _ in pairs) == 1500 * 1499 // 2 - 1
