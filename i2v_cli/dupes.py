@@ -32,10 +32,22 @@ DEFAULT_MIN_SIMILARITY = 0.95
 LOSSLESS = frozenset({"PNG", "BMP", "TIFF", "GIF", "PPM", "TGA"})
 #: Rows of the score matrix computed at once.
 BLOCK_ROWS = 2048
+#: Rows of a block of scores whose pairs are listed at once.
+_HIT_ROWS = 32
 #: Images up to which every pair of full features is compared; above, sketches choose the candidates.
 EXACT_ROWS = 10_000
 #: Candidate pairs whose full features are read at once.
 _VERIFY_PAIRS = 8192
+#: A pair is kept from this much under the threshold: the float32 cosine of two bit-identical features (copies
+#: of one file) comes out up to about 1e-6 under 1, and ``-s 1.0`` must find every exact copy.
+_ROUNDING = 1e-5
+#: The same for sketches (float16): a sketch's cosine with itself is 1 within about 2e-4.
+_SKETCH_ROUNDING = 1e-3
+#: Above this share of candidate pairs (estimated on a sample) the exact search runs instead: verifying a candidate
+#: reads two features from SQLite, a hundred times the cost of a pair in the exact search's matrix products, and
+#: the candidates are all held in memory (a low ``-s`` or thousands of copies of one image: N^2 of them).
+_MAX_CANDIDATE_SHARE = 0.01
+_SAMPLE = 1024
 
 
 @dataclass
@@ -102,16 +114,19 @@ def similar_pairs(unit: np.ndarray, min_similarity: float, block: int = BLOCK_RO
     for start in range(0, n, block):
         stop = min(start + block, n)
         sims = (all_rows[start:stop] @ all_rows[start:].T).numpy()
-        sims[np.tril_indices(stop - start)] = -np.inf  # the diagonal block's lower triangle and diagonal
-        ii, jj = np.nonzero(sims >= min_similarity)
-        for i, j in zip(ii.tolist(), jj.tolist(), strict=True):
-            yield start + i, start + j, float(sims[i, j])
+        # A few rows' hits at a time: at a low threshold nearly every score is a hit, and a block's hits as Python
+        # lists were gigabytes (2,048 x N pairs, 80 bytes each). np.triu leaves out j <= i (the block's diagonal).
+        for part in range(0, stop - start, _HIT_ROWS):
+            ii, jj = np.nonzero(np.triu(sims[part : part + _HIT_ROWS] >= min_similarity, part + 1))
+            for i, j in zip((ii + part).tolist(), jj.tolist(), strict=True):
+                yield start + i, start + j, float(sims[i, j])
 
 
 def groups_of(pairs: Iterator[tuple[int, int, float]], n: int) -> dict[int, tuple[list[int], float]]:
-    """Connected components of the pairs (union-find): root -> (members, lowest joining similarity)."""
+    """Connected components of the pairs (union-find): root -> (members, lowest similarity of a pair in it).
+    Memory is O(n) whatever the number of pairs (thousands of copies of one image are millions of pairs)."""
     parent = list(range(n))
-    low: dict[int, float] = {}
+    low: dict[int, float] = {}  # component root -> its lowest pair so far
 
     def find(x: int) -> int:
         while parent[x] != x:
@@ -119,18 +134,15 @@ def groups_of(pairs: Iterator[tuple[int, int, float]], n: int) -> dict[int, tupl
             x = parent[x]
         return x
 
-    edges: list[tuple[int, float]] = []
     for i, j, s in pairs:
         a, b = find(i), find(j)
+        root = min(a, b)
         if a != b:
-            parent[max(a, b)] = min(a, b)
-        edges.append((i, s))
-    for i, s in edges:
-        r = find(i)
-        low[r] = min(low.get(r, 1.0), s)
-    members: dict[int, list[int]] = {}
-    for r in low:
-        members[r] = []
+            other = max(a, b)
+            parent[other] = root
+            s = min(s, low.pop(other, s))
+        low[root] = min(low.get(root, 1.0), s)
+    members: dict[int, list[int]] = {r: [] for r in low}
     for x in range(n):
         r = find(x)
         if r in members:
@@ -144,6 +156,17 @@ def load_sketches(index: Index) -> tuple[np.ndarray, np.ndarray]:
     if not blocks:
         return np.empty(0, np.int64), np.empty((0, SKETCH_DIMS), np.float16)
     return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+
+
+def candidate_share(sketches: np.ndarray, threshold: float, sample: int = _SAMPLE) -> float:
+    """The share of pairs whose sketch cosine reaches ``threshold``, estimated on a fixed random sample."""
+    n = len(sketches)
+    if n < 2:
+        return 0.0
+    rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, sample), replace=False))
+    part = np.asarray(sketches[rows], np.float32)
+    hits = np.triu(part @ part.T >= threshold, 1).sum()
+    return float(hits) / (len(rows) * (len(rows) - 1) / 2)
 
 
 def verified_pairs(
@@ -185,21 +208,37 @@ def find_dupes(
 
     ``exact`` compares every pair of full features whatever the size; ``progress(done, total)`` follows the
     candidate search of a large index."""
+    with index.snapshot():  # ids, sketches, features and paths all of one commit, while `i2v index` writes
+        return _find_dupes(index, min_similarity, exact, progress)
+
+
+def _find_dupes(
+    index: Index, min_similarity: float, exact: bool, progress: Callable[[int, int], None] | None
+) -> list[Group]:
     with_features = index.conn.execute("SELECT count(*) FROM images WHERE feature IS NOT NULL").fetchone()[0]
-    if exact or index.basis is None or with_features <= EXACT_ROWS:
-        ids, unit = load_features(index)
-        pairs: Iterator[tuple[int, int, float]] = similar_pairs(unit, min_similarity)
-    else:
+    floor = min_similarity - _ROUNDING
+    threshold = candidate_threshold(min_similarity) - _SKETCH_ROUNDING
+    # Sketches choose the pairs only where they leave few: not below a sketch cosine of -1 (every pair), nor where a
+    # sample says more than 1% of the pairs would be candidates (a low -s, thousands of copies of one image).
+    sketches = None
+    if not (exact or index.basis is None or with_features <= EXACT_ROWS or threshold <= -1.0):
         ids, sketches = load_sketches(index)
-        candidates = candidate_pairs(sketches, candidate_threshold(min_similarity), progress=progress)
+        if candidate_share(sketches, threshold) > _MAX_CANDIDATE_SHARE:
+            sketches = None
+    if sketches is None:
+        ids, unit = load_features(index)
+        pairs: Iterator[tuple[int, int, float]] = similar_pairs(unit, floor)
+    else:
+        candidates = candidate_pairs(sketches, threshold, progress=progress)
         del sketches
-        pairs = verified_pairs(index, ids, candidates, min_similarity)
+        pairs = verified_pairs(index, ids, candidates, floor)
     components = groups_of(pairs, len(ids))
     out = []
     for members, low in components.values():
         images = [_image(index, int(ids[m])) for m in members]
         images.sort(key=Image.keep_key)
-        out.append(Group(images[0], images[1:], float(np.float32(min(low, 1.0)))))
+        # A pair within rounding under the threshold reports the threshold; none reports more than 1.
+        out.append(Group(images[0], images[1:], float(np.float32(min(max(low, min_similarity), 1.0)))))
     out.sort(key=lambda g: os.fsencode(g.keep.path))
     return out
 

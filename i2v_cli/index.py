@@ -21,6 +21,7 @@ Nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -221,7 +222,20 @@ class Index:
     def _upgrade(self) -> None:
         """Version 1 to 2: add the sketch tables and sketch every stored feature (one transaction: a killed
         upgrade leaves version 1 as it was)."""
+        try:
+            self._upgrade_in_place()
+        except OutputError as exc:
+            self.conn.close()
+            raise IndexDbError(
+                f"{exc} (upgrading it from schema version {self.version} to {SCHEMA_VERSION}, which `i2v index` "
+                "does before writing; searches read it as it is)"
+            ) from None
+        self.version = SCHEMA_VERSION
+
+    def _upgrade_in_place(self) -> None:
         with self.transaction():
+            if self.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+                return  # another process upgraded it since this one read the version
             for statement in V2_SCHEMA.split(";"):
                 if statement.strip():
                     self.conn.execute(statement)
@@ -232,7 +246,6 @@ class Index:
                         self._pending[row] = np.frombuffer(blob, "<f4")
                     self._flush_sketches()
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self.version = SCHEMA_VERSION
 
     def _flush_sketches(self) -> None:
         """Write the transaction's sketch changes: one read-modify-write of each block they touch."""
@@ -284,6 +297,21 @@ class Index:
     def transaction(self) -> _Transaction:
         """``with index.transaction():`` one write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
         return _Transaction(self)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """``with index.snapshot():`` every read inside sees the index as one commit left it, whatever another
+        process commits meanwhile (a read transaction: in WAL mode the writer goes on). A search that reads ids
+        in one statement and their features or paths in the next needs it; inside a transaction it does nothing."""
+        if self.conn.in_transaction:
+            yield
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
 
     def meta(self, key: str) -> str | None:
         return self._meta.get(key)
@@ -412,8 +440,8 @@ class Index:
             )
         if scores is not None:
             self._add_tag_scores(row, scores)
-        if feature is not None:
-            self._pending[row] = feature.copy()
+        if blobs[2] is not None:  # a sketch exactly for the rows whose feature is stored (both results, no error)
+            self._pending[row] = feature.copy()  # type: ignore[union-attr]
         elif old is not None:
             self._pending[row] = None
 
@@ -476,12 +504,14 @@ class _Transaction:
         except sqlite3.Error as exc:
             raise IndexDbError(f"cannot write the index {display(self.index.path)}: {exc}") from None
 
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, *_: object) -> None:
         conn = self.index.conn
         if exc_type is not None:
             self.index._pending.clear()
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):  # a read-only file or folder, a full disk: a message, not a traceback
+                raise WriteError(f"{display(self.index.path)}: cannot write to the index: {exc}") from None
             return
         try:
             self.index._flush_sketches()

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import I2VError
-from .index import TAG_FLOOR, Index, fs_path, iter_chunks
+from .index import TAG_FLOOR, Index, file_sha256, fs_path, iter_chunks
 from .sketch import sketch
 
 _TOKEN = re.compile(r'(?:"[^"]*"|[^\s"])+|"[^"]*$')
@@ -174,6 +174,20 @@ def search(
         sql = f"SELECT id, path FROM images WHERE {cond} ORDER BY path" + (" LIMIT ?" if k else "")
         rows = index.conn.execute(sql, [*params, *([k] if k else [])])
         return [Hit(i, os.fsdecode(bytes(p))) for i, p in rows]
+    with index.snapshot():  # sketches, features and paths of one commit, while `i2v index` writes
+        return _like(index, terms, cond, params, like, exclude, k, exact)
+
+
+def _like(
+    index: Index,
+    terms: Sequence[Term],
+    cond: str,
+    params: list[object],
+    like: np.ndarray,
+    exclude: int | None,
+    k: int | None,
+    exact: bool,
+) -> list[Hit]:
     query = np.asarray(like, np.float32)
     norm = float(np.linalg.norm(query.astype(np.float64)))
     unit = query / max(norm, np.finfo(np.float32).tiny)
@@ -283,10 +297,30 @@ def _paths(index: Index, rows: Sequence[int]) -> Iterator[tuple[int, str]]:
 
 
 def like_row(index: Index, path: str) -> tuple[int | None, np.ndarray | None]:
-    """The row and stored feature of an indexed file (by its exact absolute path), or (None, None)."""
+    """The row and stored feature of an indexed file: by its absolute path, else (a symlink, a relative name
+    through one, a copy) by its content's SHA-256, so no network runs for it. The row is returned (to leave it
+    out of the results) only when it is this very file; (None, None) when no stored feature fits."""
     row = index.conn.execute(
         "SELECT id, feature FROM images WHERE path = ?", (fs_path(os.path.abspath(path)),)
     ).fetchone()
-    if row is None or row[1] is None:
-        return (None if row is None else row[0]), None
-    return row[0], np.frombuffer(row[1], np.float32)
+    if row is not None:
+        return row[0], None if row[1] is None else np.frombuffer(row[1], np.float32)
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        digest = file_sha256(path)
+    except OSError:
+        return None, None
+    found: tuple[int | None, np.ndarray | None] = (None, None)
+    same = index.conn.execute(
+        "SELECT id, path, feature FROM images WHERE sha256 = ? AND feature IS NOT NULL ORDER BY id", (digest,)
+    )
+    for other, other_path, blob in same:
+        try:
+            if os.path.samefile(path, os.fsdecode(bytes(other_path))):
+                return other, np.frombuffer(blob, np.float32)
+        except OSError:  # that copy is gone or unreadable now: its stored feature still fits this content
+            pass
+        if found[1] is None:
+            found = (None, np.frombuffer(blob, np.float32))
+    return found

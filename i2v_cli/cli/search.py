@@ -35,7 +35,8 @@ def query_feature(index: Index, image: str, feature_weights: str | None, device:
     if feature is not None:
         return row, feature
     if not os.path.isfile(image):
-        raise UsageFailure(f"--like {display(image)}: no such file, and not an indexed path")
+        what = "not a file (a folder, a device or a pipe)" if os.path.exists(image) else "no such file"
+        raise UsageFailure(f"--like {display(image)}: {what}, and not an indexed path")
     import json
 
     from ..runner import resolve_device, run_model
