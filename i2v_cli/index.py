@@ -444,6 +444,13 @@ class Index:
             self._pending[row] = feature.copy()  # type: ignore[union-attr]
         elif old is not None:
             self._pending[row] = None
+        self._flush_outside_transaction()
+
+    def _flush_outside_transaction(self) -> None:
+        """A caller writing without :meth:`transaction` (each statement its own commit) gets its sketch written
+        at once rather than never."""
+        if not self.conn.in_transaction:
+            self._flush_sketches()
 
     def copy_results(self, source: int, state: FileState) -> None:
         """Give ``state.path`` the results of row ``source`` (same content): no network run."""
@@ -470,6 +477,7 @@ class Index:
             self._drop_tag_scores(row, old[0])
             self.conn.execute("DELETE FROM images WHERE id = ?", (row,))
             self._pending[row] = None
+            self._flush_outside_transaction()
 
     def _add_tag_scores(self, row: int, scores: np.ndarray) -> None:
         cols = np.flatnonzero(scores >= TAG_FLOOR)

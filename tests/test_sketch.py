@@ -188,3 +188,16 @@ def test_search_and_dupes_start_without_torch(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip().splitlines()[-1] == "False False", proc.stderr
+
+
+def test_writes_outside_a_transaction_keep_their_sketches(tmp_path):
+    # A library caller that does not open index.transaction(): each statement commits by itself, and the sketch
+    # must be written too (it used to wait for a commit that never came).
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, DIM)).astype(np.float32)
+    with _synthetic_index(str(tmp_path / "c.db"), x[:1]) as idx:
+        idx.put(FileState("/c/new.png", 1, 1, b"n" * 32), np.zeros(NUM_TAGS, np.float32), x[1], None)
+        new = idx.row_id("/c/new.png")
+        assert set(_sketches(idx)) == {1, new}
+        idx.remove(1)
+        assert set(_sketches(idx)) == {new}
