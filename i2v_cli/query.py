@@ -238,24 +238,41 @@ def _id_constraints(index: Index, terms: Sequence[Term]) -> list[tuple[np.ndarra
     from the indexes of ``tag_scores`` and ``images.rating``, never from the wide ``images`` rows. A bound below
     the index's floor, which only the ``scores`` BLOBs answer, is one SQL scan of ``images``."""
     out = []
+    counts: dict[str, int] | None = None
     for term in terms:
         if isinstance(term, RatingTerm):
-            sql, params = "SELECT id FROM images WHERE rating = ?", [term.rating]
-            positive = not term.negate
+            if counts is None:  # one pass over the rating index: which side of a rating term is the smaller set
+                counts = dict(index.conn.execute("SELECT rating, count(*) FROM images GROUP BY rating").fetchall())
+            others = [r for r in RATINGS if r != term.rating]
+            if 2 * counts.get(term.rating, 0) <= sum(n for r, n in counts.items() if r is not None):
+                sql, params = "SELECT id AS v FROM images WHERE rating = ?", [term.rating]
+                positive = not term.negate
+            else:  # e.g. rating:safe in a mostly safe collection: the rows out of the other two ratings
+                sql, params = "SELECT id AS v FROM images WHERE rating IN (?, ?)", others
+                positive = term.negate
         else:
             op = _negated(term.op) if term.negate else term.op
             bound = float(np.float32(term.value))
             if bound < TAG_FLOOR:
                 index.conn.create_function("i2v_score", 2, _score, deterministic=True)
-                sql, params = f"SELECT id FROM images WHERE i2v_score(images.scores, ?) {op} ?", [term.tag, bound]
+                sql = f"SELECT id AS v FROM images WHERE i2v_score(images.scores, ?) {op} ?"
+                params = [term.tag, bound]
                 positive = True
             else:
                 positive = op in (">=", ">")
-                sql = f"SELECT image FROM tag_scores WHERE tag = ? AND score {op if positive else _negated(op)} ?"
+                sql = f"SELECT image AS v FROM tag_scores WHERE tag = ? AND score {op if positive else _negated(op)} ?"
                 params = [term.tag, bound]
-        ids = np.fromiter((r for (r,) in index.conn.execute(sql, params)), np.int64)
-        out.append((np.unique(ids), positive))
+        out.append((_id_set(index, sql, params), positive))
     return out
+
+
+def _id_set(index: Index, sql: str, params: Sequence[object]) -> np.ndarray:
+    """The ids one query returns, ascending. Joined into one string by SQLite and parsed by NumPy: a million ids
+    in a fraction of a second, where a Python loop over the rows took seconds."""
+    (text,) = index.conn.execute(f"SELECT group_concat(v) FROM ({sql})", params).fetchone()
+    if not text:
+        return np.empty(0, np.int64)
+    return np.unique(np.fromstring(text, dtype=np.int64, sep=","))
 
 
 def _features_of(index: Index, rows: Sequence[int]) -> Iterator[list[tuple[Any, ...]]]:
