@@ -9,7 +9,13 @@ The recipe, each step chosen by measurement on the golden models (numbers in ben
    to nearest: column by column, each weight's rounding error is pushed onto the weights not yet rounded,
    weighted by the layer's input statistics on the calibration set. It is what makes int8 usable here: on the
    golden tag model, rounding to nearest alone moves 2.2% of the decisions at 0.5; GPTQ 0.4%.
-3. Activations: uint8, one scale per tensor, from their minimum and maximum over the calibration set.
+3. Activations: uint8, one scale per tensor, from their minimum and maximum over the calibration set, after
+   the channels of each ReLU output have been brought closer to one range (cross-layer equalisation: the channel
+   is multiplied by sqrt(layer max / channel max), the next convolution's input divided by as much; the fp32
+   network is unchanged). One scale per tensor otherwise spends most of its 256 steps on the widest channels:
+   on the benchmark's feature network it takes the binary bits kept from 98.8% to 99.1%, and a network whose
+   channels differ 8-fold in range from 94.5% to 98.6% (golden feature model). Clipping the range instead
+   (percentiles, least squares) and bias correction did not help (bench/int8_probe.py).
 4. ONNX Runtime's ``quantize_static`` writes the QDQ graph with our integers and scales, which ONNX Runtime
    runs with its int8 (VNNI) kernels. The result is cached like the ONNX export, keyed by the weights, the
    calibration set, the recipe and the library versions.
@@ -42,7 +48,7 @@ from .errors import CalibrationError, I2VError
 from .model import Illust2VecNet
 
 #: Part of the cache key: change it when the recipe changes what is written.
-RECIPE = "int8-gptq-minmax-1"
+RECIPE = "int8-gptq-equalized-sqrt16-minmax-2"
 _SYNTH_SIZES = ((224, 224), (320, 240), (240, 320), (448, 448), (97, 131), (512, 384), (300, 300), (256, 640))
 #: Version of :func:`synthetic_images`: the built-in set's cache key (change it when the drawing changes).
 _SYNTH_VERSION = 1
@@ -50,6 +56,8 @@ _SYNTH_VERSION = 1
 _DAMP = 0.01
 #: Hessian columns (input patches) gathered per layer, at most, and at least this many times its width.
 _MIN_COLUMNS, _COLUMNS_PER_INPUT = 16384, 4
+#: The largest factor equalisation multiplies a channel by (one that nearly never fires is not blown up).
+_MAX_EQUALIZATION = 16.0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -230,11 +238,17 @@ def _patches(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Statistics:
     """What quantising a network needs from the calibration set: per int8 convolution X Xᵀ of its input
-    patches (GPTQ's weighting), the input's range and each ReLU's largest output (the activation scales)."""
+    patches (GPTQ's weighting), the input's range and each ReLU's largest output per channel (the activation
+    scales, and the equalisation)."""
 
     hessians: list[torch.Tensor]
     input_range: tuple[float, float]
-    relu_max: list[float]
+    channel_max: list[torch.Tensor]
+
+    @property
+    def relu_max(self) -> list[float]:
+        """Each ReLU's largest output over all its channels."""
+        return [float(c.max()) for c in self.channel_max]
 
 
 def calibration_statistics(model: Illust2VecNet, inputs: torch.Tensor, batch: int = 8) -> Statistics:
@@ -243,7 +257,7 @@ def calibration_statistics(model: Illust2VecNet, inputs: torch.Tensor, batch: in
     convs = _int8_convolutions(model)
     hessians = [torch.zeros(c.weight[0].numel(), c.weight[0].numel()) for c in convs]
     seen = [0] * len(convs)
-    relu_max: list[float] = []
+    channel_max: list[torch.Tensor] = []
     gen = torch.Generator().manual_seed(0)
     n = len(inputs)
     with torch.inference_mode():
@@ -262,15 +276,49 @@ def calibration_statistics(model: Illust2VecNet, inputs: torch.Tensor, batch: in
                     i += 1
                 elif isinstance(module, nn.ReLU):
                     x = F.relu(x)
-                    top = float(x.max())
-                    if r == len(relu_max):
-                        relu_max.append(top)
-                    relu_max[r] = max(relu_max[r], top)
+                    top = x.amax(dim=(0, 2, 3))
+                    if r == len(channel_max):
+                        channel_max.append(top)
+                    channel_max[r] = torch.maximum(channel_max[r], top)
                     r += 1
                 else:
                     x = module(x)
     hessians = [h / max(c, 1) for h, c in zip(hessians, seen, strict=True)]
-    return Statistics(hessians, (float(inputs.min()), float(inputs.max())), relu_max)
+    return Statistics(hessians, (float(inputs.min()), float(inputs.max())), channel_max)
+
+
+def equalization(channel_max: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per ReLU, the factor each of its channels is multiplied by: sqrt(max / max_i), at most
+    :data:`_MAX_EQUALIZATION` (1 for a channel that never fires). The square root, not max / max_i: dividing the
+    next convolution's inputs makes its weights for the small channels coarser; measured on the benchmark's feature
+    network, the full factor kept 99.03% of the bits, the square root 99.16% (simulated, bench/int8_probe.py)."""
+    out = []
+    for top in channel_max:
+        s = (top.max() / top.clamp_min(1e-30)).sqrt().clamp_max(_MAX_EQUALIZATION)
+        out.append(torch.where(top > 0, s, torch.ones_like(s)).float())
+    return out
+
+
+def equalize(
+    statistics: Statistics, convs: list[nn.Conv2d]
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Rescale the activations channel by channel (cross-layer equalisation, Nagel et al. 2019), so that one uint8
+    scale per tensor fits every channel: ReLU and max-pooling commute with a positive factor, so multiplying
+    conv k's output channel i (weights and bias) by s_i and dividing conv k+1's input channel i by it computes the
+    same network. ``statistics`` is updated in place to the rescaled network's (the Hessians are D H D, the
+    maxima max_i * s_i). Returns the rescaled (weight, bias) of each convolution and 1 / s of the last ReLU, by
+    which its output must be multiplied before the head."""
+    scales = equalization(statistics.channel_max)
+    out = []
+    before = torch.ones(convs[0].in_channels)
+    for i, (conv, s) in enumerate(zip(convs, scales, strict=True)):
+        w = conv.weight.detach().float() * s.view(-1, 1, 1, 1) / before.view(1, -1, 1, 1)
+        out.append((w, conv.bias.detach().float() * s))
+        d = before.repeat_interleave(conv.weight[0, 0].numel())  # patch columns: channel-major, then the taps
+        statistics.hessians[i].mul_(d.view(-1, 1)).mul_(d.view(1, -1))
+        statistics.channel_max[i] = statistics.channel_max[i] * s
+        before = s
+    return out, before.reciprocal()
 
 
 def gptq(
@@ -335,8 +383,9 @@ class _Reader:
 
 def quantize_onnx(model: nn.Module, float_onnx: bytes, images: np.ndarray) -> bytes:
     """The QDQ int8 version of ``float_onnx`` (the export of ``model``, or of its conv trunk): conv1_1 ... conv6_3
-    with GPTQ-rounded int8 weights (one scale per output channel) and uint8 activations (one scale per tensor,
-    the calibration set's range)."""
+    equalised (:func:`equalize`) with GPTQ-rounded int8 weights (one scale per output channel) and uint8
+    activations (one scale per tensor, the calibration set's range); the last ReLU's output is multiplied back
+    (in fp32) before the head."""
     import onnx
     from onnx import numpy_helper
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -349,21 +398,24 @@ def quantize_onnx(model: nn.Module, float_onnx: bytes, images: np.ndarray) -> by
     inits = {t.name: t for t in proto.graph.initializer}
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
     relus = [n for n in proto.graph.node if n.op_type == "Relu"]
-    if len(convs) < len(stats.hessians) or len(relus) != len(stats.relu_max):
+    if len(convs) < len(stats.hessians) or len(relus) != len(stats.channel_max):
         raise RuntimeError(f"the ONNX export has {len(convs)} Conv and {len(relus)} Relu nodes: not this network")
+    rescaled, unscale = equalize(stats, _int8_convolutions(net))
+    _multiply_output(proto, relus[-1], unscale.view(1, -1, 1, 1).numpy())  # the head sees the network's own values
     input_name = proto.graph.input[0].name
     lo, hi = stats.input_range
     overrides: dict[str, list[dict]] = {input_name: [{"rmin": np.float32(min(lo, 0.0)), "rmax": np.float32(hi)}]}
     for node, top in zip(relus, stats.relu_max, strict=True):
         overrides[node.output[0]] = [{"rmin": np.float32(0.0), "rmax": np.float32(max(top, 1e-6))}]
-    for i, (node, conv) in enumerate(zip(convs, _int8_convolutions(net), strict=False)):
+    for i, (node, (weight, bias)) in enumerate(zip(convs, rescaled, strict=False)):
         hessian, stats.hessians[i] = stats.hessians[i], torch.empty(0)  # let each go once used (up to 340 MB)
-        q, scale = gptq(conv.weight, hessian)
+        q, scale = gptq(weight, hessian)
         del hessian
         name = node.input[1]
         # The integers times the scales: ONNX Runtime's rounding with our scales gives back our integers.
         dequantized = (q.float() * scale.view(-1, 1, 1, 1)).numpy()
         inits[name].CopyFrom(numpy_helper.from_array(dequantized, name))
+        inits[node.input[2]].CopyFrom(numpy_helper.from_array(bias.numpy(), node.input[2]))
         overrides[name] = [{"axis": 0, "scale": np.float32(s), "zero_point": np.int8(0)} for s in scale.tolist()]
     with tempfile.TemporaryDirectory(prefix="i2v-int8-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
@@ -383,6 +435,28 @@ def quantize_onnx(model: nn.Module, float_onnx: bytes, images: np.ndarray) -> by
             extra_options={"TensorQuantOverrides": overrides, "QDQDisableWeightAdjustForInt32Bias": True},
         )
         return dst.read_bytes()
+
+
+def _multiply_output(proto, node, factor: np.ndarray) -> None:
+    """Insert, right after ``node``, a Mul of its output by the constant ``factor``, read by all its consumers."""
+    from onnx import helper, numpy_helper
+
+    name = node.output[0]
+    scaled, const = f"{name}_i2v_unequalized", f"{name}_i2v_unequalize"
+    for other in proto.graph.node:
+        for k, x in enumerate(other.input):
+            if x == name:
+                other.input[k] = scaled
+    for out in proto.graph.output:
+        if out.name == name:
+            raise RuntimeError(f"{name} is an output of the graph: not this network")
+    proto.graph.initializer.append(numpy_helper.from_array(factor.astype(np.float32), const))
+    nodes = list(proto.graph.node)
+    nodes.insert(
+        nodes.index(node) + 1, helper.make_node("Mul", [name, const], [scaled], name=f"{node.name}_i2v_unequalize")
+    )
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
 
 
 def int8_cache_key(model: nn.Module, calibration: Calibration) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 
@@ -33,11 +35,12 @@ RUNTIMES = [
 ]
 
 # The bounds int8 keeps on the golden models (their scores crowd around 0.5 on purpose: a harsh judge) with the
-# built-in calibration set. Measured: tag 98.6% of the (image, tag) decisions at 0.5 unchanged, max |dp| 0.26;
-# feature 99.0% of the signs of encode1 unchanged, max |diff| 5% of the largest |feature|. Rounding the weights
-# to nearest instead of GPTQ gives 97.8% on the tag model, one flat calibration image 58%, a doubled scale 46%.
+# built-in calibration set. Measured: tag 98.5% of the (image, tag) decisions at 0.5 unchanged, max |dp| 0.22;
+# feature 99.15% of the signs of encode1 unchanged (13 of 1536 flip; 15 without equalisation, 99.02%), max |diff|
+# 6% of the largest |feature|. Rounding the weights to nearest instead of GPTQ gives 97.8% on the tag model, one
+# flat calibration image 58%, a doubled scale 46%.
 TAG_AGREEMENT, TAG_MAX_DP = 0.982, 0.30
-FEATURE_AGREEMENT, FEATURE_MAX_REL = 0.985, 0.08
+FEATURE_AGREEMENT, FEATURE_MAX_REL = 0.991, 0.08
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +86,60 @@ def test_int8_feature_agrees_with_fp32_on_the_golden_model(feature_weights, inpu
     got = _scores(quantize.Int8Net(model, runtime=runtime), inputs)
     assert quantize.agreement(got, want, 0.0) >= FEATURE_AGREEMENT  # the binary feature's bits
     assert np.abs(got - want).max() <= FEATURE_MAX_REL * np.abs(want).max()
+
+
+def _rescale_channels(model, factor: float) -> None:
+    """Multiply channel 0 of every ReLU output but the last by ``factor`` and divide the next convolution's input
+    by as much: the same network in fp32, but its activations' ranges now differ ``factor``-fold between channels,
+    as a trained network's do."""
+    convs = quantize._int8_convolutions(model)
+    with torch.no_grad():
+        for conv, following in itertools.pairwise(convs):
+            conv.weight[0] *= factor
+            conv.bias[0] *= factor
+            following.weight[:, 0] /= factor
+
+
+@needs_ort
+@pytest.mark.parametrize("kind", ["tag", "feature"])
+def test_int8_keeps_its_bounds_when_channel_ranges_differ(kind, tag_weights, feature_weights, inputs, tmp_path):
+    """Equalisation: one uint8 scale per tensor would spend most of its steps on the widest channel. Measured with
+    channels 8-fold apart: tag 98.8%, feature 98.6% (without equalisation 97.0% and 94.5%)."""
+    model, _ = load_model(tag_weights if kind == "tag" else feature_weights)
+    want = _scores(model, inputs)
+    _rescale_channels(model, 8.0)
+    assert np.abs(_scores(model, inputs) - want).max() <= 1e-4 * np.abs(want).max()  # fp32: the same network
+    got = _scores(quantize.Int8Net(model, None, tmp_path, runtime="onnxruntime"), inputs)
+    if kind == "tag":
+        agree, max_dp = _tag_bound(got, want)
+        assert agree >= TAG_AGREEMENT and max_dp <= TAG_MAX_DP, (agree, max_dp)
+    else:
+        assert quantize.agreement(got, want, 0.0) >= 0.985  # 99.15% without the rescaling
+        assert np.abs(got - want).max() <= FEATURE_MAX_REL * np.abs(want).max()
+
+
+def test_equalization_keeps_the_fp32_network_and_evens_the_channels(feature_weights, inputs):
+    model, _ = load_model(feature_weights)
+    _rescale_channels(model, 8.0)
+    calibration = quantize.network_inputs(quantize.synthetic_images(8))
+    stats = quantize.calibration_statistics(model, calibration)
+    spread = [float(c.max() / c.min()) for c in stats.channel_max]
+    rescaled, unscale = quantize.equalize(stats, quantize._int8_convolutions(model))
+    equalized = copy.deepcopy(model)
+    with torch.no_grad():
+        for conv, (weight, bias) in zip(quantize._int8_convolutions(equalized), rescaled, strict=True):
+            conv.weight.copy_(weight)
+            conv.bias.copy_(bias)
+        want, got = model.features(inputs), equalized.features(inputs) * unscale.view(1, -1, 1, 1)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))  # the same network
+    after = [float(c.max() / c.min()) for c in stats.channel_max]
+    assert max(spread) > 8 and all(a <= b**0.5 * 1.001 for a, b in zip(after, spread, strict=True))
+    # The statistics it updated are those of the equalised network (D H D, the channels' maxima times s).
+    direct = quantize.calibration_statistics(equalized, calibration)
+    for h, h_direct in zip(stats.hessians, direct.hessians, strict=True):
+        assert torch.allclose(h, h_direct, rtol=1e-3, atol=1e-5 * float(h_direct.abs().max()))
+    for c, c_direct in zip(stats.channel_max, direct.channel_max, strict=True):
+        assert torch.allclose(c, c_direct, rtol=1e-4)
 
 
 def _nearest(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 8, block: int = 128):
