@@ -39,8 +39,10 @@ RUNTIMES = [
 # feature 99.15% of the signs of encode1 unchanged (13 of 1536 flip; 15 without equalisation, 99.02%), max |diff|
 # 6% of the largest |feature|. Rounding the weights to nearest instead of GPTQ gives 97.8% on the tag model, one
 # flat calibration image 58%, a doubled scale 46%.
+# The feature bound leaves room for 2 more flipped bits than measured (ONNX Runtime's int8 kernels differ a little
+# between CPUs); what equalisation buys is guarded by test_int8_keeps_its_bounds_when_channel_ranges_differ.
 TAG_AGREEMENT, TAG_MAX_DP = 0.982, 0.30
-FEATURE_AGREEMENT, FEATURE_MAX_REL = 0.991, 0.08
+FEATURE_AGREEMENT, FEATURE_MAX_REL = 0.989, 0.08
 
 
 @pytest.fixture(scope="module")
