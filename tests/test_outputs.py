@@ -234,6 +234,8 @@ def _slow_run(tmp_path, weights, out, n, *extra) -> subprocess.Popen:
     )
 
 
+# On a machine loaded 4x over, the SIGHUP run once finished its 300 images before the signal landed (exit 0).
+@pytest.mark.flaky(reruns=1)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_keep_the_work_like_ctrl_c(tmp_path, tag_weights, sig):
     out, n = tmp_path / "out.json", 300
