@@ -24,7 +24,7 @@ import numpy as np
 
 from .index import Index, iter_chunks
 from .sketch import DIMS as SKETCH_DIMS
-from .sketch import candidate_pairs, candidate_threshold
+from .sketch import candidate_pairs, candidate_threshold, unit_rows
 from .writers import path_fields
 
 DEFAULT_MIN_SIMILARITY = 0.95
@@ -96,8 +96,7 @@ def load_features(index: Index) -> tuple[np.ndarray, np.ndarray]:
     for chunk in iter_chunks(cursor, 8192):
         ids.append(np.fromiter((r[0] for r in chunk), np.int64, len(chunk)))
         vecs = np.frombuffer(b"".join(r[1] for r in chunk), np.float32).reshape(len(chunk), -1)
-        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-        blocks.append((vecs / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32))
+        blocks.append(unit_rows(vecs).astype(np.float32))
     if not ids:
         return np.empty(0, np.int64), np.empty((0, index.feature_dim or 0), np.float32)
     return np.concatenate(ids), np.concatenate(blocks)
@@ -193,8 +192,7 @@ def _unit_features(index: Index, rows: np.ndarray) -> np.ndarray:
         for row, blob in index.conn.execute(f"SELECT id, feature FROM images WHERE id IN ({marks})", part):
             found[row] = np.frombuffer(blob, "<f4")
     vecs = np.stack([found[int(r)] for r in rows])
-    norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-    return (vecs / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
+    return unit_rows(vecs).astype(np.float32)
 
 
 def find_dupes(

@@ -254,7 +254,6 @@ def _id_constraints(index: Index, terms: Sequence[Term]) -> list[tuple[np.ndarra
             op = _negated(term.op) if term.negate else term.op
             bound = float(np.float32(term.value))
             if bound < TAG_FLOOR:
-                index.conn.create_function("i2v_score", 2, _score, deterministic=True)
                 sql = f"SELECT id AS v FROM images WHERE i2v_score(images.scores, ?) {op} ?"
                 params = [term.tag, bound]
                 positive = True

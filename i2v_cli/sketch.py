@@ -42,7 +42,8 @@ def make_basis(dim: int, dims: int = DIMS, seed: int = SEED) -> np.ndarray:
     return (rng.standard_normal((dim, dims), dtype=np.float32) / np.float32(math.sqrt(dims))).astype(np.float32)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row divided by its length (a zero row stays zero)."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, np.finfo(np.float32).tiny)
 
@@ -53,10 +54,10 @@ def sketch(features: np.ndarray, basis: np.ndarray) -> np.ndarray:
     # In float64, so that the sketch of a row does not depend on how it was computed: a few rows (an index's
     # inserts) go through einsum's own loop (one thread: BLAS's threads cost 10 ms a row on a busy machine),
     # many (an upgrade) through BLAS; the two agree to about 1e-12 before the rounding to float16.
-    x = _unit(np.asarray(features, np.float64).reshape(-1, basis.shape[0]))
+    x = unit_rows(np.asarray(features, np.float64).reshape(-1, basis.shape[0]))
     basis = np.asarray(basis, np.float64)
     projected = np.einsum("ij,jk->ik", x, basis) if len(x) <= 16 else x @ basis
-    return _unit(projected).astype(np.float16)
+    return unit_rows(projected).astype(np.float16)
 
 
 def candidate_threshold(min_similarity: float, slack: float = SLACK) -> float:
@@ -79,7 +80,7 @@ def _kmeans(x: np.ndarray, lists: int, rng: np.random.Generator, iterations: int
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         sums = np.add.reduceat(sample[order], starts[counts > 0], axis=0)
         centroids[counts > 0] = sums  # an empty list keeps its centroid
-        centroids = _unit(centroids)
+        centroids = unit_rows(centroids)
     return centroids
 
 
