@@ -221,24 +221,58 @@ def _find_dupes(
     sketches = None
     if not (exact or index.basis is None or with_features <= EXACT_ROWS or threshold <= -1.0):
         ids, sketches = load_sketches(index)
+        ids, copies, sketches = _without_copies(index, ids, sketches)
         if candidate_share(sketches, threshold) > _MAX_CANDIDATE_SHARE:
             sketches = None
     if sketches is None:
         ids, unit = load_features(index)
+        ids, copies, unit = _without_copies(index, ids, unit)
         pairs: Iterator[tuple[int, int, float]] = similar_pairs(unit, floor)
     else:
         candidates = candidate_pairs(sketches, threshold, progress=progress)
         del sketches
         pairs = verified_pairs(index, ids, candidates, floor)
     components = groups_of(pairs, len(ids))
+    for first in copies:  # files with the same bytes as another one: a group with it, at similarity 1
+        if first not in components:
+            components[first] = ([first], 1.0)
     out = []
     for members, low in components.values():
-        images = [_image(index, int(ids[m])) for m in members]
+        rows = [int(r) for m in members for r in (ids[m], *copies.get(m, ()))]
+        images = [_image(index, r) for r in rows]
         images.sort(key=Image.keep_key)
         # A pair within rounding under the threshold reports the threshold; none reports more than 1.
         out.append(Group(images[0], images[1:], float(np.float32(min(max(low, min_similarity), 1.0)))))
     out.sort(key=lambda g: os.fsencode(g.keep.path))
     return out
+
+
+def _without_copies(
+    index: Index, ids: np.ndarray, vecs: np.ndarray
+) -> tuple[np.ndarray, dict[int, list[int]], np.ndarray]:
+    """Files with the same content (SHA-256) searched once: ``ids`` and their rows of ``vecs`` without the later
+    copies, and for each kept position the row ids of its copies. Twenty thousand copies of one placeholder image
+    were 2e8 candidate pairs (gigabytes, each read from SQLite); they are one row now, read from the hash index."""
+    found = index.conn.execute(
+        "SELECT group_concat(id) FROM images INDEXED BY images_sha256 GROUP BY sha256"
+        " HAVING count(*) > 1 AND length(sha256) = 32"
+    )
+    drop: list[np.ndarray] = []
+    later: dict[int, list[int]] = {}
+    for (text,) in found:
+        rows = np.sort(np.fromstring(text, dtype=np.int64, sep=","))
+        pos = np.searchsorted(ids, rows)
+        pos = pos[(pos < len(ids)) & (ids[np.minimum(pos, len(ids) - 1)] == rows)]  # rows with a feature
+        if len(pos) > 1:
+            later[int(pos[0])] = ids[pos[1:]].tolist()
+            drop.append(pos[1:])
+    if not drop:
+        return ids, {}, vecs
+    keep = np.ones(len(ids), bool)
+    keep[np.concatenate(drop)] = False
+    position = np.cumsum(keep) - 1  # old position -> new position, for the kept ones
+    copies = {int(position[p]): rows for p, rows in later.items()}
+    return ids[keep], copies, vecs[keep]
 
 
 def _image(index: Index, row: int) -> Image:

@@ -279,7 +279,9 @@ class Index:
                 self.conn.execute("DELETE FROM sketch_blocks WHERE block = ?", (block,))
 
     def sketch_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every stored sketch, a block at a time: (row ids ascending, sketches: N x sketch.DIMS float16)."""
+        """Every stored sketch, a block at a time: (row ids ascending, sketches: N x sketch.DIMS float16). Inside a
+        transaction its own rows' sketches are written first, so it reads its own writes as SQLite's reads do."""
+        self._flush_sketches()
         for ids, vecs in self.conn.execute("SELECT ids, sketches FROM sketch_blocks ORDER BY block"):
             yield np.frombuffer(ids, "<i8"), np.frombuffer(vecs, "<f2").reshape(-1, SKETCH_DIMS)
 

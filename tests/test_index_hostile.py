@@ -281,3 +281,32 @@ def test_exact_pairs_are_listed_a_few_rows_at_a_time():
     assert first == (0, 1, 1.0)
     assert peak < 10_000_000
     assert sum(1 for _ in pairs) == 1500 * 1499 // 2 - 1
+
+
+@pytest.mark.parametrize("exact_rows", [0, 10_000])
+def test_thousands_of_copies_of_one_file_are_searched_once(tmp_path, monkeypatch, exact_rows):
+    # 20,000 copies of one placeholder image among a million were 2e8 candidate pairs (gigabytes, each pair's two
+    # features read from SQLite); copies with the same SHA-256 are one row of the search now, a group at 1.0.
+    monkeypatch.setattr(dupes, "EXACT_ROWS", exact_rows)
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((200, DIM)).astype(np.float32)
+    near = x[1] + 0.05 * rng.standard_normal(DIM).astype(np.float32)
+    searched = []
+    for name in ("candidate_pairs", "similar_pairs"):
+        real = getattr(dupes, name)
+        monkeypatch.setattr(
+            dupes, name, lambda vecs, *a, real=real, **k: searched.append(len(vecs)) or real(vecs, *a, **k)
+        )
+    with _index(str(tmp_path / "c.db"), np.concatenate([x, near[None, :]])) as idx:
+        with idx.transaction():
+            for i in range(600):
+                state = FileState(f"/d/{i:05d}.png", 100, 1000 + i, (0).to_bytes(32, "big"), 64, 64, "PNG")
+                idx.put(state, idx.scores(1), x[0], None)
+        groups = find_dupes(idx, 0.95)
+    assert searched == [201]
+    assert [(g.keep.path, len(g.others), g.min_similarity) for g in groups] == [
+        ("/c/00000.png", 600, 1.0),
+        ("/c/00001.png", 1, groups[1].min_similarity),
+    ]
+    assert sorted(o.path for o in groups[0].others) == [f"/d/{i:05d}.png" for i in range(600)]
+    assert [o.path for o in groups[1].others] == ["/c/00200.png"] and 0.95 <= groups[1].min_similarity < 1

@@ -201,3 +201,15 @@ def test_writes_outside_a_transaction_keep_their_sketches(tmp_path):
         assert set(_sketches(idx)) == {1, new}
         idx.remove(1)
         assert set(_sketches(idx)) == {new}
+
+
+def test_a_search_inside_the_writing_transaction_sees_its_own_rows(tmp_path):
+    # Sketches wait for the commit; a search in the same transaction read the blocks without them, so --like and
+    # dupes missed the rows that SQLite itself already showed to that connection.
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, DIM)).astype(np.float32)
+    with _synthetic_index(str(tmp_path / "c.db"), x[:1]) as idx, idx.transaction():
+        idx.put(FileState("/c/new.png", 1, 1, b"n" * 32), np.zeros(NUM_TAGS, np.float32), x[1], None)
+        new = idx.row_id("/c/new.png")
+        assert [h.row for h in search(idx, [], like=x[1], k=1)] == [new]
+        assert set(_sketches(idx)) == {1, new}
