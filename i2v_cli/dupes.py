@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from .index import Index, iter_chunks
 from .sketch import DIMS as SKETCH_DIMS
-from .sketch import candidate_pairs, candidate_threshold, unit_rows
+from .sketch import Candidates, candidate_blocks, candidate_threshold, unit_rows
 from .writers import path_fields
 
 DEFAULT_MIN_SIMILARITY = 0.95
@@ -48,6 +49,10 @@ _SKETCH_ROUNDING = 1e-3
 #: the candidates are all held in memory (a low ``-s`` or thousands of copies of one image: N^2 of them).
 _MAX_CANDIDATE_SHARE = 0.01
 _SAMPLE = 1024
+#: A block of candidates where this share of its askers x members are pairs is scored as one matrix product.
+_DENSE = 0.1
+#: Bytes of full features the verification keeps read (a list's members are asked for by all its blocks).
+_FEATURE_CACHE = 512 * 1024 * 1024
 
 
 @dataclass
@@ -169,13 +174,66 @@ def candidate_share(sketches: np.ndarray, threshold: float, sample: int = _SAMPL
 
 
 def verified_pairs(
-    index: Index, ids: np.ndarray, pairs: np.ndarray, min_similarity: float
+    index: Index, ids: np.ndarray, pairs: np.ndarray | Iterable[Candidates], min_similarity: float
 ) -> Iterator[tuple[int, int, float]]:
-    """The candidate ``pairs`` (positions in ``ids``) whose full features' cosine reaches ``min_similarity``."""
+    """The candidate pairs (positions in ``ids``: an M x 2 array, or :class:`~i2v_cli.sketch.Candidates` blocks)
+    whose full features' cosine reaches ``min_similarity``. A dense block (near-copies by the thousand) is scored
+    as one matrix product of its rows' and columns' features, and every pair it holds at ``min_similarity`` is
+    reported; features are read once while they fit :data:`_FEATURE_CACHE` bytes."""
+    features = _FeatureCache(index, ids)
+    blocks = [Candidates(pairs)] if isinstance(pairs, np.ndarray) else pairs
+    waiting: list[np.ndarray] = []
+    held = 0
+    for block in blocks:
+        if block.rows is not None and block.cols is not None:
+            sims = features.get(block.rows) @ features.get(block.cols).T
+            yield from _dense_edges(block.rows, block.cols, sims, min_similarity)
+            continue
+        waiting.append(block.pairs)
+        held += len(block.pairs)
+        if held >= _VERIFY_PAIRS:
+            yield from _verify(features, np.concatenate(waiting), min_similarity)
+            waiting, held = [], 0
+    if waiting:
+        yield from _verify(features, np.concatenate(waiting), min_similarity)
+
+
+def _dense_edges(
+    rows: np.ndarray, cols: np.ndarray, sims: np.ndarray, min_similarity: float
+) -> Iterator[tuple[int, int, float]]:
+    """What the pairs of a dense block (``sims``: rows x cols) at ``min_similarity`` tell the groups, in one edge a
+    member: each member joined to the first of its component, at the lowest similarity of a pair in it. Thousands
+    of near-copies of one image are millions of pairs; one Python tuple each took minutes."""
+    hit = sims >= min_similarity
+    hit &= rows[:, None] != cols[None, :]  # an image and itself is not a pair
+    if not hit.any():
+        return
+    nodes, where = np.unique(np.concatenate([rows, cols]), return_inverse=True)
+    r, c = where[: len(rows)], where[len(rows) :]
+    label = np.arange(len(nodes))
+    big = len(nodes)
+    while True:  # each node takes the smallest label among its pairs', until none changes (a few rounds)
+        before = label.copy()
+        np.minimum.at(label, r, np.where(hit, label[c][None, :], big).min(axis=1))
+        np.minimum.at(label, c, np.where(hit, label[r][:, None], big).min(axis=0))
+        label = label[label]
+        if np.array_equal(label, before):
+            break
+    lows = np.full(len(nodes), np.inf)
+    np.minimum.at(lows, label[r], np.where(hit, sims, np.inf).min(axis=1))
+    paired = np.zeros(len(nodes), bool)
+    paired[r[hit.any(axis=1)]] = True
+    paired[c[hit.any(axis=0)]] = True
+    for k in np.flatnonzero(paired & (label != np.arange(len(nodes)))).tolist():
+        first = int(label[k])
+        yield int(nodes[first]), int(nodes[k]), float(lows[first])
+
+
+def _verify(features: _FeatureCache, pairs: np.ndarray, min_similarity: float) -> Iterator[tuple[int, int, float]]:
     for start in range(0, len(pairs), _VERIFY_PAIRS):
         chunk = pairs[start : start + _VERIFY_PAIRS]
         wanted = np.unique(chunk)
-        unit = _unit_features(index, ids[wanted])
+        unit = features.get(wanted)
         a = unit[np.searchsorted(wanted, chunk[:, 0])]
         b = unit[np.searchsorted(wanted, chunk[:, 1])]
         sims = np.einsum("ij,ij->i", a, b)
@@ -183,8 +241,34 @@ def verified_pairs(
             yield int(chunk[k, 0]), int(chunk[k, 1]), float(sims[k])
 
 
+class _FeatureCache:
+    """Unit-length features by position in ``ids``, read from the index and kept while they fit the budget (the
+    least recently used go first): the members of a list are asked for by every block of its askers."""
+
+    def __init__(self, index: Index, ids: np.ndarray, budget: int | None = None) -> None:
+        self.index, self.ids = index, ids
+        self.budget = _FEATURE_CACHE if budget is None else budget
+        self.kept: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, positions: np.ndarray) -> np.ndarray:
+        """The features of these positions (len x D float32, unit rows), in their order."""
+        missing = [p for p in dict.fromkeys(positions.tolist()) if p not in self.kept]
+        read = dict(zip(missing, _unit_features(self.index, self.ids[missing]), strict=True)) if missing else {}
+        out = np.stack([read[p] if p in read else self.kept[p] for p in positions.tolist()])
+        for p in positions.tolist():
+            if p in self.kept:
+                self.kept.move_to_end(p)
+        for p, vec in read.items():
+            self.kept[p] = vec
+            self.bytes += vec.nbytes
+        while self.bytes > self.budget and self.kept:
+            self.bytes -= self.kept.popitem(last=False)[1].nbytes
+        return out
+
+
 def _unit_features(index: Index, rows: np.ndarray) -> np.ndarray:
-    """Unit-length features of these rows (ascending ids), in their order."""
+    """Unit-length features of these row ids, in their order."""
     found: dict[int, np.ndarray] = {}
     for start in range(0, len(rows), 900):
         part = rows[start : start + 900].tolist()
@@ -229,8 +313,7 @@ def _find_dupes(
         ids, copies, unit = _without_copies(index, ids, unit)
         pairs: Iterator[tuple[int, int, float]] = similar_pairs(unit, floor)
     else:
-        candidates = candidate_pairs(sketches, threshold, progress=progress)
-        del sketches
+        candidates = candidate_blocks(sketches, threshold, progress=progress, dense=_DENSE)
         pairs = verified_pairs(index, ids, candidates, floor)
     components = groups_of(pairs, len(ids))
     for first in copies:  # files with the same bytes as another one: a group with it, at similarity 1

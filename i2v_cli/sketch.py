@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -97,6 +99,17 @@ def _nearest(x: np.ndarray, centroids: np.ndarray, count: int) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Candidate pairs of one block of one list: ``pairs`` (K x 2 positions, ``i < j``), or, for a dense block
+    (thousands of near-copies of one image), every pair of ``rows`` x ``cols`` left to the caller to score: the
+    block's pairs themselves would be gigabytes, the rows and columns are kilobytes."""
+
+    pairs: np.ndarray
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+
+
 def candidate_pairs(
     sketches: np.ndarray,
     threshold: float,
@@ -105,13 +118,33 @@ def candidate_pairs(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
-    """Pairs ``(i, j)`` with ``i < j`` (M x 2 int64, sorted) of sketches whose cosine reaches ``threshold``,
+    """Pairs ``(i, j)`` with ``i < j`` (M x 2 int64, sorted, unique) of sketches whose cosine reaches ``threshold``,
     found through an inverted file; a small set is compared all pairs with all (then every pair is found).
+    All of them in memory at once: :func:`candidate_blocks` streams them."""
+    n = len(sketches)
+    found = [c.pairs[:, 0] * n + c.pairs[:, 1] for c in candidate_blocks(sketches, threshold, nprobe=nprobe,
+                                                                         seed=seed, progress=progress)]  # fmt: skip
+    codes = np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
+    return np.stack([codes // max(n, 1), codes % max(n, 1)], axis=1)
+
+
+def candidate_blocks(
+    sketches: np.ndarray,
+    threshold: float,
+    *,
+    nprobe: int = NPROBE,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    dense: float | None = None,
+) -> Iterator[Candidates]:
+    """The candidate pairs of :func:`candidate_pairs`, a block at a time, in memory bounded by a few blocks: a
+    pair may come twice (from two lists). With ``dense``, a block where at least that share of its askers x
+    members cells are candidates comes as ``rows`` x ``cols`` instead of pairs.
 
     ``progress(done, total)`` is called as lists are searched."""
     n = len(sketches)
     if n < 2:
-        return np.empty((0, 2), np.int64)
+        return
     lists = max(1, int(4 * math.sqrt(n)))
     if lists <= nprobe or n <= 4096:
         nearest = np.zeros((n, 1), np.int64)
@@ -127,35 +160,47 @@ def candidate_pairs(
 
     table = torch.from_numpy(np.ascontiguousarray(sketches, np.float16))
 
-    def search(c: int) -> np.ndarray | None:
+    def search(c: int) -> list[Candidates]:
         m, q = members[c], askers[c]
         if not len(m) or not len(q):
-            return None
+            return []
         right = table[torch.from_numpy(m)].float().T
         out = []
         step = max(1, _BLOCK_CELLS // len(m))
         for start in range(0, len(q), step):
             rows = q[start : start + step]
-            hits = torch.nonzero(table[torch.from_numpy(rows)].float() @ right >= threshold).numpy()
-            a, b = rows[hits[:, 0]], m[hits[:, 1]]
+            hit = (table[torch.from_numpy(rows)].float() @ right >= threshold).numpy()
+            count = int(np.count_nonzero(hit))
+            if not count:
+                continue
+            on_rows, on_cols = hit.any(axis=1), hit.any(axis=0)
+            if dense is not None and count >= dense * int(on_rows.sum()) * int(on_cols.sum()):
+                out.append(Candidates(np.empty((0, 2), np.int64), rows[on_rows], m[on_cols]))
+                continue
+            ii, jj = np.nonzero(hit)
+            a, b = rows[ii], m[jj]
             keep = a != b
-            out.append(np.minimum(a[keep], b[keep]) * n + np.maximum(a[keep], b[keep]))
-        return np.concatenate(out)
+            codes = np.unique(np.minimum(a[keep], b[keep]) * n + np.maximum(a[keep], b[keep]))
+            out.append(Candidates(np.stack([codes // n, codes % n], axis=1)))
+        return out
 
-    found: list[np.ndarray] = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    workers = max(1, os.cpu_count() or 1)
     try:
-        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-            for done, codes in enumerate(pool.map(search, range(lists)), 1):
-                if codes is not None:
-                    found.append(codes)
-                if progress is not None:
-                    progress(done, lists)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            window: deque[Future[list[Candidates]]] = deque()
+            done = 0
+            for c in range(lists + 1):
+                if c < lists:
+                    window.append(pool.submit(search, c))
+                while window and (len(window) > 2 * workers or c == lists):  # at most 2 lists a thread ahead
+                    yield from window.popleft().result()
+                    done += 1
+                    if progress is not None:
+                        progress(done, lists)
     finally:
         torch.set_num_threads(threads)
-    codes = np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
-    return np.stack([codes // n, codes % n], axis=1)
 
 
 def _groups(labels: np.ndarray, count: int, repeat: int = 1) -> list[np.ndarray]:

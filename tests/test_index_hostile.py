@@ -7,6 +7,8 @@ import sqlite3
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from i2v_cli import dupes
 from i2v_cli.config import NUM_TAGS
@@ -118,7 +120,7 @@ def test_a_threshold_below_what_sketches_can_prune_searches_exactly(tmp_path, mo
     # At -s -0.2 or less the sketch threshold is under -1: every pair would be a candidate, all of them held in
     # memory at once (N^2). The exact search streams them instead.
     monkeypatch.setattr(dupes, "EXACT_ROWS", 0)
-    monkeypatch.setattr(dupes, "candidate_pairs", lambda *a, **k: pytest.fail("every pair a candidate"))
+    monkeypatch.setattr(dupes, "candidate_blocks", lambda *a, **k: pytest.fail("every pair a candidate"))
     x = np.random.default_rng(9).standard_normal((40, DIM)).astype(np.float32)
     with _index(str(tmp_path / "c.db"), x) as idx:
         (group,) = find_dupes(idx, -1.0)
@@ -144,7 +146,7 @@ def test_dupes_sees_one_commit_while_an_index_run_writes(tmp_path, monkeypatch, 
     monkeypatch.setattr(dupes, "EXACT_ROWS", exact_rows)
     with _index(db, x) as idx:
         want = [(g.keep.path, [o.path for o in g.others]) for g in find_dupes(idx, 0.99)]
-    search_pairs, load = dupes.candidate_pairs, dupes.load_features
+    search_pairs, load = dupes.candidate_blocks, dupes.load_features
 
     def candidates_then_commit(*args, **kwargs):
         out = search_pairs(*args, **kwargs)
@@ -156,7 +158,7 @@ def test_dupes_sees_one_commit_while_an_index_run_writes(tmp_path, monkeypatch, 
         _writer_meanwhile(db, [1, 22], [3, 24])
         return out
 
-    monkeypatch.setattr(dupes, "candidate_pairs", candidates_then_commit)
+    monkeypatch.setattr(dupes, "candidate_blocks", candidates_then_commit)
     monkeypatch.setattr(dupes, "load_features", features_then_commit)
     with Index(db, readonly=True) as idx:
         got = [(g.keep.path, [o.path for o in g.others]) for g in find_dupes(idx, 0.99)]
@@ -226,7 +228,7 @@ def test_sketches_that_would_leave_most_pairs_give_way_to_the_exact_search(tmp_p
     # and each verified by reading two features from SQLite (5 times slower than the exact search at 2,000 images,
     # 1 GB at 3,000 copies). A sample of the sketches says so, and the exact search runs.
     monkeypatch.setattr(dupes, "EXACT_ROWS", 0)
-    monkeypatch.setattr(dupes, "candidate_pairs", lambda *a, **k: pytest.fail("most pairs candidates"))
+    monkeypatch.setattr(dupes, "candidate_blocks", lambda *a, **k: pytest.fail("most pairs candidates"))
     rng = np.random.default_rng(13)
     x = rng.standard_normal((300, DIM)).astype(np.float32)
     if min_similarity > 0.5:
@@ -292,7 +294,7 @@ def test_thousands_of_copies_of_one_file_are_searched_once(tmp_path, monkeypatch
     x = rng.standard_normal((200, DIM)).astype(np.float32)
     near = x[1] + 0.05 * rng.standard_normal(DIM).astype(np.float32)
     searched = []
-    for name in ("candidate_pairs", "similar_pairs"):
+    for name in ("candidate_blocks", "similar_pairs"):
         real = getattr(dupes, name)
         monkeypatch.setattr(
             dupes, name, lambda vecs, *a, real=real, **k: searched.append(len(vecs)) or real(vecs, *a, **k)
@@ -310,3 +312,41 @@ def test_thousands_of_copies_of_one_file_are_searched_once(tmp_path, monkeypatch
     ]
     assert sorted(o.path for o in groups[0].others) == [f"/d/{i:05d}.png" for i in range(600)]
     assert [o.path for o in groups[1].others] == ["/c/00200.png"] and 0.95 <= groups[1].min_similarity < 1
+
+
+def test_a_dense_cluster_of_near_copies_is_verified_in_blocks(tmp_path, monkeypatch):
+    # 1,500 near-copies of one image (different bytes) are 1.1 million pairs: they were all held as candidates and
+    # then passed one Python tuple each (minutes, gigabytes at 20,000 copies). Dense blocks are scored as one
+    # product and give the groups one edge a member.
+    monkeypatch.setattr(dupes, "EXACT_ROWS", 0)
+    monkeypatch.setattr(dupes, "_MAX_CANDIDATE_SHARE", 1.0)  # at a million images the sample sees 0.04%, not 6%
+    rng = np.random.default_rng(30)
+    x = rng.standard_normal((4500, DIM)).astype(np.float32)
+    near = x[0] + 0.05 * rng.standard_normal((1500, DIM)).astype(np.float32)
+    consumed = []
+    real = dupes.groups_of
+    monkeypatch.setattr(dupes, "groups_of", lambda pairs, n: real((consumed.append(p) or p for p in pairs), n))
+    with _index(str(tmp_path / "c.db"), np.concatenate([x, near])) as idx:
+        exact = find_dupes(idx, 0.95, exact=True)
+        consumed.clear()
+        got = find_dupes(idx, 0.95)
+    assert [(g.keep.path, sorted(o.path for o in g.others)) for g in got] == [
+        (g.keep.path, sorted(o.path for o in g.others)) for g in exact
+    ]
+    assert len(got[0].others) == 1500
+    assert got[0].min_similarity >= exact[0].min_similarity
+    assert len(consumed) < 50_000
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_dense_edges_give_the_components_and_lows_of_all_the_pairs(data):
+    n = data.draw(st.integers(2, 12))
+    rows = np.array(sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1))), np.int64)
+    cols = np.array(sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1))), np.int64)
+    cells = st.sampled_from([0.2, 0.9, 0.95, 0.97, 1.0])
+    sims = np.array(data.draw(st.lists(cells, min_size=len(rows) * len(cols), max_size=len(rows) * len(cols))))
+    sims = sims.astype(np.float32).reshape(len(rows), len(cols))
+    pairs = [(int(min(a, b)), int(max(a, b)), float(sims[i, j])) for i, a in enumerate(rows)
+             for j, b in enumerate(cols) if a != b and sims[i, j] >= 0.95]  # fmt: skip
+    assert dupes.groups_of(iter(dupes._dense_edges(rows, cols, sims, 0.95)), n) == dupes.groups_of(iter(pairs), n)
