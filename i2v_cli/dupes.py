@@ -33,6 +33,10 @@ DEFAULT_MIN_SIMILARITY = 0.95
 LOSSLESS = frozenset({"PNG", "BMP", "TIFF", "GIF", "PPM", "TGA"})
 #: Rows of the score matrix computed at once.
 BLOCK_ROWS = 2048
+#: Columns of a tile of the exact search's scores (rows x columns float32: 64 MB).
+_TILE_COLS = 8192
+#: A tile with more pairs than this many times its rows + columns gives the groups one edge a member.
+_DENSE_EDGES = 4
 #: Rows of a block of scores whose pairs are listed at once.
 _HIT_ROWS = 32
 #: Images up to which every pair of full features is compared; above, sketches choose the candidates.
@@ -44,10 +48,11 @@ _VERIFY_PAIRS = 8192
 _ROUNDING = 1e-5
 #: The same for sketches (float16): a sketch's cosine with itself is 1 within about 2e-4.
 _SKETCH_ROUNDING = 1e-3
-#: Above this share of candidate pairs (estimated on a sample) the exact search runs instead: verifying a candidate
-#: reads two features from SQLite, a hundred times the cost of a pair in the exact search's matrix products, and
-#: the candidates are all held in memory (a low ``-s`` or thousands of copies of one image: N^2 of them).
-_MAX_CANDIDATE_SHARE = 0.01
+#: Above this share of candidate pairs (estimated on a sample) the exact search runs instead: where most pairs are
+#: candidates (a low ``-s`` on unrelated images) the inverted file only adds to the all-pairs products. A dense
+#: cluster of near-copies stays on the sketches: its blocks are scored as products (at a million images, 20,000
+#: near-copies are 0.04% of the pairs; at 220,000 images, 0.8%).
+_MAX_CANDIDATE_SHARE = 0.05
 _SAMPLE = 1024
 #: A block of candidates where this share of its askers x members are pairs is scored as one matrix product.
 _DENSE = 0.1
@@ -107,8 +112,9 @@ def load_features(index: Index) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(ids), np.concatenate(blocks)
 
 
-def similar_pairs(unit: np.ndarray, min_similarity: float, block: int = BLOCK_ROWS) -> Iterator[tuple[int, int, float]]:
-    """Every pair ``(i, j, cosine)`` with ``i < j`` of unit rows whose cosine is at least ``min_similarity``."""
+def _tiles(unit: np.ndarray, block: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The upper triangle of ``unit @ unit.T`` in tiles ``(first row, first column, block x _TILE_COLS scores)``:
+    64 MB each, whatever N (a block of every column was 2,048 x N: 1.8 GB at 220,000 images)."""
     import torch
 
     with warnings.catch_warnings():
@@ -116,14 +122,37 @@ def similar_pairs(unit: np.ndarray, min_similarity: float, block: int = BLOCK_RO
         all_rows = torch.from_numpy(unit)
     n = len(unit)
     for start in range(0, n, block):
-        stop = min(start + block, n)
-        sims = (all_rows[start:stop] @ all_rows[start:].T).numpy()
-        # A few rows' hits at a time: at a low threshold nearly every score is a hit, and a block's hits as Python
-        # lists were gigabytes (2,048 x N pairs, 80 bytes each). np.triu leaves out j <= i (the block's diagonal).
-        for part in range(0, stop - start, _HIT_ROWS):
-            ii, jj = np.nonzero(np.triu(sims[part : part + _HIT_ROWS] >= min_similarity, part + 1))
-            for i, j in zip((ii + part).tolist(), jj.tolist(), strict=True):
-                yield start + i, start + j, float(sims[i, j])
+        left = all_rows[start : start + block]
+        for first in range(start, n, _TILE_COLS):
+            yield start, first, (left @ all_rows[first : first + _TILE_COLS].T).numpy()
+
+
+def similar_pairs(unit: np.ndarray, min_similarity: float, block: int = BLOCK_ROWS) -> Iterator[tuple[int, int, float]]:
+    """Every pair ``(i, j, cosine)`` with ``i < j`` of unit rows whose cosine is at least ``min_similarity``."""
+    for start, first, sims in _tiles(unit, block):
+        yield from _tile_pairs(start, first, sims, min_similarity)
+
+
+def similar_edges(unit: np.ndarray, min_similarity: float, block: int = BLOCK_ROWS) -> Iterator[tuple[int, int, float]]:
+    """What :func:`groups_of` needs of :func:`similar_pairs`: its pairs, except that a tile dense with pairs
+    (near-copies by the thousand) gives one edge a member (:func:`_dense_edges`) instead of every pair."""
+    for start, first, sims in _tiles(unit, block):
+        hits = int(np.count_nonzero(sims >= min_similarity))
+        if hits > _DENSE_EDGES * (sims.shape[0] + sims.shape[1]):
+            rows = np.arange(start, start + sims.shape[0])
+            yield from _dense_edges(rows, np.arange(first, first + sims.shape[1]), sims, min_similarity)
+        elif hits:
+            yield from _tile_pairs(start, first, sims, min_similarity)
+
+
+def _tile_pairs(start: int, first: int, sims: np.ndarray, min_similarity: float) -> Iterator[tuple[int, int, float]]:
+    # A few rows' hits at a time: at a low threshold nearly every score is a hit, and a tile's hits as Python
+    # lists were gigabytes. Only j > i: the upper triangle, without the diagonal.
+    for part in range(0, len(sims), _HIT_ROWS):
+        ii, jj = np.nonzero(sims[part : part + _HIT_ROWS] >= min_similarity)
+        i, j = ii + start + part, jj + first
+        for k in np.flatnonzero(j > i).tolist():
+            yield int(i[k]), int(j[k]), float(sims[ii[k] + part, jj[k]])
 
 
 def groups_of(pairs: Iterator[tuple[int, int, float]], n: int) -> dict[int, tuple[list[int], float]]:
@@ -301,7 +330,7 @@ def _find_dupes(
     floor = min_similarity - _ROUNDING
     threshold = candidate_threshold(min_similarity) - _SKETCH_ROUNDING
     # Sketches choose the pairs only where they leave few: not below a sketch cosine of -1 (every pair), nor where a
-    # sample says more than 1% of the pairs would be candidates (a low -s, thousands of copies of one image).
+    # sample says more than 5% of the pairs would be candidates (a low -s on unrelated images).
     sketches = None
     if not (exact or index.basis is None or with_features <= EXACT_ROWS or threshold <= -1.0):
         ids, sketches = load_sketches(index)
@@ -311,7 +340,7 @@ def _find_dupes(
     if sketches is None:
         ids, unit = load_features(index)
         ids, copies, unit = _without_copies(index, ids, unit)
-        pairs: Iterator[tuple[int, int, float]] = similar_pairs(unit, floor)
+        pairs: Iterator[tuple[int, int, float]] = similar_edges(unit, floor)
     else:
         candidates = candidate_blocks(sketches, threshold, progress=progress, dense=_DENSE)
         pairs = verified_pairs(index, ids, candidates, floor)

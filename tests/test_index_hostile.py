@@ -294,7 +294,7 @@ def test_thousands_of_copies_of_one_file_are_searched_once(tmp_path, monkeypatch
     x = rng.standard_normal((200, DIM)).astype(np.float32)
     near = x[1] + 0.05 * rng.standard_normal(DIM).astype(np.float32)
     searched = []
-    for name in ("candidate_blocks", "similar_pairs"):
+    for name in ("candidate_blocks", "similar_edges"):
         real = getattr(dupes, name)
         monkeypatch.setattr(
             dupes, name, lambda vecs, *a, real=real, **k: searched.append(len(vecs)) or real(vecs, *a, **k)
@@ -314,12 +314,14 @@ def test_thousands_of_copies_of_one_file_are_searched_once(tmp_path, monkeypatch
     assert [o.path for o in groups[1].others] == ["/c/00200.png"] and 0.95 <= groups[1].min_similarity < 1
 
 
-def test_a_dense_cluster_of_near_copies_is_verified_in_blocks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_dense_cluster_of_near_copies_is_verified_in_blocks(tmp_path, monkeypatch, exact):
     # 1,500 near-copies of one image (different bytes) are 1.1 million pairs: they were all held as candidates and
-    # then passed one Python tuple each (minutes, gigabytes at 20,000 copies). Dense blocks are scored as one
-    # product and give the groups one edge a member.
+    # then passed one Python tuple each (minutes, gigabytes at 20,000 copies). Dense blocks and tiles are scored as
+    # one product and give the groups one edge a member.
     monkeypatch.setattr(dupes, "EXACT_ROWS", 0)
     monkeypatch.setattr(dupes, "_MAX_CANDIDATE_SHARE", 1.0)  # at a million images the sample sees 0.04%, not 6%
+    monkeypatch.setattr(dupes, "_TILE_COLS", 1024)  # several tiles, diagonal and not
     rng = np.random.default_rng(30)
     x = rng.standard_normal((4500, DIM)).astype(np.float32)
     near = x[0] + 0.05 * rng.standard_normal((1500, DIM)).astype(np.float32)
@@ -327,14 +329,13 @@ def test_a_dense_cluster_of_near_copies_is_verified_in_blocks(tmp_path, monkeypa
     real = dupes.groups_of
     monkeypatch.setattr(dupes, "groups_of", lambda pairs, n: real((consumed.append(p) or p for p in pairs), n))
     with _index(str(tmp_path / "c.db"), np.concatenate([x, near])) as idx:
-        exact = find_dupes(idx, 0.95, exact=True)
-        consumed.clear()
-        got = find_dupes(idx, 0.95)
-    assert [(g.keep.path, sorted(o.path for o in g.others)) for g in got] == [
-        (g.keep.path, sorted(o.path for o in g.others)) for g in exact
-    ]
-    assert len(got[0].others) == 1500
-    assert got[0].min_similarity >= exact[0].min_similarity
+        _, unit = dupes.load_features(idx)
+        reference = real(dupes.similar_pairs(unit, 0.95 - 1e-5), len(unit))  # every pair, one at a time
+        got = find_dupes(idx, 0.95, exact=exact)
+    ((members, low),) = reference.values()
+    assert len(got) == 1 and len(got[0].others) == 1500
+    assert sorted(o.row - 1 for o in [got[0].keep, *got[0].others]) == members
+    assert got[0].min_similarity == np.float32(low) if exact else got[0].min_similarity >= np.float32(low)
     assert len(consumed) < 50_000
 
 
