@@ -24,6 +24,16 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork workers, a
 BIG = 4 << 20  # far more than a pipe holds (64 KiB), like a decoded batch (602 KB an image)
 
 
+@pytest.fixture(autouse=True)
+def _sigchld_as_it_was():
+    """SIGCHLD at its default during each test, and as it was after it. torch installs a handler for good when a
+    loader is first iterated in the main thread (decode_in_worker here); it raises a worker's death in the main
+    thread wherever that thread is, and would do so in later tests whose workers die in the reader thread."""
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL if previous is None else previous)
+
+
 def _put_and_die(q, payload: bytes) -> None:
     q.put(payload)
     time.sleep(0.5)  # the feeder thread has filled the pipe with the message's first bytes and waits for a reader
@@ -144,18 +154,8 @@ def test_a_run_after_an_onnx_runtime_session_became_garbage(tmp_path, tag_weight
     assert data.decode_in_worker(paths).ok == [0, 1, 2]
 
 
-@pytest.fixture
-def default_sigchld():
-    """SIGCHLD at its default for the test: torch's handler, installed for good by the first loader iterated in the
-    main thread (decode_in_worker, in other tests), would raise a worker's death in the main thread, wherever it is,
-    rather than in the reader thread's loader."""
-    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    yield
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL if previous is None else previous)
-
-
 @pytest.mark.timeout(120)  # a regression here is a hang
-def test_a_worker_killed_while_the_reader_is_not_reading_costs_one_image(tmp_path, monkeypatch, default_sigchld):
+def test_a_worker_killed_while_the_reader_is_not_reading_costs_one_image(tmp_path, monkeypatch):
     """The consumer holds the first batch until the worker is dead: by then the reader thread, its hand-off queue
     full, has stopped reading, and the worker's feeder thread is midway through the batch before the crash."""
     paths = _pictures(tmp_path, 8, boom=5)
