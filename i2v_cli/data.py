@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import I2VError
 from .transform import load_and_preprocess
+from .worker_context import worker_context
 
 
 @dataclass
@@ -115,6 +116,7 @@ def make_loader(
         pin_memory=pin_memory,
         worker_init_fn=_init_worker if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
+        multiprocessing_context=worker_context() if workers > 0 else None,  # see worker_context.py
     )
 
 

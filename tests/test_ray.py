@@ -2,7 +2,8 @@
 one record per input when the network actor is killed midway, and --resume finishing an interrupted run.
 
 The cluster (a head and a worker node, started with `ray start`, each in a process group of its own) lives for
-the session and is stopped at its end, whatever happened; the tests skip when the `ray` extra is missing.
+this module's tests and is stopped after them, whatever happened: its dozen processes do not load the machine
+through the rest of the suite. The tests skip when the `ray` extra is missing.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
     """A head and a worker node on this machine; yields (address, hold folder shared with the actors)."""
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")

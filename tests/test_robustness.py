@@ -155,11 +155,6 @@ def _crash_on(pattern: str):
     return load
 
 
-# Forking a DataLoader worker from this (multi-threaded) test process hung 3 times in about 15 loaded runs: the
-# child stopped in torch's CUDA lazy-seed bookkeeping before decoding anything (a fork-with-threads deadlock, under
-# investigation). A hang becomes a failure after 240 s and the test is run again.
-@pytest.mark.timeout(240)
-@pytest.mark.flaky(reruns=2)
 @pytest.mark.skipif(sys.platform != "linux", reason="relies on fork carrying the monkeypatch into workers")
 def test_a_crashing_worker_becomes_that_images_error(tmp_path, tag_weights, monkeypatch):
     paths = []
@@ -266,11 +261,6 @@ def test_ctrl_c_stops_keeps_what_was_written_and_exits_130(tmp_path, tag_weights
     assert all("general" in json.loads(line) for line in lines)
 
 
-# Forking a DataLoader worker from this (multi-threaded) test process hung 3 times in about 15 loaded runs: the
-# child stopped in torch's CUDA lazy-seed bookkeeping before decoding anything (a fork-with-threads deadlock, under
-# investigation). A hang becomes a failure after 240 s and the test is run again.
-@pytest.mark.timeout(240)
-@pytest.mark.flaky(reruns=2)
 @pytest.mark.skipif(sys.platform != "linux", reason="relies on fork carrying the monkeypatch into workers")
 def test_decode_in_worker_survives_an_image_that_kills_its_decoder(tmp_path, monkeypatch):
     """What a Ray decoding task calls: one batch from one worker, or, when an image kills it, one process each."""
