@@ -185,7 +185,7 @@ def _import_network_modules() -> None:
     import contextlib
 
     with contextlib.suppress(ImportError):  # raised again, with its message, where the main thread imports them
-        from .. import pipeline, weights  # noqa: F401
+        from .. import data, inference, weights  # noqa: F401
 
 
 def recall_while_importing(
@@ -212,6 +212,38 @@ def recall_while_importing(
     finally:
         importer.join()
     return None if found is None else (threads, *found)
+
+
+def runs_without_torch(
+    device: str, backend: str, precision: str, workers: int | None, images: int, batch_size: int
+) -> bool:
+    """Whether a tag run may go without torch, should its weights' export be known (:func:`recall_session`):
+    fp32 in ONNX Runtime on the CPU (what ``--backend auto`` picks there when the ``onnx`` extra is installed), at
+    most one batch of images, decoded in this process (``--workers`` 0 or not given: one batch leaves a reader
+    thread or worker processes nothing to overlap). The rest takes the torch path, as does a run whose export
+    is not known yet (the weights must be read and exported)."""
+    import importlib.util
+
+    if precision != "fp32" or backend not in ("auto", "onnxruntime") or not _surely_cpu(device):
+        return False
+    if workers not in (None, 0) or not 0 < images <= batch_size:
+        return False
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    return backend == "onnxruntime" or importlib.util.find_spec("onnx") is not None  # as resolve_backend's auto
+
+
+def recall_session(weights: os.PathLike[str]) -> Any:
+    """A :class:`~i2v_cli.ortcache.SessionNet` on the export an earlier run recorded for ``weights``
+    (:func:`i2v_cli.ortcache.recall_export`), with :func:`default_threads` threads, and the weights' info; None
+    when there is no usable record. torch is not imported."""
+    from ..ortcache import SessionNet, recall_export
+
+    found = recall_export(Path(weights), default_threads())
+    if found is None:
+        return None
+    session, export, info = found
+    return SessionNet(session, export), info
 
 
 def model_options(f: F) -> F:
