@@ -71,12 +71,13 @@ def run_model(
     process. ``precision`` (fp32, bf16, fp16) and ``backend`` (auto, torch, onnxruntime) choose how the network
     runs (see :func:`i2v_cli.inference.prepare_for_inference`); ``net`` is a network prepared already, and then
     ``model`` may be None (a CPU session on a cached export, the weights never loaded). A ``net`` of NumPy
-    arrays (``net.arrays``) gets its batches from :func:`i2v_cli.batches.read_batches`, without torch.
+    arrays (``net.arrays``) gets its batches from :func:`i2v_cli.batches.read_batches`, without torch (decoded in
+    a child process when ``workers`` > 0, in this thread with 0).
     """
     if model is None and net is None:
         raise ValueError("run_model needs a model, a prepared net, or both")
     if getattr(net, "arrays", False):
-        yield from _run_arrays(net, paths, batch_size=batch_size, on_progress=on_progress)
+        yield from _run_arrays(net, paths, batch_size=batch_size, isolate=workers > 0, on_progress=on_progress)
         return
     import torch
 
@@ -99,11 +100,11 @@ def run_model(
 
 
 def _run_arrays(
-    net: Any, paths: Sequence[str], *, batch_size: int, on_progress: Callable[[int], None] | None
+    net: Any, paths: Sequence[str], *, batch_size: int, isolate: bool, on_progress: Callable[[int], None] | None
 ) -> Iterator[list[Result]]:
-    """:func:`run_model` for a predictor of NumPy arrays: batches decoded in this thread, the same mapper, no
-    torch."""
-    for batch in read_batches(paths, batch_size=batch_size):
+    """:func:`run_model` for a predictor of NumPy arrays: batches decoded in this thread (or, with ``isolate``, in
+    a child process per batch), the same mapper, no torch."""
+    for batch in read_batches(paths, batch_size=batch_size, isolate=isolate):
         results = map_batch(net, paths, batch, None)
         yield results
         if on_progress is not None:

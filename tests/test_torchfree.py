@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +179,86 @@ def test_captions_on_the_torch_free_path(torch_free, tmp_path, tag_weights, gold
     captions = sorted(folder.glob("*.txt"))
     assert [c.stem for c in captions] == sorted(p.stem for p in golden_order[:3])
     assert all(c.read_text().strip().split(", ")[-1] in ("safe", "questionable", "explicit") for c in captions)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding in a child process: an image that kills its decoder costs only that image
+
+
+def _crash_on(pattern: str):
+    """A load_network_input that kills its own process for paths containing ``pattern`` (fork carries it over)."""
+    import i2v_cli.transform
+
+    original = i2v_cli.transform.load_network_input
+
+    def load(path):
+        if pattern in os.path.basename(os.fspath(path)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(path)
+
+    return load
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="relies on fork carrying the monkeypatch into the child")
+def test_an_image_that_kills_its_decoding_process_becomes_its_error(monkeypatch, golden_order):
+    paths = [str(golden_order[3]), "/nonexistent/0-BOOM.png", str(golden_order[4]), str(golden_order[0])]
+    here = list(read_batches(paths, batch_size=3))
+    monkeypatch.setattr("i2v_cli.transform.load_network_input", _crash_on("BOOM"))
+    isolated = list(read_batches(paths, batch_size=3, isolate=True))
+    assert [b.ok for b in isolated] == [[0, 2], [3]]
+    assert isolated[0].errors == {1: "/nonexistent/0-BOOM.png: the image decoder crashed on this file (its worker "
+                                  "process died)"}  # fmt: skip
+    assert here[0].errors == {1: "/nonexistent/0-BOOM.png: no such file"}  # in this process: it is missing
+    np.testing.assert_array_equal(isolated[0].inputs, here[0].inputs)
+    np.testing.assert_array_equal(isolated[1].inputs, here[1].inputs)
+
+
+def test_a_bug_in_the_decoding_process_is_raised_not_recorded(monkeypatch, golden_order):
+    def broken(path):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr("i2v_cli.transform.load_network_input", broken)
+    with pytest.raises(RuntimeError, match="ZeroDivisionError: a bug"):
+        list(read_batches([str(golden_order[0])], isolate=True))
+
+
+@needs_ort
+@pytest.mark.skipif(sys.platform != "linux", reason="relies on fork carrying the monkeypatch into the child")
+def test_the_default_torch_free_run_survives_a_decoder_crash(torch_free, monkeypatch, tmp_path, tag_weights, inputs):
+    boom = tmp_path / "1-BOOM.png"
+    boom.write_bytes(Path(inputs[0]).read_bytes())
+    monkeypatch.setattr("i2v_cli.transform.load_network_input", _crash_on("BOOM"))
+    out = tmp_path / "out.jsonl"
+    result = _tag(inputs[0], boom, inputs[1], "-w", tag_weights, "-o", out)
+    assert result.exit_code == 1
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in records] == [inputs[0], str(boom), inputs[1]]
+    assert "decoder crashed" in records[1]["error"] and "error" not in records[0] and "error" not in records[2]
+
+
+_SLOW_CHILD = (
+    "import sys, time\nimport i2v_cli.transform as t\nfrom i2v_cli.cli import main\nreal = t.load_network_input\n"
+    "def slow(path):\n    open(marker, 'w').close()\n    time.sleep(60)\n    return real(path)\n"
+    "t.load_network_input = slow\nmarker = sys.argv.pop(1)\nmain()"
+)
+
+
+@needs_ort
+@pytest.mark.parametrize("workers", [[], ["-j", "0"]], ids=["child", "here"])
+def test_sigterm_while_decoding_stops_a_torch_free_run_at_once(tmp_path, tag_weights, inputs, workers):
+    home, marker, out = tmp_path / "home", tmp_path / "decoding", tmp_path / "out.jsonl"
+    _child(home, "tag", inputs[0], "-w", str(tag_weights), "-o", str(tmp_path / "warm.jsonl"))
+    env = {**os.environ, "I2V_HOME": str(home)}
+    args = ["tag", inputs[0], "-w", str(tag_weights), "-o", str(out), *workers]
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CHILD, str(marker), *args], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.decode().strip().splitlines()[-1] == "i2v: terminated (SIGTERM)"
+    assert out.read_bytes() == b""  # what was done is kept: nothing, and no temporary file is left
+    hidden = {p.name for p in tmp_path.iterdir() if p.name.startswith(".")}
+    assert hidden == {".warm.jsonl.i2v.json", ".out.jsonl.i2v.json"}  # the job files, no temporary file

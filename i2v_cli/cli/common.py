@@ -218,10 +218,11 @@ def runs_without_torch(
     device: str, backend: str, precision: str, workers: int | None, images: int, batch_size: int
 ) -> bool:
     """Whether a tag run may go without torch, should its weights' export be known (:func:`recall_session`):
-    fp32 in ONNX Runtime on the CPU (what ``--backend auto`` picks there when the ``onnx`` extra is installed), at
-    most one batch of images, decoded in this process (``--workers`` 0 or not given: one batch leaves a reader
-    thread or worker processes nothing to overlap). The rest takes the torch path, as does a run whose export
-    is not known yet (the weights must be read and exported)."""
+    fp32 in ONNX Runtime on the CPU (what ``--backend auto`` picks there when the ``onnx`` extra is installed) and
+    at most one batch of images, with ``--workers`` not given (the batch is decoded in one child process, as a
+    DataLoader worker would: :func:`i2v_cli.batches.read_batches`) or 0 (in this process). One batch leaves a
+    reader thread or several workers nothing to overlap. The rest takes the torch path, as does a run whose
+    export is not known yet (the weights must be read and exported)."""
     import importlib.util
 
     if precision != "fp32" or backend not in ("auto", "onnxruntime") or not _surely_cpu(device):
