@@ -8,12 +8,15 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from ..config import BACKENDS, PRECISIONS
 from ..errors import I2VError, Interrupted, OutputError, WriteError
+
+if TYPE_CHECKING:
+    from ..ortcache import SessionNet
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -234,7 +237,7 @@ def runs_without_torch(
     return backend == "onnxruntime" or importlib.util.find_spec("onnx") is not None  # as resolve_backend's auto
 
 
-def recall_session(weights: os.PathLike[str]) -> Any:
+def recall_session(weights: os.PathLike[str]) -> tuple[SessionNet, dict[str, Any]] | None:
     """A :class:`~i2v_cli.ortcache.SessionNet` on the export an earlier run recorded for ``weights``
     (:func:`i2v_cli.ortcache.recall_export`), with :func:`default_threads` threads, and the weights' info; None
     when there is no usable record. torch is not imported."""

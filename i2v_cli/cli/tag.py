@@ -229,7 +229,7 @@ def tag(
         # backend runs is checked once torch is there, and a wrong guess costs only the session.
         model: Any = None
         net: Any = None
-        onnx = False
+        onnx, before = False, None
         if runs_without_torch(device, backend, precision, workers, len(inputs), batch_size):
             found = recall_session(weights_path)
             if found is not None:
