@@ -15,45 +15,15 @@ import queue
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import I2VError
+from .batches import Batch, Sample, decode_error, decode_sample
 from .transform import load_and_preprocess
 from .worker_context import worker_context
 
-
-@dataclass
-class Sample:
-    """One decoded input: its position in the run, and either the network input or why there is none."""
-
-    index: int
-    tensor: torch.Tensor | None
-    error: str | None
-
-
-@dataclass
-class Batch:
-    """A batch as the network sees it: the stacked inputs of the images that decoded, and the errors of
-    those that did not, each keyed by its position in the run."""
-
-    ok: list[int]
-    inputs: torch.Tensor
-    errors: dict[int, str]
-
-    def pin_memory(self) -> Batch:
-        """Let DataLoader(pin_memory=True) pin the input tensor for fast, non-blocking copies to a GPU."""
-        self.inputs = torch.as_tensor(self.inputs).pin_memory()
-        return self
-
-
-def decode_error(path: str, exc: BaseException) -> str:
-    """The message recorded for an image that could not be decoded; it names the file."""
-    if isinstance(exc, I2VError):
-        return str(exc)
-    return f"{path}: cannot read image: {type(exc).__name__}: {exc}"
+__all__ = ["Batch", "ImageDataset", "Sample", "collate", "decode_error", "decode_in_worker", "iter_batches"]
 
 
 class ImageDataset(Dataset[Sample]):
@@ -66,10 +36,7 @@ class ImageDataset(Dataset[Sample]):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample:
-        try:
-            return Sample(index, load_and_preprocess(self.paths[index]), None)
-        except I2VError as exc:  # decoding turns every failure of a bad file into an I2VError; bugs stay bugs
-            return Sample(index, None, decode_error(self.paths[index], exc))
+        return decode_sample(self.paths, index, load_and_preprocess)
 
 
 def collate(samples: list[Sample]) -> Batch:

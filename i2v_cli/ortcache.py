@@ -219,3 +219,29 @@ def recall_export(
         return None
     session = open_cached(export, threads)
     return None if session is None else (session, export, dict(record["info"]))
+
+
+class SessionNet:
+    """A tag network's ONNX Runtime session on its cached export as a predictor of NumPy arrays: a float32
+    (N, 3, S, S) batch to its (N, out) output, the same values :class:`i2v_cli.inference.OnnxRuntimeNet` gives
+    for the same session (its outputs do not depend on the session's thread count or the batch's size:
+    measured). ``arrays`` tells :func:`i2v_cli.runner.run_model` to feed it without torch."""
+
+    arrays = True
+
+    def __init__(self, session: Any, export: Path) -> None:
+        self.session, self.export = session, export
+        self.input_name = session.get_inputs()[0].name
+        self.name = "onnxruntime fp32 on cpu (cached export)"
+        self.notes: list[str] = []
+
+    def __call__(self, x: Any) -> Any:
+        """Run a float32 batch through the session."""
+        import numpy as np
+
+        (y,) = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        return y
+
+    def describe(self) -> str:
+        """What runs the network, in one line (as the other predictors' ``describe``)."""
+        return "; ".join([self.name, *self.notes])

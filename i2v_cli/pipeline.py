@@ -3,7 +3,9 @@
 The stages and the modules that own them:
 
 - inputs: :mod:`i2v_cli.inputs` turns command-line inputs into the ordered list of paths.
-- reader: :func:`i2v_cli.data.iter_batches` decodes and preprocesses in DataLoader workers, in a thread.
+- reader: :func:`i2v_cli.data.iter_batches` decodes and preprocesses in DataLoader workers, in a thread;
+  :func:`i2v_cli.batches.read_batches` in the calling thread, without torch, for a run of one batch on an ONNX
+  Runtime session (:func:`i2v_cli.runner.run_model` picks by the predictor).
 - mapper: :func:`i2v_cli.runner.map_batch` runs the network prepared by :mod:`i2v_cli.inference`.
 - records: :class:`TagRecords` and :class:`FeatureRecords` here turn outputs into records.
 - sinks: :mod:`i2v_cli.writers` (JSON, JSONL, CSV), :mod:`i2v_cli.features` (vectors files, feature JSONL),
@@ -19,18 +21,20 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .captions import CaptionOptions, write_caption
 from .errors import CaptionError
 from .features import binarize
-from .inference import Predictor
-from .model import Illust2VecNet
 from .runner import Result, run_model
 from .tags import Selection, tag_record
 from .writers import Record, Sink
+
+if TYPE_CHECKING:  # torch comes with them; a run on a predictor of NumPy arrays never imports it
+    from .inference import Predictor
+    from .model import Illust2VecNet
 
 RecordMaker = Callable[[Sequence[Result]], list[Record]]
 

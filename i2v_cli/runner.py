@@ -1,17 +1,27 @@
-"""Wiring of one run: paths -> DataLoader -> network -> per-image results, in input order, batch by batch."""
+"""Wiring of one run: paths -> reader -> network -> per-image results, in input order, batch by batch.
+
+Two readers, one mapper: the DataLoader's (:func:`i2v_cli.data.iter_batches`) for a torch network, and for a
+predictor of NumPy arrays (``arrays = True``: :class:`i2v_cli.ortcache.SessionNet`) the plain one of
+:func:`i2v_cli.batches.read_batches`, so that such a run never imports torch (about 1 CPU-second of a one-image
+run). Importing this module does not import torch either.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .data import Batch, iter_batches
+from .batches import Batch, read_batches
 from .errors import I2VError
-from .inference import Predictor, model_device, predict, prepare_for_inference
-from .model import Illust2VecNet
+
+if TYPE_CHECKING:
+    import torch
+
+    from .inference import Predictor
+    from .model import Illust2VecNet
 
 
 @dataclass
@@ -25,6 +35,8 @@ class Result:
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """``auto`` is the first CUDA device when there is one, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as given."""
+    import torch
+
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -58,10 +70,20 @@ def run_model(
     a Result with an error and no output, the others are unaffected, even when an image kills its decoding
     process. ``precision`` (fp32, bf16, fp16) and ``backend`` (auto, torch, onnxruntime) choose how the network
     runs (see :func:`i2v_cli.inference.prepare_for_inference`); ``net`` is a network prepared already, and then
-    ``model`` may be None (a CPU session on a cached export, the weights never loaded).
+    ``model`` may be None (a CPU session on a cached export, the weights never loaded). A ``net`` of NumPy
+    arrays (``net.arrays``) gets its batches from :func:`i2v_cli.batches.read_batches`, without torch (decoded in
+    a child process when ``workers`` > 0, in this thread with 0).
     """
     if model is None and net is None:
         raise ValueError("run_model needs a model, a prepared net, or both")
+    if getattr(net, "arrays", False):
+        yield from _run_arrays(net, paths, batch_size=batch_size, isolate=workers > 0, on_progress=on_progress)
+        return
+    import torch
+
+    from .data import iter_batches
+    from .inference import model_device, prepare_for_inference
+
     device = model_device(model) if model is not None else torch.device("cpu")
     if net is None:
         assert model is not None
@@ -77,16 +99,47 @@ def run_model(
         batches.close()
 
 
+def _run_arrays(
+    net: Any, paths: Sequence[str], *, batch_size: int, isolate: bool, on_progress: Callable[[int], None] | None
+) -> Iterator[list[Result]]:
+    """:func:`run_model` for a predictor of NumPy arrays: batches decoded in this thread (or, with ``isolate``, in
+    a child process per batch), the same mapper, no torch."""
+    for batch in read_batches(paths, batch_size=batch_size, isolate=isolate):
+        results = map_batch(net, paths, batch, None)
+        yield results
+        if on_progress is not None:
+            on_progress(len(results))
+
+
 def map_batch(
-    net: Predictor, paths: Sequence[str], batch: Batch, device: torch.device, batch_size: int | None = None
+    net: Predictor, paths: Sequence[str], batch: Batch, device: torch.device | None, batch_size: int | None = None
 ) -> list[Result]:
     """The mapper: network outputs for a batch's decoded images (``batch_size`` at a time), merged in order with
-    the errors of the others. An output that is not finite (NaN, infinity: broken weights) is that image's error,
+    the errors of the others (:func:`merge_outputs`)."""
+    return merge_outputs(paths, batch, predict(net, batch.inputs, device, batch_size) if batch.ok else None)
+
+
+def predict(net: Any, inputs: Any, device: torch.device | None, batch_size: int | None = None) -> np.ndarray:
+    """``net``'s float32 (N, out) outputs, ``batch_size`` inputs at a time (all at once when None): a predictor of
+    NumPy arrays (``net.arrays``) is called as it is, without torch; others through
+    :func:`i2v_cli.inference.predict` on ``device``."""
+    if getattr(net, "arrays", False):
+        step = batch_size or max(len(inputs), 1)
+        return np.concatenate([net(inputs[i : i + step]) for i in range(0, len(inputs), step)])
+    from .inference import predict as predict_tensors
+
+    assert device is not None
+    return predict_tensors(net, inputs, device, batch_size)
+
+
+def merge_outputs(paths: Sequence[str], batch: Batch, outputs: np.ndarray | None) -> list[Result]:
+    """A batch's results in input order: ``outputs`` (one row per decoded image, in ``batch.ok`` order) and the
+    errors of the others. An output that is not finite (NaN, infinity: broken weights) is that image's error,
     never a written NaN."""
-    outputs = dict(zip(batch.ok, predict(net, batch.inputs, device, batch_size), strict=True)) if batch.ok else {}
+    by_index = dict(zip(batch.ok, outputs, strict=True)) if outputs is not None else {}
     results = []
     for i in sorted([*batch.ok, *batch.errors]):
-        out = outputs.get(i)
+        out = by_index.get(i)
         if out is not None and not np.isfinite(out).all():
             results.append(Result(paths[i], None, f"{paths[i]}: the network's output is not finite (NaN or "
                                   "infinity): the weights are broken"))  # fmt: skip

@@ -11,27 +11,39 @@ copy of it is made), and the pass order keeps every intermediate small (see :fun
 memory beyond the decoded image stays a few tens of megabytes for an 81-megapixel or a 1 x 1,000,000
 image. Everything here is a plain function of its arguments (no global state is changed), so it is safe in
 threads and DataLoader workers.
+
+It is NumPy only: torch is imported by the functions that return tensors (``resize_pixels``, ``preprocess``,
+``load_and_preprocess``), which wrap their ``*_array`` twins without a copy. So a run whose network is an ONNX
+Runtime session preprocesses without importing torch (about 1 CPU-second), and computes the very same values
+as one with torch: there is only one implementation.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .config import INPUT_SIZE, MEAN_BGR
 from .decode import PathType, RGBPixels, decode_image, open_image
 from .errors import ImageArrayError
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "ArrayPixels",
     "Pixels",
     "load_and_preprocess",
+    "load_network_input",
+    "network_input_array",
     "preprocess",
+    "preprocess_array",
+    "resize_array",
     "resize_like_caffe",
     "resize_pixels",
     "to_network_input",
@@ -202,16 +214,46 @@ _BLOCKS_CACHE_BYTES = 4 * 1024 * 1024
 @functools.lru_cache(maxsize=32)
 def _cached_band_blocks(
     n_in: int, n_out: int, step: int, dtype: type
-) -> tuple[tuple[int, int, int, int, torch.Tensor], ...] | None:
-    """:func:`_band_blocks` with each block as a tensor, kept for the next image of the same size (building
-    them took about a tenth of a resize); None when they would take more than ``_BLOCKS_CACHE_BYTES``."""
+) -> tuple[tuple[int, int, int, int, np.ndarray], ...] | None:
+    """:func:`_band_blocks`, kept (read-only) for the next image of the same size (building them took about a
+    tenth of a resize); None when they would take more than ``_BLOCKS_CACHE_BYTES``."""
     blocks, size = [], 0
     for k0, k1, i0, i1, block in _band_blocks(n_in, n_out, step, dtype):
         size += block.nbytes
         if size > _BLOCKS_CACHE_BYTES:
             return None
-        blocks.append((k0, k1, i0, i1, torch.from_numpy(block)))
+        block.setflags(write=False)
+        blocks.append((k0, k1, i0, i1, block))
     return tuple(blocks)
+
+
+#: Largest m * n * k of one matrix product: under OpenBLAS's threshold for using more than one thread (2**19), so
+#: a resize runs on the thread that calls it, as a DataLoader worker or the reader thread expects. Two OpenBLAS
+#: threads took 3-4 times the CPU time of one on a busy 2-core machine (measured), and the result does not
+#: depend on the split (each output is summed over the same k, in the same order).
+_PRODUCT_MNK = (1 << 19) - 1
+
+
+def _add_product(out: np.ndarray, a: np.ndarray, b: np.ndarray, offset: float = 0.0) -> None:
+    """``out += a @ (b - offset)`` in ``a``'s float type, in slices small enough to run single-threaded (see
+    :data:`_PRODUCT_MNK`); ``b`` (pixels, say) is converted to float a slice at a time, so no float copy of it
+    is made whole."""
+    (m, k), n = a.shape, b.shape[1]
+    dtype = a.dtype.type
+
+    def floats(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=dtype)
+        return x - dtype(offset) if offset else x  # a new array when offset: never the caller's pixels
+
+    if n >= m:
+        step = max(1, _PRODUCT_MNK // max(1, m * k))
+        for j in range(0, n, step):
+            out[:, j : j + step] += a @ floats(b[:, j : j + step])
+    else:
+        b = floats(b)
+        step = max(1, _PRODUCT_MNK // max(1, k * n))
+        for i in range(0, m, step):
+            out[i : i + step] += a[i : i + step] @ b
 
 
 def _band_width(n_in: int, n_out: int) -> int:
@@ -219,33 +261,26 @@ def _band_width(n_in: int, n_out: int) -> int:
 
 
 def _apply_axis0(
-    read: Callable[[int, int], np.ndarray], n_in: int, n_out: int, offset: float, out: torch.Tensor, row_bytes: int
+    read: Callable[[int, int], np.ndarray], n_in: int, n_out: int, offset: float, out: np.ndarray, row_bytes: int
 ) -> None:
     """``out = A @ (x - offset)`` along axis 0 of ``x`` (n_in, ...), A from _axis_weights, chunk by chunk.
 
     ``read(k0, k1)`` gives input rows ``k0:k1`` (any array whose rows flatten to ``out.shape[1]`` values);
     every row is read once, in order. Rows are taken a few at a time, about ``_CHUNK_BYTES`` when each costs
-    ``row_bytes`` as floats, converted to ``out.dtype`` (the only float copy) and added into the output rows
-    whose band reaches them.
+    ``row_bytes`` as floats, and added into the output rows whose band reaches them, converted to ``out.dtype``
+    a slice at a time (:func:`_add_product`).
     """
-    np_dtype = np.float64 if out.dtype == torch.float64 else np.float32
+    np_dtype = out.dtype.type
     # About three bands' worth of input rows per step: fewer wasted multiply-adds than larger steps,
     # less per-step overhead than smaller ones (measured).
     step = max(1, min(_CHUNK_BYTES // max(1, row_bytes), 3 * _band_width(n_in, n_out)))
-    out.zero_()
-    blocks = _cached_band_blocks(n_in, n_out, step, np_dtype) or (
-        (k0, k1, i0, i1, torch.from_numpy(block)) for k0, k1, i0, i1, block in _band_blocks(n_in, n_out, step, np_dtype)
-    )
+    out.fill(0)
+    blocks = _cached_band_blocks(n_in, n_out, step, np_dtype) or _band_blocks(n_in, n_out, step, np_dtype)
     for k0, k1, i0, i1, weights in blocks:
         source = read(k0, k1)
         if i0 == i1:
             continue
-        chunk = np.asarray(source, dtype=np_dtype, order="C").reshape(k1 - k0, -1)
-        if offset:
-            chunk = chunk - np_dtype(offset)  # a new array: never the caller's pixels
-        elif not chunk.flags.writeable:  # the caller's read-only float pixels: torch wants writable memory
-            chunk = chunk.copy()
-        out[i0:i1].addmm_(weights, torch.from_numpy(chunk))
+        _add_product(out[i0:i1], weights, np.asarray(source).reshape(k1 - k0, -1), offset)
 
 
 class _RowResizer:
@@ -269,26 +304,23 @@ class _RowResizer:
         blocks_bytes = 72 * w * (self.step / spacing + 6)
         self.blocks = list(self._blocks()) if blocks_bytes <= _CHUNK_BYTES else None
 
-    def _blocks(self) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+    def _blocks(self) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
         eye = np.eye(3)
         for c0, c1, j0, j1, block in _band_blocks(self.w, self.size, self.step, np.float64):
             if j0 < j1:
-                yield c0 * 3, c1 * 3, j0 * 3, j1 * 3, torch.from_numpy(np.kron(block.T, eye))
+                yield c0 * 3, c1 * 3, j0 * 3, j1 * 3, np.kron(block.T, eye)
 
     def __call__(self, strip: np.ndarray) -> np.ndarray:
         k = strip.shape[0]
         x = np.asarray(strip, dtype=np.float64, order="C").reshape(k, self.w * 3)  # the float copy
         if self.offset:
             x = x - self.offset  # a new array: never the caller's pixels
-        elif not x.flags.writeable:
-            x = x.copy()
         if self.w == self.size:
             return x  # the identity (exact)
-        y = torch.zeros((k, self.size * 3), dtype=torch.float64)
-        flat = torch.from_numpy(x)
+        y = np.zeros((k, self.size * 3), dtype=np.float64)
         for c0, c1, j0, j1, weights in self.blocks or self._blocks():
-            y[:, j0:j1].addmm_(flat[:, c0:c1], weights)
-        return y.numpy()
+            _add_product(y[:, j0:j1], x[:, c0:c1], weights)
+        return y
 
 
 class _StripReader:
@@ -327,6 +359,13 @@ class _Extrema:
 
 
 def resize_pixels(pixels: Pixels, size: int = INPUT_SIZE) -> torch.Tensor:
+    """:func:`resize_array` as a tensor (the same memory)."""
+    import torch
+
+    return torch.from_numpy(resize_array(pixels, size))
+
+
+def resize_array(pixels: Pixels, size: int = INPUT_SIZE) -> np.ndarray:
     """Resize to (size, size, 3) float32 exactly as the release's ``caffe.io.resize_image`` (spec step 2).
 
     Min-max normalise over the whole image, anti-alias and bilinear-sample as scikit-image's
@@ -348,7 +387,7 @@ def resize_pixels(pixels: Pixels, size: int = INPUT_SIZE) -> torch.Tensor:
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ImageArrayError("the image holds NaN or infinite values")
         if hi == lo:
-            return torch.full((size, size, 3), lo, dtype=torch.float32)
+            return np.full((size, size, 3), lo, dtype=np.float32)
     # uint8 blocks are taken as they are (exact in float32; the same rounding whether they come from an
     # array or a decoded image) and the minimum is subtracted at the end; other values have it subtracted
     # first, so that float values in any range keep their precision.
@@ -363,46 +402,53 @@ def resize_pixels(pixels: Pixels, size: int = INPUT_SIZE) -> torch.Tensor:
         if h == size:
             first = np.array(rows(0, h), dtype=np.float64) - offset  # the identity: skipped (exact)
         else:
-            tmp = torch.empty((size, w * 3), dtype=torch.float32)
+            tmp = np.empty((size, w * 3), dtype=np.float32)
             strips = _StripReader(rows, h, _CHUNK_BYTES // (w * 3 * 4))  # uint8 strips: a quarter of that
             _apply_axis0(strips, h, size, offset, tmp, row_bytes=w * 3 * 4)
-            first = tmp.numpy().reshape(size, w, 3)
+            first = tmp.reshape(size, w, 3)
         result = _resize_axis1(first, size)
     else:
         # Very wide: each strip of rows along W, then added along H into the result (float64).
-        result = torch.empty((size, size * 3), dtype=torch.float64)
+        result = np.empty((size, size * 3), dtype=np.float64)
         strips = _StripReader(rows, h, _CHUNK_BYTES // (w * 3 * 8), then=_RowResizer(w, size, offset))
         _apply_axis0(strips, h, size, 0.0, result, row_bytes=size * 24)
         result = result.reshape(size, size, 3)
     if bounds is None:
         lo, hi = seen.lo, seen.hi
     if lo != offset:  # A (x - lo) B^T = A (x - offset) B^T - (lo - offset) (A 1)(B 1)^T: the row sums
-        result -= (lo - offset) * torch.outer(*(torch.from_numpy(_row_sums(n, size)) for n in (h, w)))[:, :, None]
+        result -= (lo - offset) * np.outer(_row_sums(h, size), _row_sums(w, size))[:, :, None]
     # (y - lo) / (hi - lo) clipped to [0, 1], times (hi - lo), plus lo.
-    return (result.clamp_(0.0, hi - lo) + lo).to(torch.float32)
+    np.clip(result, 0.0, hi - lo, out=result)
+    return (result + lo).astype(np.float32)
 
 
-def _resize_axis1(first: np.ndarray, size: int) -> torch.Tensor:
+def _resize_axis1(first: np.ndarray, size: int) -> np.ndarray:
     """(size, n, 3) float to (size, size, 3) float64 along axis 1, a band of rows at a time."""
     n = first.shape[1]
     if n == size:
-        return torch.from_numpy(np.array(first, dtype=np.float64))  # a copy, not the caller's
-    result = torch.empty((size, size, 3), dtype=torch.float64)
-    band = max(1, min(size, _CHUNK_BYTES // max(1, n * 3 * 8)))
+        return np.array(first, dtype=np.float64)  # a copy, not the caller's
+    result = np.empty((size, size, 3), dtype=np.float64)
+    # A quarter chunk of rows at a time: beside ``first`` (up to 32 MB), the transposed copy stays small.
+    band = max(1, min(size, _CHUNK_BYTES // 4 // max(1, n * 3 * 8)))
     for r0 in range(0, size, band):
         r1 = min(size, r0 + band)
         # Transpose the band to (n, rows * 3), apply the matrix, write back.
         part = np.ascontiguousarray(first[r0:r1].transpose(1, 0, 2), dtype=np.float64).reshape(n, -1)
-        res = torch.empty((size, (r1 - r0) * 3), dtype=torch.float64)
+        res = np.empty((size, (r1 - r0) * 3), dtype=np.float64)
         _apply_axis0(lambda a, b, part=part: part[a:b], n, size, 0.0, res, row_bytes=(r1 - r0) * 3 * 8)
-        result[r0:r1] = res.reshape(size, r1 - r0, 3).permute(1, 0, 2)
+        result[r0:r1] = res.reshape(size, r1 - r0, 3).transpose(1, 0, 2)
+        del part, res  # before the next band's are made
     return result
 
 
+def _is_tensor(obj: object) -> bool:
+    """Whether ``obj`` is a torch tensor, known without importing torch (a tensor means torch is imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
 def _as_hwc_array(arr: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(arr, torch.Tensor):
-        arr = _tensor_to_numpy(arr)
-    arr = np.asarray(arr)
+    arr = _tensor_to_numpy(arr) if _is_tensor(arr) else np.asarray(arr)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageArrayError(f"expected an (H, W, 3) image, got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -413,6 +459,8 @@ def _as_hwc_array(arr: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+    import torch
+
     t = t.detach().cpu()
     if t.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16; float32 holds both exactly
         t = t.to(torch.float32)
@@ -430,15 +478,26 @@ def resize_like_caffe(arr: np.ndarray | torch.Tensor, size: int = INPUT_SIZE) ->
 # --------------------------------------------------------------------------------------------------------
 # Step 3 and the whole pipeline
 
-_MEAN_BGR = torch.tensor(MEAN_BGR, dtype=torch.float32).view(3, 1, 1)
+_MEAN_BGR = np.array(MEAN_BGR, dtype=np.float32).reshape(3, 1, 1)
 
 
 def to_network_input(rgb: torch.Tensor) -> torch.Tensor:
-    """(size, size, 3) RGB on 0-255 to the network's (3, size, size) float32 BGR minus the mean (step 3)."""
+    """(size, size, 3) RGB on 0-255 to the network's (3, size, size) float32 BGR minus the mean (step 3), on the
+    tensor's device."""
+    import torch
+
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB tensor, got shape {tuple(rgb.shape)}")
     bgr = rgb.to(torch.float32).flip(2).permute(2, 0, 1)
-    return (bgr - _MEAN_BGR.to(bgr.device)).contiguous()
+    return (bgr - torch.from_numpy(_MEAN_BGR).to(bgr.device)).contiguous()
+
+
+def network_input_array(rgb: np.ndarray) -> np.ndarray:
+    """:func:`to_network_input` of a NumPy (size, size, 3) RGB array: the same float32 values, without torch."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB array, got shape {rgb.shape}")
+    bgr = rgb.astype(np.float32, copy=False)[:, :, ::-1].transpose(2, 0, 1)
+    return np.ascontiguousarray(bgr - _MEAN_BGR)
 
 
 def _sixteen_to_eight(values: np.ndarray) -> np.ndarray:
@@ -448,7 +507,7 @@ def _sixteen_to_eight(values: np.ndarray) -> np.ndarray:
 
 def _array_pixels(image: np.ndarray | torch.Tensor) -> ArrayPixels:
     """An array or tensor given as an image, checked by the rule of :func:`preprocess`."""
-    arr = _tensor_to_numpy(image) if isinstance(image, torch.Tensor) else np.asarray(image)
+    arr = _tensor_to_numpy(image) if _is_tensor(image) else np.asarray(image)
     shape = arr.shape
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -493,6 +552,13 @@ def _array_pixels(image: np.ndarray | torch.Tensor) -> ArrayPixels:
 
 
 def preprocess(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """:func:`preprocess_array` as a tensor (the same memory)."""
+    import torch
+
+    return torch.from_numpy(preprocess_array(image))
+
+
+def preprocess_array(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     """One image to the network's (3, size, size) float32 input: spec steps 1-3 (size from
     :data:`~i2v_cli.config.INPUT_SIZE`).
 
@@ -515,9 +581,16 @@ def preprocess(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
         pixels: Pixels = RGBPixels(decode_image(image))
     else:
         pixels = _array_pixels(image)
-    return to_network_input(resize_pixels(pixels, INPUT_SIZE))
+    return network_input_array(resize_array(pixels, INPUT_SIZE))
 
 
 def load_and_preprocess(path: PathType) -> torch.Tensor:
     """Decode an image file and return its (3, size, size) network input; ImageDecodeError if it is bad."""
-    return to_network_input(resize_pixels(RGBPixels(open_image(path)), INPUT_SIZE))
+    import torch
+
+    return torch.from_numpy(load_network_input(path))
+
+
+def load_network_input(path: PathType) -> np.ndarray:
+    """:func:`load_and_preprocess` as a NumPy array, without torch."""
+    return network_input_array(resize_array(RGBPixels(open_image(path)), INPUT_SIZE))

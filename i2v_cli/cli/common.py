@@ -8,12 +8,15 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from ..config import BACKENDS, PRECISIONS
 from ..errors import I2VError, Interrupted, OutputError, WriteError
+
+if TYPE_CHECKING:
+    from ..ortcache import SessionNet
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -185,7 +188,7 @@ def _import_network_modules() -> None:
     import contextlib
 
     with contextlib.suppress(ImportError):  # raised again, with its message, where the main thread imports them
-        from .. import pipeline, weights  # noqa: F401
+        from .. import data, inference, weights  # noqa: F401
 
 
 def recall_while_importing(
@@ -212,6 +215,39 @@ def recall_while_importing(
     finally:
         importer.join()
     return None if found is None else (threads, *found)
+
+
+def runs_without_torch(
+    device: str, backend: str, precision: str, workers: int | None, images: int, batch_size: int
+) -> bool:
+    """Whether a tag run may go without torch, should its weights' export be known (:func:`recall_session`):
+    fp32 in ONNX Runtime on the CPU (what ``--backend auto`` picks there when the ``onnx`` extra is installed) and
+    at most one batch of images, with ``--workers`` not given (the batch is decoded in one child process, as a
+    DataLoader worker would: :func:`i2v_cli.batches.read_batches`) or 0 (in this process). One batch leaves a
+    reader thread or several workers nothing to overlap. The rest takes the torch path, as does a run whose
+    export is not known yet (the weights must be read and exported)."""
+    import importlib.util
+
+    if precision != "fp32" or backend not in ("auto", "onnxruntime") or not _surely_cpu(device):
+        return False
+    if workers not in (None, 0) or not 0 < images <= batch_size:
+        return False
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    return backend == "onnxruntime" or importlib.util.find_spec("onnx") is not None  # as resolve_backend's auto
+
+
+def recall_session(weights: os.PathLike[str]) -> tuple[SessionNet, dict[str, Any]] | None:
+    """A :class:`~i2v_cli.ortcache.SessionNet` on the export an earlier run recorded for ``weights``
+    (:func:`i2v_cli.ortcache.recall_export`), with :func:`default_threads` threads, and the weights' info; None
+    when there is no usable record. torch is not imported."""
+    from ..ortcache import SessionNet, recall_export
+
+    found = recall_export(Path(weights), default_threads())
+    if found is None:
+        return None
+    session, export, info = found
+    return SessionNet(session, export), info
 
 
 def model_options(f: F) -> F:

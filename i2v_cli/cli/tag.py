@@ -31,9 +31,11 @@ from .common import (
     model_options,
     progress_bar,
     progress_option,
+    recall_session,
     recall_while_importing,
     report_batch,
     report_failure,
+    runs_without_torch,
 )
 from .ray_options import engine_options, run_engine
 
@@ -62,6 +64,35 @@ def caption_options(f: F) -> F:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _torch_network(
+    weights_path: Any, device: str, backend: str, precision: str
+) -> tuple[Any, Any, dict[str, Any], bool, list[int] | None]:
+    """The torch path's network: ``(model, net, info, onnx, before)``. ``net`` is a session on the recorded export
+    (``model`` None) when there is one, else None and ``model`` the loaded weights (``before``: the weight file's
+    identity before it was read, for :func:`i2v_cli.ortcache.remember_export`); ``onnx``: the run is fp32 in ONNX
+    Runtime."""
+    recalled = recall_while_importing(weights_path, device, backend, precision)
+    # torch comes with these: imported once the cheap checks passed, so a usage error answers at once.
+    import torch
+
+    from ..inference import OnnxRuntimeNet, resolve_backend
+    from ..ortcache import file_identity, open_cached
+    from ..runner import resolve_device
+    from ..weights import load_model
+
+    dev = resolve_device(device)
+    onnx = resolve_backend(backend, dev, precision) == "onnxruntime" and precision == "fp32"
+    if recalled is not None and onnx and dev.type == "cpu":
+        threads, session, export, info = recalled
+        if threads != torch.get_num_threads():  # the guess was off (torch may count cores, not CPUs)
+            session = open_cached(export, torch.get_num_threads())
+        if session is not None:
+            return None, OnnxRuntimeNet.from_session(session, export), info, onnx, None
+    before = file_identity(weights_path)
+    model, weights_info = load_model(weights_path, kind=TAG, device=str(dev))
+    return model, None, weights_info.as_dict(), onnx, before
 
 
 def tags_digest(tags: list[str]) -> str:
@@ -148,6 +179,7 @@ def tag(
       i2v tag ./dump -r --engine ray --ray-address head:6379 -f parquet -o tags/
     """
     # The library is imported here, not at the top: `i2v tag -h` answers without loading torch.
+    from ..pipeline import CaptionSink, TagRecords, run_job
     from ..resume import claim_output, make_job
     from ..tags import Selection, load_tag_list
     from ..writers import Tee, check_output, display, format_for, open_writer, writes_in_place
@@ -191,31 +223,19 @@ def tag(
         keys = {tag_key(t) for t in request.exclude}
         exclude = frozenset(t for t in tags if tag_key(t) in keys)
         weights_path = resolve_weights(weights, TAG)
-        # A weight file whose ONNX export an earlier run recorded is not read at all, and its session opens while
-        # torch is imported beside it (about 0.3 + 0.3 s of a one-image run on a 2-core CPU). Which backend runs
-        # is checked once torch is there; a wrong guess costs only the session.
-        recalled = recall_while_importing(weights_path, device, backend, precision)
-        # torch comes with these: imported once the cheap checks passed, so a usage error answers at once.
-        import torch
-
-        from ..inference import OnnxRuntimeNet, describe, prepare_for_inference, resolve_backend
-        from ..ortcache import file_identity, open_cached, remember_export
-        from ..pipeline import CaptionSink, TagRecords, run_job
-        from ..runner import resolve_device
-        from ..weights import load_model
-
-        dev = resolve_device(device)
-        onnx = resolve_backend(backend, dev, precision) == "onnxruntime" and precision == "fp32"
-        model, net = None, None
-        if recalled is not None and onnx and dev.type == "cpu":
-            threads, session, export, info = recalled
-            if threads != torch.get_num_threads():  # the guess was off (torch may count cores, not CPUs)
-                session = open_cached(export, torch.get_num_threads())
-            net = None if session is None else OnnxRuntimeNet.from_session(session, export)
+        # A weight file whose ONNX export an earlier run recorded is not read at all. A run of one batch on it
+        # needs no torch (about 1 CPU-second): its reader and its session take NumPy arrays. Other runs open the
+        # session while torch is imported beside it (about 0.3 + 0.3 s of a one-image run on a 2-core CPU); which
+        # backend runs is checked once torch is there, and a wrong guess costs only the session.
+        model: Any = None
+        net: Any = None
+        onnx, before = False, None
+        if runs_without_torch(device, backend, precision, workers, len(inputs), batch_size):
+            found = recall_session(weights_path)
+            if found is not None:
+                net, info = found
         if net is None:
-            before = file_identity(weights_path)
-            loaded, weights_info = load_model(weights_path, kind=TAG, device=str(dev))
-            model, info = loaded, weights_info.as_dict()
+            model, net, info, onnx, before = _torch_network(weights_path, device, backend, precision)
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     except OSError as exc:  # the weight file vanished between finding and reading it
@@ -238,7 +258,9 @@ def tag(
     with claim_output(output if wants_records else "-", job, resume=resume) as earlier:
         todo = [p for p in inputs if p not in earlier.done] if earlier.done else inputs
         if net is None:
-            assert model is not None
+            from ..inference import OnnxRuntimeNet, prepare_for_inference
+            from ..ortcache import remember_export
+
             net = prepare_for_inference(model, precision=precision, backend=backend)
             if onnx and isinstance(net, OnnxRuntimeNet):
                 remember_export(weights_path, before, info, net.export)
@@ -268,7 +290,7 @@ def tag(
     skipped = f", {len(inputs) - len(todo)} already in {display(output or '')}" if len(todo) < len(inputs) else ""
     where = f"; records in {display(output)}" if wants_records and output not in (None, "-") else ""
     echo(None, f"i2v: tagged {summary.processed - len(summary.failures)} of {len(todo)} images{skipped} in "
-               f"{seconds:.1f} s ({describe(net)}){where}")  # fmt: skip
+               f"{seconds:.1f} s ({net.describe()}){where}")  # fmt: skip
     if caption_sink is not None and caption_sink.outcomes:
         outcomes = caption_sink.outcomes
         echo(None, "i2v: captions " + ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items())))

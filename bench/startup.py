@@ -1,0 +1,98 @@
+"""One-image `i2v tag` with warm caches: wall and CPU seconds, this checkout against another revision, alternately.
+
+    .venv/bin/python bench/startup.py                       # this checkout vs HEAD~3, 7 rounds
+    .venv/bin/python bench/startup.py --against 7540cb7 --rounds 9 --image some.jpg
+
+The full-size synthetic tag network of bench/run.py (`out/models/tag-he1.safetensors`, built by it when missing,
+or --weights) and the first image of its folder (or --image). The other revision is extracted with `git archive`
+under `out/startup/` and run from there with the same interpreter, so both use the same packages. Each side
+first runs once to fill its own cache (export, optimised graph, weights record: `out/startup/home-*`); then the
+rounds alternate the two, so a noisy neighbour slows both alike. CPU time is user + sys of the process and its
+children (`wait4`), less noisy than wall time on a shared machine; the 1-minute load average is printed with
+each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def extract(rev: str) -> Path:
+    """The package at ``rev``, extracted once under out/startup/."""
+    target = OUT / "startup" / f"rev-{rev}"
+    if not (target / "i2v_cli").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile() as f:
+            subprocess.run(["git", "-C", str(ROOT), "archive", rev, "i2v_cli", "tag_list.json"], stdout=f, check=True)
+            f.seek(0)
+            with tarfile.open(fileobj=f) as tar:
+                tar.extractall(target, filter="data")
+        link = target / "i2v_cli" / "tag_list.json"  # a link to ../tag_list.json in the repository
+        if link.is_symlink():
+            link.unlink()
+            link.write_bytes((target / "tag_list.json").read_bytes())
+    return target
+
+
+def run_once(code_dir: Path, home: Path, image: Path, weights: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of one `python -m i2v_cli tag IMAGE -w WEIGHTS -o ...` run from ``code_dir``."""
+    env = {**os.environ, "I2V_HOME": str(home), "PYTHONPATH": str(code_dir)}
+    out = home / "out.jsonl"
+    cmd = [sys.executable, "-m", "i2v_cli", "tag", str(image), "-w", str(weights), "-o", str(out)]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=code_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", default="HEAD~3", help="the other revision (default HEAD~3)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--weights", type=Path, default=OUT / "models" / "tag-he1.safetensors")
+    parser.add_argument("--image", type=Path, help="default: the first image of bench/run.py's folder")
+    args = parser.parse_args()
+    if not args.weights.is_file() or args.image is None:  # bench/run.py's models and images, made once
+        subprocess.run([sys.executable, str(Path(__file__).with_name("run.py")), "--child", "setup", "48"],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    image = args.image or sorted((OUT / "images-48").iterdir())[0]
+    sides = {"this": ROOT, args.against: extract(args.against)}
+    homes = {name: OUT / "startup" / f"home-{i}" for i, name in enumerate(sides)}
+    for home in homes.values():
+        home.mkdir(parents=True, exist_ok=True)
+    for name, code in sides.items():
+        run_once(code, homes[name], image, args.weights)  # fills the caches
+    walls: dict[str, list[float]] = {n: [] for n in sides}
+    cpus: dict[str, list[float]] = {n: [] for n in sides}
+    print(f"image {image}, weights {args.weights}")
+    for r in range(args.rounds):
+        line = [f"round {r + 1}: load {os.getloadavg()[0]:.2f}"]
+        for name, code in sides.items():
+            wall, cpu = run_once(code, homes[name], image, args.weights)
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+            line.append(f"{name} {wall:.2f} s wall, {cpu:.2f} s CPU")
+        print("; ".join(line), flush=True)
+    for name in sides:
+        w, c = walls[name], cpus[name]
+        print(f"{name}: wall median {statistics.median(w):.2f} s (min {min(w):.2f}, max {max(w):.2f}); "
+              f"CPU median {statistics.median(c):.2f} s (min {min(c):.2f}, max {max(c):.2f})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
