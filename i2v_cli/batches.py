@@ -110,7 +110,11 @@ def _decode_in_child(paths: Sequence[str], indices: Sequence[int]) -> list[Sampl
     handing them over. A bug in it is raised here, with the child's traceback."""
     import multiprocessing
 
-    context = multiprocessing.get_context("fork")
+    from .worker_context import worker_context
+
+    context = worker_context()  # the parent's garbage frozen around the fork (see worker_context)
+    if context.get_start_method() != "fork":
+        context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_child_main, args=(paths, list(indices), send), name="i2v-decode", daemon=True)
     child.start()
