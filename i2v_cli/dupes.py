@@ -298,12 +298,7 @@ class _FeatureCache:
 
 def _unit_features(index: Index, rows: np.ndarray) -> np.ndarray:
     """Unit-length features of these row ids, in their order."""
-    found: dict[int, np.ndarray] = {}
-    for start in range(0, len(rows), 900):
-        part = rows[start : start + 900].tolist()
-        marks = ", ".join("?" * len(part))
-        for row, blob in index.conn.execute(f"SELECT id, feature FROM images WHERE id IN ({marks})", part):
-            found[row] = np.frombuffer(blob, "<f4")
+    found = {row: np.frombuffer(blob, "<f4") for chunk in index.feature_rows(rows) for row, blob in chunk}
     vecs = np.stack([found[int(r)] for r in rows])
     return unit_rows(vecs).astype(np.float32)
 

@@ -406,6 +406,16 @@ class Index:
         (blob,) = self.conn.execute("SELECT scores FROM images WHERE id = ?", (row,)).fetchone() or (None,)
         return None if blob is None else np.frombuffer(blob, np.float32)
 
+    def feature_rows(self, rows: Sequence[int]) -> Iterator[list[tuple[int, bytes]]]:
+        """``(id, feature BLOB)`` of these row ids (those that have a feature), 900 at a time (SQLite's limit on
+        the parameters of one statement is 999 in older builds)."""
+        for start in range(0, len(rows), 900):
+            part = [int(r) for r in rows[start : start + 900]]
+            marks = ", ".join("?" * len(part))
+            yield self.conn.execute(
+                f"SELECT id, feature FROM images WHERE id IN ({marks}) AND feature IS NOT NULL", part
+            ).fetchall()
+
     def feature(self, row: int) -> np.ndarray | None:
         (blob,) = self.conn.execute("SELECT feature FROM images WHERE id = ?", (row,)).fetchone() or (None,)
         return None if blob is None else np.frombuffer(blob, np.float32)

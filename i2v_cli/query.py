@@ -253,7 +253,7 @@ def _like(
         if unit.shape[0] != basis.shape[0]:
             raise QueryError(f"the query feature has {unit.shape[0]} values, the index's {basis.shape[0]}")
         rows = _sketch_candidates(index, terms, sketch(unit[None, :], basis)[0], exclude, max(RERANK, 20 * k))
-        chunks = _features_of(index, rows)
+        chunks = index.feature_rows(rows)
     else:
         cursor = index.conn.execute(f"SELECT id, feature FROM images WHERE {cond}", params)
         chunks = iter_chunks(cursor, LIKE_CHUNK)
@@ -356,14 +356,6 @@ def _id_set(index: Index, sql: str, params: Sequence[object]) -> np.ndarray:
     if not text:
         return np.empty(0, np.int64)
     return np.fromstring(text, dtype=np.int64, sep=",")
-
-
-def _features_of(index: Index, rows: Sequence[int]) -> Iterator[list[tuple[Any, ...]]]:
-    """``(id, feature)`` rows of these ids, a few hundred at a time."""
-    for start in range(0, len(rows), 900):
-        part = list(rows[start : start + 900])
-        marks = ", ".join("?" * len(part))
-        yield index.conn.execute(f"SELECT id, feature FROM images WHERE id IN ({marks})", part).fetchall()
 
 
 def _most_similar(
