@@ -37,12 +37,13 @@ def onnx_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return (Path(cache_dir) if cache_dir is not None else default_weights_dir()) / ONNX_FOLDER
 
 
-def resolve_weights(explicit: str | None, kind: str) -> Path:
-    """The weight file to use for ``kind``: ``--weights``, then ``$I2V_WEIGHTS`` (file or folder), then the cache."""
+def resolve_weights(explicit: str | None, kind: str, option: str = "--weights") -> Path:
+    """The weight file to use for ``kind``: ``explicit`` (given as ``option``, the name messages use), then
+    ``$I2V_WEIGHTS`` (file or folder), then the cache."""
     if kind not in WEIGHT_FILES:
         raise ValueError(f"kind must be {TAG!r} or {FEATURE!r}, not {kind!r}")
     if explicit:
-        return _pick(Path(explicit).expanduser(), kind, "--weights")
+        return _pick(Path(explicit).expanduser(), kind, option)
     env = os.environ.get("I2V_WEIGHTS")
     if env:
         return _pick(Path(env).expanduser(), kind, "$I2V_WEIGHTS")
@@ -52,7 +53,7 @@ def resolve_weights(explicit: str | None, kind: str) -> Path:
         return found
     target = cache / WEIGHT_FILES[kind]
     raise WeightsNotFoundError(
-        f"no {kind} model weights found (no --weights, no $I2V_WEIGHTS, no {target}): run `i2v weights download`, "
+        f"no {kind} model weights found (no {option}, no $I2V_WEIGHTS, no {target}): run `i2v weights download`, "
         f"or `i2v weights convert FILE.caffemodel -o {target}`"
     )
 

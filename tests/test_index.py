@@ -333,3 +333,20 @@ def test_query_error_is_one_line_exit_2(runner, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: unknown tag 'blu_hair': did you mean blue_hair")
     assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def test_missing_weights_are_named_by_the_option_the_command_has(runner, tmp_path, monkeypatch):
+    # `i2v search --like` and `i2v index` take --feature-weights / --tag-weights: the message named --weights,
+    # an option they do not have.
+    monkeypatch.delenv("I2V_WEIGHTS", raising=False)
+    monkeypatch.setenv("I2V_HOME", str(tmp_path / "empty-cache"))
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "new.png")
+    db = str(tmp_path / "c.db")
+    with Index(db, create=True) as idx:
+        idx.check_models({"source": "t", "sha256": "0"}, {"source": "t", "sha256": "0"}, 8)
+    result = runner.invoke(cli, ["search", "--like", str(tmp_path / "new.png"), "--db", db])
+    assert result.exit_code == 2 and "no --feature-weights" in result.output, result.output
+    result = runner.invoke(cli, ["index", str(tmp_path / "new.png"), "--db", str(tmp_path / "d.db")])
+    assert result.exit_code == 2 and "no --tag-weights" in result.output, result.output

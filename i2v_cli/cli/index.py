@@ -65,8 +65,10 @@ def load_networks(tag_weights: str | None, feature_weights: str | None, device: 
 
     dev = resolve_device(device)
     resolve_backend(backend, dev, precision)
-    tag_model, tag_info = load_model(resolve_weights(tag_weights, TAG), kind=TAG, device=str(dev))
-    feature_model, feature_info = load_model(resolve_weights(feature_weights, FEATURE), kind=FEATURE, device=str(dev))
+    tag_model, tag_info = load_model(resolve_weights(tag_weights, TAG, "--tag-weights"), kind=TAG, device=str(dev))
+    feature_model, feature_info = load_model(
+        resolve_weights(feature_weights, FEATURE, "--feature-weights"), kind=FEATURE, device=str(dev)
+    )
     net = CombinedNet(
         prepare_for_inference(tag_model, precision=precision, backend=backend),
         prepare_for_inference(feature_model, precision=precision, backend=backend),

@@ -43,7 +43,7 @@ def query_feature(index: Index, image: str, feature_weights: str | None, device:
     from ..weights import load_model, resolve_weights
 
     model, info = load_model(
-        resolve_weights(feature_weights, FEATURE), kind=FEATURE, device=str(resolve_device(device))
+        resolve_weights(feature_weights, FEATURE, "--feature-weights"), kind=FEATURE, device=str(resolve_device(device))
     )
     stored = json.loads(index.meta("feature_model") or "{}")
     if stored.get("sha256") not in (None, info.sha256):

@@ -261,8 +261,10 @@ def load_service(
 
     dev = resolve_device(device)
     resolve_backend(backend, dev, precision)
-    tag_model, _ = load_model(resolve_weights(tag_weights, TAG), kind=TAG, device=str(dev))
-    feature_model, feature_info = load_model(resolve_weights(feature_weights, FEATURE), kind=FEATURE, device=str(dev))
+    tag_model, _ = load_model(resolve_weights(tag_weights, TAG, "--tag-weights"), kind=TAG, device=str(dev))
+    feature_model, feature_info = load_model(
+        resolve_weights(feature_weights, FEATURE, "--feature-weights"), kind=FEATURE, device=str(dev)
+    )
     index = None
     if db is not None:
         index = Index(db, readonly=True)
