@@ -45,6 +45,7 @@ from torch import nn
 from .atomic import atomic_write, write_bytes
 from .config import CALIBRATION_COUNT, CALIBRATION_ENV, INPUT_SIZE, MEAN_BGR, TAG
 from .errors import CalibrationError, I2VError
+from .hashing import sha256_file
 from .model import Illust2VecNet
 
 #: Part of the cache key: change it when the recipe changes what is written.
@@ -193,18 +194,10 @@ def find_calibration(path: str | os.PathLike[str] | None = None) -> Calibration:
     if path is None:
         return Calibration(f"synthetic-{_SYNTH_VERSION}-{CALIBRATION_COUNT}", "the built-in synthetic set")
     try:
-        digest = _sha256_file(Path(path))
+        digest = sha256_file(path).hex()
     except OSError as exc:
         raise CalibrationError(f"{path}: cannot read the calibration file ({exc.strerror or exc})") from None
     return Calibration(digest, str(path), Path(path))
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def network_inputs(images: np.ndarray) -> torch.Tensor:
