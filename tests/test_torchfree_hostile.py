@@ -1,0 +1,67 @@
+"""The torch-free path of `i2v tag` (one batch on a recorded export) under hostile conditions: what broke there
+and was fixed, each with the test that failed before the fix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc: no psutil here)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_the_decoding_child_of_a_killed_run_exits_by_itself(tmp_path):
+    """A run killed outright (SIGKILL, the out-of-memory killer) while its child decodes: the child must not wait
+    forever to hand over a batch nobody will read, holding the run's files (its output's lock) open. It held its
+    own copy of the pipe's reading end, so its send never failed: it blocked for ever."""
+    image = tmp_path / "tall.png"
+    Image.new("RGB", (1, 200_000), (200, 10, 30)).save(image)
+    script = (
+        "import sys\nfrom i2v_cli.batches import read_batches\nprint('go', flush=True)\n"
+        f"list(read_batches({[str(image)] * 4!r}, isolate=True))\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    children: list[int] = []
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == b"go\n"
+        deadline = time.monotonic() + 30
+        while not (children := _children(parent.pid)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert children, "the decoding child never started"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        while any(map(_running, children)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_running, children)), "the decoding child outlived its run"
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in children:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
