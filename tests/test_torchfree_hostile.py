@@ -3,6 +3,7 @@ and was fixed, each with the test that failed before the fix."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
 from PIL import Image
+
+from i2v_cli.cli import cli
+from i2v_cli.inference import onnxruntime_available
+from i2v_cli.ortcache import recall_export
 
 
 def _children(pid: int) -> list[int]:
@@ -65,3 +72,27 @@ def test_the_decoding_child_of_a_killed_run_exits_by_itself(tmp_path):
         for pid in children:
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime is not installed (the onnx extra)")
+@pytest.mark.parametrize("damage", ["no-sha256", "source-not-text", "info-not-a-dict"])
+def test_a_damaged_record_of_an_export_is_not_used(tmp_path, monkeypatch, tag_weights, golden_order, damage):
+    """A weights record in the cache that is valid JSON but lacks what a run needs of it (the weights' source and
+    hash, for the job file) is not trusted: the run reads the weights as if there were none, never a KeyError."""
+    monkeypatch.setenv("I2V_HOME", str(tmp_path / "home"))
+    base = ["tag", str(golden_order[0]), "-w", str(tag_weights), "-t", "0"]
+    result = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "first.jsonl")])
+    assert result.exit_code == 0, result.output
+    (record,) = (tmp_path / "home" / "onnx-ort" / "weights").glob("*.json")
+    content = json.loads(record.read_text())
+    if damage == "no-sha256":
+        del content["info"]["sha256"]
+    elif damage == "source-not-text":
+        content["info"]["source"] = None
+    else:
+        content["info"] = ["kind", "tag"]
+    record.write_text(json.dumps(content))
+    assert recall_export(tag_weights, 1) is None
+    result = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "again.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "first.jsonl").read_bytes()
