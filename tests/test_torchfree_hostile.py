@@ -96,3 +96,26 @@ def test_a_damaged_record_of_an_export_is_not_used(tmp_path, monkeypatch, tag_we
     result = CliRunner().invoke(cli, [*base, "-o", str(tmp_path / "again.jsonl")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "first.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("which", ["weights", "tag-list"])
+def test_an_output_naming_the_weights_or_the_tag_list_is_refused(tmp_path, monkeypatch, tag_weights, which):
+    """-o naming the weight file (or the --tags file) replaced it with the records: the run reads them, as it
+    reads its images, so it refuses such an output before anything is written, as it does an input image."""
+    from i2v_cli.tags import load_tag_list
+
+    monkeypatch.setenv("I2V_HOME", str(tmp_path / "home"))
+    weights = tmp_path / "tag.safetensors"
+    weights.write_bytes(tag_weights.read_bytes())
+    tags = tmp_path / "tags.json"
+    tags.write_text(json.dumps(load_tag_list(None)))
+    kept = {weights: weights.read_bytes(), tags: tags.read_bytes()}
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(image)
+    target = weights if which == "weights" else tags
+    fmt = "jsonl" if which == "weights" else "json"  # the format its extension allows
+    args = ["tag", str(image), "-w", str(weights), "--tags", str(tags), "-f", fmt, "-o", str(target)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert f"-o {target} is one of the inputs ({target}): it would be destroyed" in result.stderr
+    assert {path: path.read_bytes() for path in kept} == kept
