@@ -116,7 +116,9 @@ def _decode_in_child(paths: Sequence[str], indices: Sequence[int]) -> list[Sampl
     if context.get_start_method() != "fork":
         context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_child_main, args=(paths, list(indices), send), name="i2v-decode", daemon=True)
+    child = context.Process(
+        target=_child_main, args=(paths, list(indices), send, receive), name="i2v-decode", daemon=True
+    )
     child.start()
     send.close()
     try:
@@ -136,9 +138,13 @@ def _decode_in_child(paths: Sequence[str], indices: Sequence[int]) -> list[Sampl
     return value
 
 
-def _child_main(paths: Sequence[str], indices: list[int], send: Any) -> None:
+def _child_main(paths: Sequence[str], indices: list[int], send: Any, receive: Any) -> None:
     """The decoding child: its samples, or the traceback of a bug, through ``send``. Ctrl-C and SIGTERM are the
-    parent's to handle (it kills this child when it stops waiting)."""
+    parent's to handle (it kills this child when it stops waiting). The child closes its copy of the pipe's
+    reading end (``receive``, inherited through the fork): with the parent gone (SIGKILL, the out-of-memory
+    killer), sending then fails and the child leaves, instead of waiting for ever on a reader that is itself,
+    holding the run's files (its output's lock) open."""
+    receive.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
@@ -146,5 +152,8 @@ def _child_main(paths: Sequence[str], indices: list[int], send: Any) -> None:
         message: tuple[str, Any] = ("ok", _decode_here(paths, indices))
     except Exception:  # a bug: reported to the parent, which raises it
         message = ("bug", traceback.format_exc())
-    send.send(message)
-    send.close()
+    try:
+        send.send(message)
+        send.close()
+    except OSError:  # the parent is gone (BrokenPipeError): nobody is waiting for the batch
+        pass

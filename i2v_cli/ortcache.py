@@ -201,8 +201,9 @@ def recall_export(
 ) -> tuple[Any, Path, dict[str, Any]] | None:
     """An ONNX Runtime session of ``weights``'s tag network, its export and the weights' info (``source``,
     ``sha256``, ...) when an earlier run recorded the export (:func:`remember_export`) and the weight file is
-    unchanged since (same device, inode, size, modification and change times), torch the same install and the
-    export still loadable; else None, and the caller loads the weights as usual."""
+    unchanged since (same device, inode, size, modification and change times), torch the same install, the record
+    whole (an info with its ``source`` and ``sha256``) and the export still loadable; else None, and the caller
+    loads the weights as usual."""
     try:
         record = json.loads(_record_path(weights, cache_dir).read_bytes())
         same = (
@@ -210,6 +211,8 @@ def recall_export(
             and record["identity"] == _identity(weights)
             and record["torch"] == _torch_identity()
             and record["info"]["kind"] == TAG
+            # what a run takes from the record besides the export (its job file names the weights by these)
+            and all(isinstance(record["info"].get(key), str) for key in ("source", "sha256"))
         )
         name = str(record["export"])
     except (OSError, ValueError, KeyError, TypeError):  # no record, or one that is not ours to trust

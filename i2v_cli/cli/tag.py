@@ -223,6 +223,8 @@ def tag(
         keys = {tag_key(t) for t in request.exclude}
         exclude = frozenset(t for t in tags if tag_key(t) in keys)
         weights_path = resolve_weights(weights, TAG)
+        if wants_records:  # the run reads these too (the weights not at all on the torch-free path): keep them
+            check_output(output, [os.fspath(weights_path), *([tag_list] if tag_list else [])])
         # A weight file whose ONNX export an earlier run recorded is not read at all. A run of one batch on it
         # needs no torch (about 1 CPU-second): its reader and its session take NumPy arrays. Other runs open the
         # session while torch is imported beside it (about 0.3 + 0.3 s of a one-image run on a 2-core CPU); which
