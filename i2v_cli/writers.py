@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import os
+import select
 import sys
 from collections.abc import Iterable, Mapping
 from typing import IO, Any, TypeVar
@@ -142,6 +143,19 @@ def is_stdout(path: str | None) -> bool:
     return path is None or path == "-"
 
 
+def _write_all(raw: IO[bytes], data: bytes) -> None:
+    """All of ``data`` to ``raw``. An unbuffered file (stdout, a pipe, a device) may take only part of a write: when
+    its reader leaves midway, or a signal lands during a large write to a pipe. The rest was dropped, silently; now
+    the next write raises (BrokenPipeError) or completes it."""
+    view = memoryview(data)
+    while view:
+        written = raw.write(view)
+        if written is None:  # a non-blocking descriptor that is full: wait until it takes more
+            select.select([], [raw.fileno()], [])
+            continue
+        view = view[written:]
+
+
 def writes_in_place(path: str | None) -> bool:
     """Whether an output is a stream written in place (stdout, a device, a FIFO) rather than a regular file
     that can be locked, resumed and renamed into."""
@@ -190,7 +204,7 @@ class Destination:
         """Write and flush (a batch at a time): what is written is there should the run be killed. A write that
         fails midway (a full disk) is taken back from a regular file, so it ends at a whole batch."""
         try:
-            self.raw.write(data)
+            _write_all(self.raw, data)
             self.raw.flush()
             self._whole += len(data)
         except BrokenPipeError:

@@ -83,3 +83,39 @@ def test_csv_append_writes_no_second_header(tmp_path):
     with open_writer("csv", str(out), keep=out.stat().st_size) as w:
         w.write(RECORDS[1:])
     assert out.read_text().count("path,category") == 1
+
+
+def test_a_write_that_a_pipe_takes_in_part_is_completed_or_raises():
+    # An unbuffered pipe (-o -, /dev/stdout) may take part of a large write: when its reader leaves midway (`| head
+    # -c 10`), or a signal lands. The rest was dropped silently and the run ended with exit 0.
+    import os
+    import threading
+
+    from i2v_cli.writers import Destination
+
+    class Trickle:  # a file that takes at most 1,000 bytes a call, as a pipe may
+        def __init__(self) -> None:
+            self.got = bytearray()
+
+        def write(self, data: bytes) -> int:
+            self.got += bytes(data[:1000])
+            return min(1000, len(data))
+
+        def flush(self) -> None:
+            pass
+
+    trickle = Trickle()
+    Destination(None, atomic=False, stream=trickle).write(b"x" * 250_000)  # type: ignore[arg-type]
+    assert bytes(trickle.got) == b"x" * 250_000
+
+    read, write = os.pipe()
+
+    def leave_early() -> None:
+        os.read(read, 10)
+        os.close(read)
+
+    reader = threading.Thread(target=leave_early)
+    reader.start()
+    with os.fdopen(write, "wb", buffering=0) as stream, pytest.raises(BrokenPipeError):
+        Destination(None, atomic=False, stream=stream).write(b"y" * 1_000_000)
+    reader.join()
