@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .batches import Batch, Sample, decode_error, decode_sample
+from .batches import Batch, Sample, decode_error, decode_sample, stack_samples
 from .transform import load_and_preprocess
 from .worker_context import worker_context
 
@@ -43,10 +43,7 @@ def collate(samples: list[Sample]) -> Batch:
     """Stack the decoded inputs and set the errors aside. The stack travels from a worker as a NumPy array:
     plain bytes through the pipe, rather than a tensor in shared memory whose file descriptors are handed over by
     a server thread in the worker (which, cut off when the run is interrupted, prints a traceback)."""
-    ok = [s for s in samples if s.tensor is not None]
-    inputs = torch.stack([s.tensor for s in ok]) if ok else torch.empty(0)
-    errors = {s.index: s.error or "" for s in samples if s.tensor is None}
-    return Batch([s.index for s in ok], inputs.numpy(), errors)  # type: ignore[arg-type]
+    return stack_samples(samples)
 
 
 def _init_worker(_: int) -> None:
