@@ -183,8 +183,7 @@ def search(
     with index.snapshot():  # ids, sketches, features and paths of one commit, while `i2v index` writes
         if like is None:
             return _listing(index, terms, k)
-        cond, params = where(terms)
-        return _like(index, terms, cond, params, like, exclude, k, exact)
+        return _like(index, terms, like, exclude, k, exact)
 
 
 def _listing(index: Index, terms: Sequence[Term], k: int | None) -> list[Hit]:
@@ -236,8 +235,6 @@ def _walk(index: Index, terms: Sequence[Term], k: int, limit: int) -> list[Hit] 
 def _like(
     index: Index,
     terms: Sequence[Term],
-    cond: str,
-    params: list[object],
     like: np.ndarray,
     exclude: int | None,
     k: int | None,
@@ -255,6 +252,7 @@ def _like(
         rows = _sketch_candidates(index, terms, sketch(unit[None, :], basis)[0], exclude, max(RERANK, 20 * k))
         chunks = index.feature_rows(rows)
     else:
+        cond, params = where(terms)
         cursor = index.conn.execute(f"SELECT id, feature FROM images WHERE {cond}", params)
         chunks = iter_chunks(cursor, LIKE_CHUNK)
     best_rows, best = _most_similar(chunks, unit, exclude, k)
