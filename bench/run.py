@@ -407,11 +407,12 @@ def run_child(args: list[str], cmd: list[str] | None = None) -> tuple[dict, floa
     return (json.loads(lines[-1]) if lines and args else {}), wall, rss
 
 
-def run_cli(cmd: list[str]) -> tuple[float, float]:
-    """Run an i2v command (the bench's cache); its wall seconds and CPU seconds (its decoding workers included)."""
-    env = {**os.environ, "I2V_HOME": str(OUT / "cache")}
+def run_cli(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, float]:
+    """Run an i2v command (with ``env`` added to the environment; by default the bench's cache); its wall seconds
+    and CPU seconds (its decoding workers included)."""
+    env = {**os.environ, **(env if env is not None else {"I2V_HOME": str(OUT / "cache")})}
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""

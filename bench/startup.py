@@ -21,8 +21,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
+
+from run import run_cli  # bench/run.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "out"
@@ -47,17 +48,8 @@ def extract(rev: str) -> Path:
 
 def run_once(code_dir: Path, home: Path, image: Path, weights: Path) -> tuple[float, float]:
     """Wall and CPU seconds of one `python -m i2v_cli tag IMAGE -w WEIGHTS -o ...` run from ``code_dir``."""
-    env = {**os.environ, "I2V_HOME": str(home), "PYTHONPATH": str(code_dir)}
-    out = home / "out.jsonl"
-    cmd = [sys.executable, "-m", "i2v_cli", "tag", str(image), "-w", str(weights), "-o", str(out)]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=code_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime
+    cmd = [sys.executable, "-m", "i2v_cli", "tag", str(image), "-w", str(weights), "-o", str(home / "out.jsonl")]
+    return run_cli(cmd, env={"I2V_HOME": str(home), "PYTHONPATH": str(code_dir)}, cwd=code_dir)
 
 
 def main() -> None:
