@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,3 +51,16 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("I2V_HOME", str(tmp_path_factory.mktemp("i2v-home")))
         yield
+
+
+def crashing(original: Callable[[Any], Any], pattern: str = "BOOM") -> Callable[[Any], Any]:
+    """``original`` (a decoding function), except that it kills its own process (SIGKILL, as a crash in a native
+    decoder or the out-of-memory killer would) for a path whose name contains ``pattern``. Monkeypatched in, fork
+    carries it into the decoding workers and children."""
+
+    def load(path: Any) -> Any:
+        if pattern in os.path.basename(os.fspath(path)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(path)
+
+    return load

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import crashing
 from PIL import Image
 
 from i2v_cli.cli import cli
@@ -467,14 +468,7 @@ def test_a_dying_worker_with_a_slow_consumer_costs_one_image(tmp_path, tag_weigh
         name = f"{i}-BOOM.png" if i == 3 else f"{i}.png"
         _picture(seed=i).save(tmp_path / name)
         paths.append(str(tmp_path / name))
-    original = data.load_and_preprocess
-
-    def load(path):
-        if "BOOM" in os.path.basename(path):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(path)
-
-    monkeypatch.setattr(data, "load_and_preprocess", load)
+    monkeypatch.setattr(data, "load_and_preprocess", crashing(data.load_and_preprocess))
     model, _ = load_model(tag_weights)
     results = []
     for batch in run_model(model, paths, batch_size=1, workers=2):

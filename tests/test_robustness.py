@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import crashing
 from PIL import Image
 
 from i2v_cli.cli import cli
@@ -142,17 +143,10 @@ def test_non_utf8_name_is_reported_faithfully(tmp_path, tag_weights):
 
 
 def _crash_on(pattern: str):
-    """A load_and_preprocess that kills its own process for paths containing ``pattern``."""
-    from i2v_cli import data
+    """load_and_preprocess, killing its own process for paths containing ``pattern`` (see conftest.crashing)."""
+    import i2v_cli.data
 
-    original = data.load_and_preprocess
-
-    def load(path):
-        if pattern in os.path.basename(os.fspath(path)):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(path)
-
-    return load
+    return crashing(i2v_cli.data.load_and_preprocess, pattern)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="relies on fork carrying the monkeypatch into workers")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import crashing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -186,17 +187,10 @@ def test_captions_on_the_torch_free_path(torch_free, tmp_path, tag_weights, gold
 
 
 def _crash_on(pattern: str):
-    """A load_network_input that kills its own process for paths containing ``pattern`` (fork carries it over)."""
+    """load_network_input, killing its own process for paths containing ``pattern`` (see conftest.crashing)."""
     import i2v_cli.transform
 
-    original = i2v_cli.transform.load_network_input
-
-    def load(path):
-        if pattern in os.path.basename(os.fspath(path)):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(path)
-
-    return load
+    return crashing(i2v_cli.transform.load_network_input, pattern)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="relies on fork carrying the monkeypatch into the child")
