@@ -10,8 +10,10 @@ that kills its decoder fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
+import signal
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -84,6 +86,21 @@ def make_loader(
     )
 
 
+@contextlib.contextmanager
+def _sigchld_as_it_was() -> Iterator[None]:
+    """A loader iterated in the main thread: SIGCHLD's handler put back as it was afterwards. torch installs its
+    own the first time, for good, and from then on any later loader's dead worker (a reader thread's, in the same
+    process) raised in the main thread wherever it was, instead of costing only its image."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGCHLD"):
+        yield
+        return
+    previous = signal.getsignal(signal.SIGCHLD)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL if previous is None else previous)
+
+
 def worker_died(exc: RuntimeError) -> bool:
     """Whether a DataLoader's error says one of its worker processes died (rather than a bug of ours)."""
     return "DataLoader worker" in str(exc)
@@ -97,7 +114,8 @@ def decode_isolated(paths: Sequence[str], indices: Sequence[int]) -> Batch:
     errors: dict[int, str] = {}
     for i in indices:
         try:
-            (batch,) = list(_quiet_loader(make_loader(paths, batch_size=1, workers=1, indices=[i])))
+            with _sigchld_as_it_was():
+                (batch,) = list(_quiet_loader(make_loader(paths, batch_size=1, workers=1, indices=[i])))
         except RuntimeError as exc:
             if not worker_died(exc):
                 raise
@@ -117,7 +135,8 @@ def decode_in_worker(paths: Sequence[str]) -> Batch:
     if not paths:
         return Batch([], torch.empty(0), {})
     try:
-        (batch,) = list(_quiet_loader(make_loader(paths, batch_size=len(paths), workers=1)))
+        with _sigchld_as_it_was():
+            (batch,) = list(_quiet_loader(make_loader(paths, batch_size=len(paths), workers=1)))
     except RuntimeError as exc:
         if not worker_died(exc):
             raise

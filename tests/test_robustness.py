@@ -276,3 +276,26 @@ def test_decode_in_worker_survives_an_image_that_kills_its_decoder(tmp_path, mon
     assert batch.errors[4] == f"{paths[4]}: a text file, not an image"
     torch.testing.assert_close(batch.inputs, clean.inputs)
     assert decode_in_worker([]).ok == []
+
+
+def test_decode_in_worker_leaves_sigchld_as_it_found_it(tmp_path, monkeypatch):
+    # torch installs a SIGCHLD handler for good when a loader starts in the main thread, as decode_in_worker's does;
+    # a later run's dying worker (in its reader thread) then raised in the main thread instead of costing only its
+    # image: test_outputs' slow-consumer test failed after this file's tests had run in the same process.
+    from i2v_cli.data import decode_in_worker, iter_batches
+
+    paths = []
+    for i in range(3):
+        name = f"{i}-BOOM.png" if i == 1 else f"{i}.png"
+        _picture(seed=i).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        monkeypatch.setattr("i2v_cli.data.load_and_preprocess", _crash_on("BOOM"))
+        for _ in range(2):
+            assert decode_in_worker(paths).ok == [0, 2]
+            assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+        batches = list(iter_batches(paths, batch_size=1, workers=1))
+        assert [b.ok for b in batches] == [[0], [], [2]] and list(batches[1].errors) == [1]
+    finally:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL if previous is None else previous)
