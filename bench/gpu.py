@@ -3,6 +3,7 @@
     python bench/gpu.py golden     --out DIR     # golden models on CUDA in fp32 with TF32 off vs expected/
     python bench/gpu.py throughput --out DIR     # full-size tag network, fp32/bf16/fp16 x batch sizes
     python bench/gpu.py e2e        --out DIR     # JPEG files -> nvJPEG decode -> exact resize on GPU -> network
+    python bench/gpu.py cli        --out DIR     # the product: `i2v tag --device cuda` on the same files
 
 Each writes NAME.json under --out and prints a Markdown table. ``--device cpu --smoke`` runs the same code on a
 CPU with tiny sizes: how this script is tested where there is no GPU.
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -119,13 +121,13 @@ def _time_net(net, x: torch.Tensor, device: torch.device, seconds: float) -> flo
     return statistics.median(rates)
 
 
-def throughput(device: torch.device, out: Path, smoke: bool, seconds: float = 1.5) -> dict:
+def throughput(device: torch.device, out: Path, smoke: bool, seconds: float = 1.0) -> dict:
     """Model only, full-size networks: img/s for each precision and batch size (channels_last, cudnn autotune)."""
     from i2v_cli.inference import prepare_for_inference
 
     torch.backends.cudnn.benchmark = True
     precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
-    batches = [1, 2] if smoke else [1, 8, 32, 64, 128, 256, 512]
+    batches = [1, 2] if smoke else [1, 16, 64, 256, 512]
     size = 64 if smoke else 224
     rows = []
     for kind in ("tag", "feature"):
@@ -220,15 +222,37 @@ class GpuResize:
 
     def __call__(self, chw: torch.Tensor) -> torch.Tensor:
         """(3, H, W) uint8 RGB on the GPU to the (3, 224, 224) network input (BGR minus the mean)."""
+        return self.many(chw[None])[0]
+
+    def many(self, nchw: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) uint8 RGB images of one size to (N, 3, 224, 224) network inputs: one batched product."""
         from i2v_cli.config import MEAN_BGR
 
-        x = chw.float()
-        lo, hi = x.amin(), x.amax()
+        x = nchw.float()
+        lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
         span = (hi - lo).clamp_min(1e-12)
-        y = self._matrix(x.shape[1]) @ (x - lo) @ self._matrix(x.shape[2]).T  # (3, 224, 224)
+        y = self._matrix(x.shape[2]) @ (x - lo) @ self._matrix(x.shape[3]).T  # (N, 3, 224, 224)
         y = torch.where(hi > lo, y.clamp(0, 1e9).minimum(span) + lo, lo.expand_as(y))
-        mean = torch.tensor(MEAN_BGR, device=self.device).view(3, 1, 1)
-        return y.flip(0) - mean
+        mean = torch.tensor(MEAN_BGR, device=self.device).view(1, 3, 1, 1)
+        return y.flip(1) - mean
+
+    def batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Images of any sizes, in order, to one (N, 3, 224, 224) batch: one product per distinct size."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(tuple(img.shape[1:]), []).append(i)
+        out = torch.empty(len(images), 3, self.size, self.size, device=self.device)
+        for indices in groups.values():
+            out[indices] = self.many(torch.stack([images[i] for i in indices]))
+        return out
+
+
+def _pillow_chw(path: Path) -> torch.Tensor:
+    """A file's RGB pixels as Pillow decodes them, (3, H, W) uint8."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def e2e(device: torch.device, out: Path, smoke: bool) -> dict:
@@ -257,10 +281,7 @@ def e2e(device: torch.device, out: Path, smoke: bool) -> dict:
     def load(path: Path) -> torch.Tensor:
         if torchvision is not None:
             return torchvision.io.read_file(str(path))
-        from PIL import Image
-
-        with Image.open(path) as img:
-            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+        return _pillow_chw(path)
 
     def read_batch(chunk: list[Path]) -> list[torch.Tensor]:
         return list(read.map(load, chunk))
@@ -272,16 +293,23 @@ def e2e(device: torch.device, out: Path, smoke: bool) -> dict:
             return [decode_jpeg(d, mode=ImageReadMode.RGB).to(device) for d in datas]
         return [d.to(device) for d in datas]  # decoded by load() already
 
-    # The GPU resize against i2v's CPU pipeline on a few files: the same network input.
-    check = [load_and_preprocess(p) for p in paths[:4]]
-    got = [resize(img).cpu() for img in decode(read_batch(paths[:4]))]
+    # The GPU resize against i2v's CPU pipeline on files of every size, batched as the runs batch them: on
+    # Pillow's pixels (the resize alone), then on the GPU decoder's (whose IDCT is not libjpeg's).
+    sample = paths[: 2 * len(SIZES)]
+    check = [load_and_preprocess(p) for p in sample]
+    got = list(resize.batch([_pillow_chw(p).to(device) for p in sample]).cpu())
     resize_diff = max(float((a - b).abs().max()) for a, b in zip(got, check, strict=True))
+    got = list(resize.batch(decode(read_batch(sample))).cpu())
+    decoder_diff = max(float((a - b).abs().max()) for a, b in zip(got, check, strict=True))
 
-    def run(files: list[Path]) -> tuple[float, dict]:
+    def run(files: list[Path], timed: bool) -> tuple[float, dict]:
+        """img/s over ``files``. ``timed``: a sync after each stage, to say where the time goes. Else the GPU work
+        of a batch is queued without waiting, and its scores are read back after the next batch is queued."""
         stages = {"read": 0.0, "decode": 0.0, "resize": 0.0, "network": 0.0}
         _sync(device)
         start = time.perf_counter()
         pending = read.submit(read_batch, files[:batch])
+        previous = None
         with torch.inference_mode():
             for i in range(0, len(files), batch):
                 t0 = time.perf_counter()
@@ -290,19 +318,29 @@ def e2e(device: torch.device, out: Path, smoke: bool) -> dict:
                     pending = read.submit(read_batch, files[i + batch : i + 2 * batch])
                 t1 = time.perf_counter()
                 images = decode(datas)
-                _sync(device)
+                if timed:
+                    _sync(device)
                 t2 = time.perf_counter()
-                x = torch.stack([resize(img) for img in images])
-                _sync(device)
+                x = resize.batch(images)
+                if timed:
+                    _sync(device)
                 t3 = time.perf_counter()
-                net(x).float().cpu()
+                scores = net(x).float()
+                if timed:
+                    scores.cpu()
+                elif previous is not None:
+                    previous.cpu()
+                previous = scores
                 t4 = time.perf_counter()
                 for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                     stages[k] += v
+            if previous is not None:
+                previous.cpu()
         return len(files) / (time.perf_counter() - start), stages
 
-    run(paths[: 2 * batch])  # warm-up: cudnn autotune, nvJPEG handles, resize matrices
-    rate, stages = run(paths)
+    run(paths[: 2 * batch], timed=True)  # warm-up: cudnn autotune, nvJPEG handles, resize matrices
+    timed_rate, stages = run(paths, timed=True)
+    rate, _ = run(paths, timed=False)
     total = sum(stages.values())
     result = {
         "device": _device_name(device),
@@ -310,21 +348,120 @@ def e2e(device: torch.device, out: Path, smoke: bool) -> dict:
         "batch": batch,
         "precision": precision,
         "img_s": rate,
+        "img_s_with_a_sync_per_stage": timed_rate,
         "stage_share": {k: v / total for k, v in stages.items()},
         "gpu_resize_max_abs_diff_vs_cpu": resize_diff,
+        "gpu_decode_and_resize_max_abs_diff_vs_cpu": decoder_diff,
         "sizes": "mixed, 224x224 to 1920x1080 JPEG quality 90" if not smoke else "160x120",
         "decoder": decoder,
     }
     _write(out, "e2e", result)
     shares = ", ".join(f"{k} {v:.0%}" for k, v in result["stage_share"].items())
     print(f"\nend to end, JPEG files -> tags ({precision}, batch {batch}, {n} images, {decoder}): {rate:,.0f} img/s")
-    print(f"  time by stage (sequential in this loop): {shares}; GPU resize vs CPU: max |diff| {resize_diff:.1e}")
+    print(f"  with a sync after each stage: {timed_rate:,.0f} img/s, time by stage {shares}")
+    print(
+        f"  network input against i2v's CPU pipeline (0-255 scale): GPU resize of Pillow's pixels max |diff| "
+        f"{resize_diff:.1e}; with the GPU's decoding too {decoder_diff:.1e}"
+    )
+    return result
+
+
+def _env() -> dict[str, str]:
+    """This process's environment with the checkout on PYTHONPATH: ``python -m i2v_cli`` without installing."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else "")}
+
+
+def _tag_jsonl(cmd: list[str]) -> dict[str, dict[str, float]]:
+    """Run an ``i2v tag ... -f jsonl -t 0`` command; every record's scores by path (general, character,
+    copyright and rating merged)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_env())
+    if done.returncode != 0:
+        raise SystemExit(f"bench/gpu.py: {' '.join(cmd[:4])} ... failed ({done.returncode}): {done.stderr[-2000:]}")
+    scores = {}
+    for line in done.stdout.splitlines():
+        record = json.loads(line)
+        merged = {}
+        for key in ("general", "character", "copyright", "rating"):
+            merged.update({f"{key}:{tag}": float(v) for tag, v in record[key].items()})
+        scores[record["path"]] = merged
+    return scores
+
+
+def cli(device: torch.device, out: Path, smoke: bool) -> dict:
+    """The product itself on the GPU: ``i2v tag --device cuda`` (images decoded and resized exactly on the CPU
+    by its worker processes, batches pinned and sent to the GPU, the network in bf16) over e2e's JPEG files.
+
+    The rate excludes start-up and warm-up: (N - n) / (time of N files - time of the first n files). The same
+    command at two worker counts says whether decoding or the GPU bounds it. First, the CLI's scores on the
+    golden images with ``--device cuda`` (fp32) against ``--device cpu``."""
+    from i2v_cli.config import RELEASE_WIDTHS, TAG
+    from i2v_cli.weights import WeightsInfo, save_safetensors
+
+    i2v = [sys.executable, "-m", "i2v_cli", "tag"]
+    dev = "cuda" if device.type == "cuda" else "cpu"
+    images = [str(GOLDEN / line) for line in (GOLDEN / "expected" / "order.txt").read_text().split()]
+    golden_model = str(GOLDEN / "models" / "tag_v2.caffemodel")
+    common = ["-w", golden_model, "-f", "jsonl", "-t", "0", "--no-progress", "-j", "2"]
+    on_cpu = _tag_jsonl([*i2v, *images, *common, "--device", "cpu"])
+    on_dev = _tag_jsonl([*i2v, *images, *common, "--device", dev])
+    golden_diff = max(abs(on_dev[p][k] - v) for p, row in on_cpu.items() for k, v in row.items())
+    print(f"CLI on the {len(on_cpu)} golden images, fp32: --device {dev} vs --device cpu, max |diff| {golden_diff:.1e}")
+
+    n, first = (64, 16) if smoke else (4096, 512)
+    batch = 16 if smoke else 256
+    paths = make_jpegs(out / "jpegs", n, smoke) if smoke else make_jpegs(Path("/tmp/i2v-gpu-jpegs"), n, smoke)
+    weights = Path("/tmp/i2v-gpu-tag-full.safetensors") if not smoke else out / "tag-full.safetensors"
+    if not weights.is_file():
+        info = WeightsInfo(TAG, RELEASE_WIDTHS, 0, 1539, "bench-gpu-tag", "bench-gpu-tag", "bench")
+        save_safetensors(_full_model(TAG, torch.device("cpu")).state_dict(), weights, info.to_metadata())
+    scratch = out if smoke else Path("/tmp/i2v-gpu")  # $OUT brings back 8 files at most: the results only
+    scratch.mkdir(parents=True, exist_ok=True)
+    lists = {}
+    for count in (first, n):
+        lists[count] = scratch / f"files-{count}.txt"
+        lists[count].write_text("".join(f"{p}\n" for p in paths[:count]))
+    cores = os.cpu_count() or 1
+    rows = []
+    for workers in sorted({min(4, cores), max(1, cores - 2)}):
+        cmd = [*i2v, "-", "-w", str(weights), "--device", dev, "-b", str(batch), "--no-progress"]
+        cmd += ["--precision", "bf16", "-j", str(workers), "-f", "jsonl", "-o", str(scratch / "cli-tags.jsonl")]
+        times = {}
+        for count, listing in lists.items():
+            with listing.open() as stdin:
+                start = time.perf_counter()
+                done = subprocess.run(cmd, stdin=stdin, capture_output=True, text=True, check=False, env=_env())
+                times[count] = time.perf_counter() - start
+            if done.returncode != 0:
+                raise SystemExit(
+                    f"bench/gpu.py: i2v tag -j {workers} failed ({done.returncode}): {done.stderr[-2000:]}"
+                )
+        rate = (n - first) / max(times[n] - times[first], 1e-6)
+        rows.append({"workers": workers, "img_s": rate, "wall_s": times})
+        print(
+            f"  i2v tag --device {dev} -b {batch} --precision bf16 -j {workers}: {rate:,.0f} img/s "
+            f"(start-up excluded; {n} files in {times[n]:.1f} s wall)",
+            flush=True,
+        )
+    result = {
+        "device": _device_name(device),
+        "images": n,
+        "batch": batch,
+        "precision": "bf16",
+        "cores": cores,
+        "golden_cli_max_abs_diff_vs_cpu": golden_diff,
+        "rows": rows,
+    }
+    _write(out, "cli", result)
+    print("\n| i2v tag on the GPU (bf16, CPU decoding) | workers | img/s, start-up excluded |\n| --- | --- | --- |")
+    for r in rows:
+        print(f"| {n} mixed-size JPEG files | {r['workers']} | {r['img_s']:,.0f} |")
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["golden", "throughput", "e2e"])
+    parser.add_argument("what", choices=["golden", "throughput", "e2e", "cli"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "gpu")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: to check the script, not to measure")
@@ -332,7 +469,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py: no CUDA device is visible to PyTorch (use --device cpu --smoke to check)")
-    {"golden": golden, "throughput": throughput, "e2e": e2e}[args.what](device, args.out, args.smoke)
+    {"golden": golden, "throughput": throughput, "e2e": e2e, "cli": cli}[args.what](device, args.out, args.smoke)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 #   1. the GPU tests (pytest -m gpu),
 #   2. the golden models on CUDA in fp32 with TF32 off against the original pipeline's arrays,
 #   3. model-only throughput of the full-size networks: fp32 / bf16 / fp16 at batch sizes 1 to 512,
-#   4. end to end from JPEG files: nvJPEG decoding on the GPU, i2v's exact resize on the GPU, bf16 network.
+#   4. end to end from JPEG files: nvJPEG decoding on the GPU, i2v's exact resize on the GPU, bf16 network,
+#   5. the product on the same files: `i2v tag --device cuda` (CPU decoding in its workers), and its golden scores.
 # Results (JSON, and the log with Markdown tables) go to $OUT when it is set, else bench/out/gpu/.
 #
 #   bash bench/gpu.sh              # everything
@@ -67,9 +68,10 @@ step() {  # $1: seconds allowed, $2: title, then the command
 } 2>&1 | tee -a "$LOG"
 
 if [[ "$DEVICE" == cuda ]]; then
-    step 120 "GPU tests (pytest -m gpu)" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/
+    step 90 "GPU tests (pytest -m gpu)" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_inference.py
 fi
 step 45 "golden models, fp32, TF32 off" "$PY" bench/gpu.py golden --device "$DEVICE" --out "$OUT_DIR" $SMOKE
-step 150 "model-only throughput" "$PY" bench/gpu.py throughput --device "$DEVICE" --out "$OUT_DIR" $SMOKE
-step 120 "end to end from JPEG files" "$PY" bench/gpu.py e2e --device "$DEVICE" --out "$OUT_DIR" $SMOKE
+step 120 "model-only throughput" "$PY" bench/gpu.py throughput --device "$DEVICE" --out "$OUT_DIR" $SMOKE
+step 100 "end to end from JPEG files" "$PY" bench/gpu.py e2e --device "$DEVICE" --out "$OUT_DIR" $SMOKE
+step 120 "i2v tag on the GPU" "$PY" bench/gpu.py cli --device "$DEVICE" --out "$OUT_DIR" $SMOKE
 echo -e "\nbench/gpu.sh: done in $SECONDS s; results in $OUT_DIR" | tee -a "$LOG"
