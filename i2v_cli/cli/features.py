@@ -142,7 +142,7 @@ def features(
                     records=FeatureRecords(binary),
                     sink=sink,
                     batch_size=batch_size,
-                    workers=default_workers() if workers is None else workers,
+                    workers=default_workers(model) if workers is None else workers,
                     net=net,
                     on_batch=lambda records: report_batch(bar, records),
                 )

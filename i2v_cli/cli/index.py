@@ -45,7 +45,8 @@ def network_options(f: F) -> F:
         click.option("--batch-size", "-b", type=click.IntRange(1), default=16, show_default=True,
                      help="Images per network call (and per commit)."),
         click.option("--workers", "-j", type=click.IntRange(0), default=None,
-                     help="Processes decoding images (0: in the main process). Default: cores, at most 4."),
+                     help="Processes decoding images (0: in the main process). "
+                          "Default: cores, at most 4 (on a GPU: all cores but one)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                      help="Arithmetic of the networks (fp32 gives the reference scores)."),
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
@@ -165,7 +166,7 @@ def index(
 
                 try:
                     summary = update(idx, inputs, model=model, net=net, batch_size=batch_size,
-                                     workers=default_workers() if workers is None else workers,
+                                     workers=default_workers(model) if workers is None else workers,
                                      on_file=lambda: scan.update(1), on_plan=planned, on_batch=batch)  # fmt: skip
                 finally:
                     if "net" in bars:

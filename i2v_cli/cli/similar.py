@@ -162,7 +162,7 @@ def similar(
                 err=True,
             )
         image_paths = [paths[i] for i in to_compute]
-        n_workers = (default_workers() if workers is None else workers) if len(image_paths) > batch_size else 0
+        n_workers = (default_workers(model) if workers is None else workers) if len(image_paths) > batch_size else 0
         position = dict(zip(range(len(image_paths)), to_compute, strict=True))
         done = 0
         for batch in run_model(

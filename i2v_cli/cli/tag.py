@@ -283,7 +283,7 @@ def tag(
                 records=TagRecords(tags, selection, exclude),
                 sink=Tee(writer, caption_sink),
                 batch_size=batch_size,
-                workers=default_workers() if workers is None else workers,
+                workers=default_workers(model) if workers is None else workers,
                 net=net,
                 on_batch=report,
             )
