@@ -214,53 +214,6 @@ def _make_jpeg(job: tuple[int, Path, bool]) -> None:
     os.replace(tmp, path)
 
 
-class GpuResize:
-    """i2v's exact resize (spec step 2) as two matrix products on the GPU: the same banded matrices as the CPU
-    path (``preprocess._axis_weights``), made dense once per input size."""
-
-    def __init__(self, device: torch.device, size: int = 224) -> None:
-        self.device, self.size, self.cache = device, size, {}
-
-    def _matrix(self, n_in: int) -> torch.Tensor:
-        from i2v_cli.transform import _axis_weights
-
-        if n_in not in self.cache:
-            starts, weights = _axis_weights(n_in, self.size)
-            dense = np.zeros((self.size, n_in))
-            for i, (s, row) in enumerate(zip(starts, weights, strict=True)):
-                dense[i, s : s + len(row)] = row
-            if n_in == self.size:
-                dense = np.eye(n_in)
-            self.cache[n_in] = torch.from_numpy(dense).to(self.device, torch.float32)
-        return self.cache[n_in]
-
-    def __call__(self, chw: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) uint8 RGB on the GPU to the (3, 224, 224) network input (BGR minus the mean)."""
-        return self.many(chw[None])[0]
-
-    def many(self, nchw: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) uint8 RGB images of one size to (N, 3, 224, 224) network inputs: one batched product."""
-        from i2v_cli.config import MEAN_BGR
-
-        x = nchw.float()
-        lo, hi = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
-        span = (hi - lo).clamp_min(1e-12)
-        y = self._matrix(x.shape[2]) @ (x - lo) @ self._matrix(x.shape[3]).T  # (N, 3, 224, 224)
-        y = torch.where(hi > lo, y.clamp(0, 1e9).minimum(span) + lo, lo.expand_as(y))
-        mean = torch.tensor(MEAN_BGR, device=self.device).view(1, 3, 1, 1)
-        return y.flip(1) - mean
-
-    def batch(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Images of any sizes, in order, to one (N, 3, 224, 224) batch: one product per distinct size."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(images):
-            groups.setdefault(tuple(img.shape[1:]), []).append(i)
-        out = torch.empty(len(images), 3, self.size, self.size, device=self.device)
-        for indices in groups.values():
-            out[indices] = self.many(torch.stack([images[i] for i in indices]))
-        return out
-
-
 def _pillow_chw(path: Path) -> torch.Tensor:
     """A file's RGB pixels as Pillow decodes them, (3, H, W) uint8."""
     from PIL import Image
@@ -272,6 +225,7 @@ def _pillow_chw(path: Path) -> torch.Tensor:
 def e2e(device: torch.device, out: Path, smoke: bool) -> dict:
     """JPEG files to tag probabilities: file reads in threads, nvJPEG batch decoding on the GPU
     (``torchvision.io.decode_jpeg(device="cuda")``), the exact resize on the GPU, the network in bf16."""
+    from i2v_cli.gpudecode import GpuResize
     from i2v_cli.inference import prepare_for_inference
     from i2v_cli.transform import load_and_preprocess
 
@@ -283,7 +237,7 @@ def e2e(device: torch.device, out: Path, smoke: bool) -> dict:
     n = 64 if smoke else 4096
     batch = 16 if smoke else 256
     paths = make_jpegs(out / "jpegs", n, smoke) if smoke else make_jpegs(Path("/tmp/i2v-gpu-jpegs"), n, smoke)
-    resize = GpuResize(device)
+    resize = GpuResize(device)  # i2v's own (--decode cuda)
     torch.backends.cudnn.benchmark = True
     precision = "bf16"
     net = prepare_for_inference(_full_model("tag", device), precision=precision, backend="torch")
@@ -311,9 +265,9 @@ def e2e(device: torch.device, out: Path, smoke: bool) -> dict:
     # Pillow's pixels (the resize alone), then on the GPU decoder's (whose IDCT is not libjpeg's).
     sample = paths[: 2 * len(SIZES)]
     check = [load_and_preprocess(p) for p in sample]
-    got = list(resize.batch([_pillow_chw(p).to(device) for p in sample]).cpu())
+    got = list(resize([_pillow_chw(p).to(device) for p in sample]).cpu())
     resize_diff = max(float((a - b).abs().max()) for a, b in zip(got, check, strict=True))
-    got = list(resize.batch(decode(read_batch(sample))).cpu())
+    got = list(resize(decode(read_batch(sample))).cpu())
     decoder_diff = max(float((a - b).abs().max()) for a, b in zip(got, check, strict=True))
     decoder_mean = float(np.mean([float((a - b).abs().mean()) for a, b in zip(got, check, strict=True)]))
     # What the GPU's decoding does to scores: the golden tag model (fp32), which reacts to fine texture.
@@ -345,7 +299,7 @@ def e2e(device: torch.device, out: Path, smoke: bool) -> dict:
                 if timed:
                     _sync(device)
                 t2 = time.perf_counter()
-                x = resize.batch(images)
+                x = resize(images)
                 if timed:
                     _sync(device)
                 t3 = time.perf_counter()
@@ -468,10 +422,12 @@ def cli(device: torch.device, out: Path, smoke: bool) -> dict:
     rows = []
     ceiling = _decoding_ceiling(paths[:first], max(1, cores - 1))
     print(f"CPU decoding and exact resize alone, {max(1, cores - 1)} processes: {ceiling:,.0f} img/s", flush=True)
-    for workers in (min(4, cores), 0):
+    runs = [(min(4, cores), "cpu"), (0, "cpu")] + ([(0, "cuda")] if device.type == "cuda" else [])
+    for workers, decode in runs:
         cmd = [*i2v, "-", "-w", str(weights), "--device", dev, "-b", str(batch), "--no-progress", "-k", "8"]
         cmd += ["--precision", "bf16", "-f", "jsonl", "-o", str(scratch / "cli-tags.jsonl")]
         cmd += ["-j", str(workers)] if workers else []  # 0 here: the default (all cores but one on a GPU)
+        cmd += ["--decode", decode]
         times = {}
         for count, listing in lists.items():
             with listing.open() as stdin:
@@ -483,9 +439,10 @@ def cli(device: torch.device, out: Path, smoke: bool) -> dict:
                     f"bench/gpu.py: i2v tag -j {workers} failed ({done.returncode}): {done.stderr[-2000:]}"
                 )
         rate = (n - first) / max(times[n] - times[first], 1e-6)
-        rows.append({"workers": workers or "default", "img_s": rate, "wall_s": times})
+        rows.append({"workers": workers or "default", "decode": decode, "img_s": rate, "wall_s": times})
         print(
-            f"  i2v tag --device {dev} -b {batch} --precision bf16 -j {workers or 'default'}: {rate:,.0f} img/s "
+            f"  i2v tag --device {dev} -b {batch} --precision bf16 -j {workers or 'default'} --decode {decode}: "
+            f"{rate:,.0f} img/s "
             f"(start-up excluded; {n} files in {times[n]:.1f} s wall)",
             flush=True,
         )
@@ -500,9 +457,10 @@ def cli(device: torch.device, out: Path, smoke: bool) -> dict:
         "rows": rows,
     }
     _write(out, "cli", result)
-    print("\n| i2v tag on the GPU (bf16, CPU decoding) | workers | img/s, start-up excluded |\n| --- | --- | --- |")
+    print("\n| i2v tag on the GPU (bf16), files | decode | workers | img/s, start-up excluded |")
+    print("| --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {n} mixed-size JPEG files | {r['workers']} | {r['img_s']:,.0f} |")
+        print(f"| {n} mixed-size JPEG files | {r['decode']} | {r['workers']} | {r['img_s']:,.0f} |")
     return result
 
 

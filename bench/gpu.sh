@@ -68,10 +68,10 @@ step() {  # $1: seconds allowed, $2: title, then the command
 } 2>&1 | tee -a "$LOG"
 
 if [[ "$DEVICE" == cuda ]]; then
-    step 60 "GPU tests (pytest -m gpu)" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_inference.py
+    step 60 "GPU tests (pytest -m gpu)" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_inference.py tests/test_gpudecode.py
 fi
 step 30 "golden models, fp32, TF32 off" "$PY" bench/gpu.py golden --device "$DEVICE" --out "$OUT_DIR" $SMOKE
 step 100 "model-only throughput" "$PY" bench/gpu.py throughput --device "$DEVICE" --out "$OUT_DIR" $SMOKE
 step 80 "end to end from JPEG files" "$PY" bench/gpu.py e2e --device "$DEVICE" --out "$OUT_DIR" $SMOKE
-step 120 "i2v tag on the GPU" "$PY" bench/gpu.py cli --device "$DEVICE" --out "$OUT_DIR" $SMOKE
+step 150 "i2v tag on the GPU" "$PY" bench/gpu.py cli --device "$DEVICE" --out "$OUT_DIR" $SMOKE
 echo -e "\nbench/gpu.sh: done in $SECONDS s; results in $OUT_DIR" | tee -a "$LOG"

@@ -16,7 +16,7 @@ import queue
 import signal
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -34,6 +34,7 @@ __all__ = [
     "decode_in_worker",
     "iter_batches",
     "merge_batches",
+    "read_ahead",
 ]
 
 
@@ -203,20 +204,12 @@ class _Failed:
 _END = object()
 
 
-def iter_batches(
-    paths: Sequence[str], *, batch_size: int = 16, workers: int = 0, pin_memory: bool = False
-) -> Iterator[Batch]:
-    """Decoded batches of ``paths`` in input order, produced by a reader thread a couple of batches ahead.
-
-    A decoding worker that dies (a decoder crash, the out-of-memory killer) costs only the image that killed
-    it: the batch in hand is decoded again one image per process (:func:`decode_isolated`) and a new loader
-    goes on from the next batch. Closing the iterator (the consumer stopped, Ctrl-C) stops the reader.
-    """
-    handoff: queue.Queue[object] = queue.Queue(maxsize=2)
+def read_ahead(produce: Callable[[threading.Event], Iterator[Batch]], depth: int = 2) -> Iterator[Batch]:
+    """``produce``'s batches, made in a reader thread of their own up to ``depth`` ahead of the consumer: the
+    reader stage beside the network, not in its way. ``produce`` gets an event that is set when the consumer
+    stops (closed, Ctrl-C); an exception in it is raised in the consumer, nothing is swallowed."""
+    handoff: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    chunk = chunk_size(batch_size, workers)  # each worker decodes a part of every network batch
-    split = chunk < batch_size
-    workers = min(workers, len(decoding_jobs(range(len(paths)), batch_size, chunk)))  # none started to idle
 
     def put(item: object) -> None:
         while not stop.is_set():
@@ -227,48 +220,17 @@ def iter_batches(
                 continue
 
     def read() -> None:
-        if workers == 0:
-            # Decoding here, beside the network: one thread, as in a worker. torch's setting is per thread (its
-            # OpenMP and MKL counts), so the network's threads are left as they are; without it each resize
-            # woke the other core's OpenMP thread, whose spinning doubled the CPU time of a run (measured).
-            torch.set_num_threads(1)
         try:
-            done = 0
-            while done < len(paths) and not stop.is_set():
-                loader = make_loader(
-                    paths,
-                    batch_size=batch_size,
-                    workers=workers,
-                    pin_memory=pin_memory and not split,  # the joined batch is pinned instead, once
-                    indices=range(done, len(paths)),
-                    chunk=chunk if split else None,
-                )
-                batches = _quiet_loader(loader)
-                parts: list[Batch] = []
-                try:
-                    for part in batches:
-                        parts.append(part)
-                        if sum(len(p.ok) + len(p.errors) for p in parts) < min(batch_size, len(paths) - done):
-                            continue  # more parts of this network batch to come
-                        batch = merge_batches(parts)
-                        parts = []
-                        if split and pin_memory and batch.ok:
-                            batch.pin_memory()
-                        put(batch)
-                        done += len(batch.ok) + len(batch.errors)
-                        if stop.is_set():
-                            return
-                except RuntimeError as exc:
-                    if workers == 0 or not worker_died(exc):
-                        raise
-                    batches.close()
-                    isolated = decode_isolated(paths, range(done, min(done + batch_size, len(paths))))
-                    put(isolated)
-                    done += len(isolated.ok) + len(isolated.errors)
-                finally:
-                    batches.close()
+            batches = produce(stop)
+            try:
+                for batch in batches:
+                    put(batch)
+                    if stop.is_set():
+                        return
+            finally:
+                batches.close()  # type: ignore[attr-defined]
             put(_END)
-        except BaseException as exc:  # handed over and raised in the consumer: nothing is swallowed here
+        except BaseException as exc:  # handed over and raised in the consumer
             put(_Failed(exc))
 
     reader = threading.Thread(target=read, name="i2v-reader", daemon=True)
@@ -289,3 +251,61 @@ def iter_batches(
     finally:
         stop.set()
         reader.join(timeout=2)
+
+
+def iter_batches(
+    paths: Sequence[str], *, batch_size: int = 16, workers: int = 0, pin_memory: bool = False
+) -> Iterator[Batch]:
+    """Decoded batches of ``paths`` in input order, produced by a reader thread a couple of batches ahead
+    (:func:`read_ahead`).
+
+    A decoding worker that dies (a decoder crash, the out-of-memory killer) costs only the image that killed
+    it: the batch in hand is decoded again one image per process (:func:`decode_isolated`) and a new loader
+    goes on from the next batch. Closing the iterator (the consumer stopped, Ctrl-C) stops the reader.
+    """
+    chunk = chunk_size(batch_size, workers)  # each worker decodes a part of every network batch
+    split = chunk < batch_size
+    workers = min(workers, len(decoding_jobs(range(len(paths)), batch_size, chunk)))  # none started to idle
+
+    def produce(stop: threading.Event) -> Iterator[Batch]:
+        if workers == 0:
+            # Decoding here, beside the network: one thread, as in a worker. torch's setting is per thread (its
+            # OpenMP and MKL counts), so the network's threads are left as they are; without it each resize
+            # woke the other core's OpenMP thread, whose spinning doubled the CPU time of a run (measured).
+            torch.set_num_threads(1)
+        done = 0
+        while done < len(paths) and not stop.is_set():
+            loader = make_loader(
+                paths,
+                batch_size=batch_size,
+                workers=workers,
+                pin_memory=pin_memory and not split,  # the joined batch is pinned instead, once
+                indices=range(done, len(paths)),
+                chunk=chunk if split else None,
+            )
+            batches = _quiet_loader(loader)
+            parts: list[Batch] = []
+            try:
+                for part in batches:
+                    parts.append(part)
+                    if sum(len(p.ok) + len(p.errors) for p in parts) < min(batch_size, len(paths) - done):
+                        continue  # more parts of this network batch to come
+                    batch = merge_batches(parts)
+                    parts = []
+                    if split and pin_memory and batch.ok:
+                        batch.pin_memory()
+                    done += len(batch.ok) + len(batch.errors)
+                    yield batch
+                    if stop.is_set():
+                        return
+            except RuntimeError as exc:
+                if workers == 0 or not worker_died(exc):
+                    raise
+                batches.close()
+                isolated = decode_isolated(paths, range(done, min(done + batch_size, len(paths))))
+                done += len(isolated.ok) + len(isolated.errors)
+                yield isolated
+            finally:
+                batches.close()
+
+    return read_ahead(produce)

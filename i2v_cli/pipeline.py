@@ -121,17 +121,26 @@ def run_job(
     backend: str = "auto",
     net: Predictor | None = None,
     on_batch: Callable[[list[Record]], Any] | None = None,
+    decode: str = "cpu",
 ) -> Summary:
     """Run one job: every path through the network into ``sink``, batch by batch, in input order.
 
     ``sink`` is closed when the job ends, on an interruption too (Ctrl-C, SIGTERM: what was done is kept), and
     aborted on any other exception. ``on_batch`` sees each batch's records after they were written. ``model``
-    may be None when ``net`` is given (see :func:`i2v_cli.runner.run_model`).
+    may be None when ``net`` is given, and ``decode`` says where JPEG files are decoded (see
+    :func:`i2v_cli.runner.run_model`).
     """
     summary = Summary()
     with sink:
         for results in run_model(
-            model, paths, batch_size=batch_size, workers=workers, precision=precision, backend=backend, net=net
+            model,
+            paths,
+            batch_size=batch_size,
+            workers=workers,
+            precision=precision,
+            backend=backend,
+            net=net,
+            decode=decode,
         ):
             batch = records(results)
             sink.write(batch)

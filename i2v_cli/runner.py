@@ -63,6 +63,7 @@ def run_model(
     precision: str = "fp32",
     backend: str = "auto",
     net: Predictor | None = None,
+    decode: str = "cpu",
 ) -> Iterator[list[Result]]:
     """Run ``model`` over ``paths``; yield each batch's results in input order as soon as it is done.
 
@@ -70,7 +71,8 @@ def run_model(
     a Result with an error and no output, the others are unaffected, even when an image kills its decoding
     process. ``precision`` (fp32, bf16, fp16) and ``backend`` (auto, torch, onnxruntime) choose how the network
     runs (see :func:`i2v_cli.inference.prepare_for_inference`); ``net`` is a network prepared already, and then
-    ``model`` may be None (a CPU session on a cached export, the weights never loaded). A ``net`` of NumPy
+    ``model`` may be None (a CPU session on a cached export, the weights never loaded). ``decode="cuda"``
+    decodes JPEG files with nvJPEG on the model's GPU (:mod:`i2v_cli.gpudecode`). A ``net`` of NumPy
     arrays (``net.arrays``) gets its batches from :func:`i2v_cli.batches.read_batches`, without torch (decoded in
     a child process when ``workers`` > 0, in this thread with 0).
     """
@@ -88,7 +90,13 @@ def run_model(
     if net is None:
         assert model is not None
         net = prepare_for_inference(model, precision=precision, backend=backend)
-    batches = iter_batches(paths, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
+    if decode == "cuda":
+        from .gpudecode import check_gpu_decoding, gpu_batches
+
+        check_gpu_decoding(decode, device)
+        batches = gpu_batches(paths, batch_size=batch_size, device=device, workers=workers)
+    else:
+        batches = iter_batches(paths, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
     try:
         for batch in batches:
             results = map_batch(net, paths, batch, device)

@@ -71,6 +71,7 @@ def features(
     device: str,
     batch_size: int,
     workers: int | None,
+    decode: str,
     precision: str,
     backend: str,
     progress: bool | None,
@@ -111,6 +112,7 @@ def features(
         if fmt == "npy":
             check_output(str(paths_file_for(str(output))), inputs)
         # torch comes with these: imported once the cheap checks passed, so a usage error answers at once.
+        from ..gpudecode import check_gpu_decoding
         from ..inference import describe, prepare_for_inference, resolve_backend
         from ..pipeline import FeatureRecords, run_job
         from ..runner import resolve_device
@@ -118,12 +120,14 @@ def features(
 
         dev = resolve_device(device)
         resolve_backend(backend, dev, precision)
+        check_gpu_decoding(decode, dev)
         model, info = load_model(resolve_weights(weights, FEATURE), kind=FEATURE, device=str(dev))
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     dim = model.arch.feature_dim
     model_id = {"source": info.source, "sha256": info.sha256}
-    job = make_job("features", fmt, {"binary": binary, "precision": precision}, model_id)
+    settings = {"binary": binary, "precision": precision, **({"decode": decode} if decode != "cpu" else {})}
+    job = make_job("features", fmt, settings, model_id)
     with claim_output(output, job, resume=resume) as earlier:
         sink: FeatureWriter | FeatureJsonlWriter
         if fmt == "npy":
@@ -145,6 +149,7 @@ def features(
                     workers=default_workers(model) if workers is None else workers,
                     net=net,
                     on_batch=lambda records: report_batch(bar, records),
+                    decode=decode,
                 )
             except KeyboardInterrupt:
                 if isinstance(sink, FeatureWriter):

@@ -54,6 +54,8 @@ def run_engine(kind: str) -> bool:
         if given:
             raise UsageFailure(f"{', '.join(given)}: for --engine ray only")
         return False
+    if params.get("decode", "cpu") != "cpu":
+        raise UsageFailure("--decode cuda: for the local engine only (Ray's actors decode on their CPUs)")
     if find_spec("ray") is None:
         raise UsageFailure(NEEDS_EXTRA)
     _run(kind, params)

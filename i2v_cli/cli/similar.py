@@ -104,6 +104,7 @@ def similar(
     device: str,
     batch_size: int,
     workers: int | None,
+    decode: str,
     precision: str,
     backend: str,
 ) -> None:
@@ -120,6 +121,7 @@ def similar(
       i2v similar new.jpg --index vecs.npy --format jsonl | jq -r '.results[].path'
     """
     # torch comes with these: imported here so that `i2v similar -h` answers at once.
+    from ..gpudecode import check_gpu_decoding
     from ..runner import resolve_device, run_model
     from ..similar import result_record, search
     from ..weights import load_model, resolve_weights
@@ -148,6 +150,7 @@ def similar(
 
     if to_compute:
         dev = resolve_device(device)
+        check_gpu_decoding(decode, dev)
         model, info = load_model(resolve_weights(weights, FEATURE), kind=FEATURE, device=str(dev))
         if model.arch.feature_dim != index.dim:
             raise UsageFailure(
@@ -166,7 +169,13 @@ def similar(
         position = dict(zip(range(len(image_paths)), to_compute, strict=True))
         done = 0
         for batch in run_model(
-            model, image_paths, batch_size=batch_size, workers=n_workers, precision=precision, backend=backend
+            model,
+            image_paths,
+            batch_size=batch_size,
+            workers=n_workers,
+            precision=precision,
+            backend=backend,
+            decode=decode,
         ):
             for r in batch:
                 i = position[done]

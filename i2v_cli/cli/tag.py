@@ -25,6 +25,7 @@ from .common import (
     F,
     SectionedCommand,
     UsageFailure,
+    check_decode,
     default_workers,
     echo,
     input_options,
@@ -157,6 +158,7 @@ def tag(
     device: str,
     batch_size: int,
     workers: int | None,
+    decode: str,
     precision: str,
     backend: str,
     progress: bool | None,
@@ -232,12 +234,13 @@ def tag(
         model: Any = None
         net: Any = None
         onnx, before = False, None
-        if runs_without_torch(device, backend, precision, workers, len(inputs), batch_size):
+        if decode == "cpu" and runs_without_torch(device, backend, precision, workers, len(inputs), batch_size):
             found = recall_session(weights_path)
             if found is not None:
                 net, info = found
         if net is None:
             model, net, info, onnx, before = _torch_network(weights_path, device, backend, precision)
+        check_decode(decode, model)
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     except OSError as exc:  # the weight file vanished between finding and reading it
@@ -251,6 +254,7 @@ def tag(
             "tag_list": tags_digest(tags),
             "exclude": sorted(exclude),
             "precision": precision,
+            **({"decode": decode} if decode != "cpu" else {}),  # its inputs are not the CPU's
         },
         {"source": info["source"], "sha256": info["sha256"]},
     )
@@ -286,6 +290,7 @@ def tag(
                 workers=default_workers(model) if workers is None else workers,
                 net=net,
                 on_batch=report,
+                decode=decode,
             )
     failed = len(summary.failures) + (len(caption_sink.errors) if caption_sink is not None else 0)
     seconds = time.perf_counter() - started
