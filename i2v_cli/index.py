@@ -647,9 +647,11 @@ def update(
     on_file: Callable[[], Any] | None = None,
     on_plan: Callable[[Plan], Any] | None = None,
     on_batch: Callable[[list[Record]], Any] | None = None,
+    decode: str = "cpu",
 ) -> UpdateSummary:
     """Bring the index up to date with ``paths``: plan, apply the metadata-only changes, then run ``net`` (a
-    :class:`CombinedNet`; ``model`` gives the device) over the new and changed files, a batch per commit."""
+    :class:`CombinedNet`; ``model`` gives the device) over the new and changed files, a batch per commit.
+    ``decode="cuda"``: JPEG files decoded on that GPU (:mod:`i2v_cli.gpudecode`)."""
     from .pipeline import run_job
 
     plan = plan_update(index, paths, on_file)
@@ -673,7 +675,7 @@ def update(
                 on_batch(records)
 
         run_job(model, [s.path for s in plan.todo], records=IndexRecords(), sink=IndexSink(index, states),
-                batch_size=batch_size, workers=workers, net=net, on_batch=count)  # fmt: skip
+                batch_size=batch_size, workers=workers, net=net, on_batch=count, decode=decode)  # fmt: skip
     return summary
 
 

@@ -195,3 +195,11 @@ def test_open_image_and_the_probe_agree_on_size(mixed):
         if probe is not None:
             img = open_image(path)
             assert probe[1] == (img.height, img.width)
+
+
+def test_index_refuses_decode_cuda_without_a_gpu(golden_order, tag_weights, feature_weights, tmp_path):
+    args = ["index", str(golden_order[0]), "--db", str(tmp_path / "c.db"), "--tag-weights", str(tag_weights)]
+    args += ["--feature-weights", str(feature_weights), "--device", "cpu", "--decode", "cuda"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "add --device cuda" in result.output
+    assert not (tmp_path / "c.db").exists()

@@ -299,3 +299,21 @@ def test_decode_in_worker_leaves_sigchld_as_it_found_it(tmp_path, monkeypatch):
         assert [b.ok for b in batches] == [[0], [], [2]] and list(batches[1].errors) == [1]
     finally:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL if previous is None else previous)
+
+
+def test_a_crash_in_a_shared_batch_costs_only_its_image(tmp_path, monkeypatch):
+    """Workers sharing each network batch (jobs of part of a batch): a decoder that kills its worker in the middle
+    of one costs that image only; the batch's other parts, decoded by other workers, are decoded again, in order."""
+    from i2v_cli.data import iter_batches
+
+    paths = []
+    for i in range(14):
+        name = f"{i:02d}-BOOM.png" if i == 6 else f"{i:02d}.png"
+        _picture(seed=i).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    (clean,) = iter_batches(paths[:6] + paths[7:], batch_size=13, workers=0)
+    monkeypatch.setattr("i2v_cli.data.load_and_preprocess", _crash_on("BOOM"))
+    batches = list(iter_batches(paths, batch_size=8, workers=2))
+    assert [b.ok for b in batches] == [[0, 1, 2, 3, 4, 5, 7], [8, 9, 10, 11, 12, 13]]
+    assert list(batches[0].errors) == [6] and "decoder crashed" in batches[0].errors[6]
+    torch.testing.assert_close(torch.cat([b.inputs for b in batches]), clean.inputs)

@@ -20,6 +20,7 @@ from .common import (
     EXIT_SOME_FAILED,
     F,
     UsageFailure,
+    check_decode,
     default_workers,
     echo,
     progress_bar,
@@ -47,6 +48,9 @@ def network_options(f: F) -> F:
         click.option("--workers", "-j", type=click.IntRange(0), default=None,
                      help="Processes decoding images (0: in the main process). "
                           "Default: cores, at most 4 (on a GPU: all cores but one)."),
+        click.option("--decode", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Where JPEG files are decoded (cuda: nvJPEG on the GPU, with --device cuda; see "
+                          "`i2v tag --help`)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                      help="Arithmetic of the networks (fp32 gives the reference scores)."),
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
@@ -114,6 +118,7 @@ def index(
     device: str,
     batch_size: int,
     workers: int | None,
+    decode: str,
     precision: str,
     backend: str,
     progress: bool | None,
@@ -142,6 +147,7 @@ def index(
     try:
         inputs = expand_inputs(paths, recursive=recursive, stdin=sys.stdin.buffer if "-" in paths else None, nul=nul)
         model, net, tag_id, feature_id, dim = load_networks(tag_weights, feature_weights, device, precision, backend)
+        check_decode(decode, model)
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     lock = JobLock(db, make_job("index", "sqlite", {}, {"tag": tag_id, "feature": feature_id}))
@@ -167,7 +173,8 @@ def index(
                 try:
                     summary = update(idx, inputs, model=model, net=net, batch_size=batch_size,
                                      workers=default_workers(model) if workers is None else workers,
-                                     on_file=lambda: scan.update(1), on_plan=planned, on_batch=batch)  # fmt: skip
+                                     on_file=lambda: scan.update(1), on_plan=planned, on_batch=batch,
+                                     decode=decode)  # fmt: skip
                 finally:
                     if "net" in bars:
                         bars["net"].close()
