@@ -15,6 +15,7 @@ length-delimited record on the wire), so a 1 GB caffemodel converts in seconds o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -28,7 +29,7 @@ import struct
 import sys
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -45,10 +46,11 @@ from .errors import ModelKindError, OutputError, WeightsError, WeightsNotFoundEr
 from .hashing import sha256_file
 from .model import Architecture, Illust2VecNet, build_model, check_state_dict, layer_key, remap_legacy_state_dict
 from .sniff import IMAGE_KINDS, describe, sniff
+from .store import CAFFEMODEL_FILES, WEIGHT_FILES, default_weights_dir, resolve_weights
 
 # The store's names, re-exported so that ``from i2v_cli.weights import resolve_weights`` keeps working; new code
 # imports them from :mod:`i2v_cli.store`.
-from .store import CAFFEMODEL_FILES, WEIGHT_FILES, default_weights_dir, resolve_weights
+from .writers import display
 
 __all__ = [
     "CAFFEMODEL_FILES",
@@ -441,14 +443,33 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with _utf8_path(path) as name, safe_open(name, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError) as exc:  # what safe_open raises for a bad file
         raise WeightsError(
-            f"{path} is not a valid safetensors file (truncated or corrupt: {_first_line(exc)})"
+            f"{display(str(path))} is not a valid safetensors file (truncated or corrupt: {_first_line(exc)})"
         ) from None
     return tensors, meta
+
+
+@contextlib.contextmanager
+def _utf8_path(path: Path) -> Iterator[str]:
+    """``path`` as a name the safetensors library accepts: it refuses names that are not UTF-8, which Linux
+    allows. Such a file is opened here and named through ``/proc/self/fd`` while the block runs."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        if not os.path.isdir("/proc/self/fd"):
+            raise
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    yield name
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -463,7 +484,7 @@ def load_weights(path: PathLike, kind: str | None = None) -> tuple[dict[str, tor
     path = Path(path)
     head = _read_head(path)
     fmt = _sniff(head)
-    source, sha256 = path.name, ""
+    source, sha256 = display(path.name), ""  # provenance is UTF-8 text: a name's odd bytes as \xNN
     if fmt == "safetensors":
         tensors, meta = _read_safetensors(path)
         state_dict = _to_own_naming(tensors, path)
@@ -471,7 +492,7 @@ def load_weights(path: PathLike, kind: str | None = None) -> tuple[dict[str, tor
         sha256 = meta.get(_META_PREFIX + "source_sha256", "")
         source_format = meta.get(_META_PREFIX + "source_format", "safetensors")
         if not (source and sha256):
-            source, sha256, source_format = path.name, _sha256_file(path), "safetensors"
+            source, sha256, source_format = display(path.name), _sha256_file(path), "safetensors"
     elif fmt == "torch":
         state_dict = read_state_dict_pth(path)
         sha256, source_format = _sha256_file(path), "pth"
@@ -519,7 +540,7 @@ def convert(src: PathLike, dst: PathLike, *, source_name: str | None = None) -> 
     if same_file(src, dst):
         raise OutputError(f"{dst} is the input file {src}: write the safetensors file under another name")
     state_dict, info = load_weights(src)
-    if source_name is not None and info.source == Path(src).name:
+    if source_name is not None and info.source == display(Path(src).name):
         info = dataclasses.replace(info, source=source_name)
     save_safetensors(state_dict, dst, info.to_metadata())
     return info

@@ -894,3 +894,20 @@ def test_resolve_missing(monkeypatch: pytest.MonkeyPatch, clean_env: Path, tmp_p
         f"no feature model weights found (no --weights, no $I2V_WEIGHTS, no {target}): run `i2v weights download`, "
         f"or `i2v weights convert FILE.caffemodel -o {target}`"
     )
+
+
+def test_weights_under_names_that_are_not_utf8(golden, tmp_path):
+    """Linux allows any bytes in a name. The provenance (safetensors metadata, job files, JSON) is UTF-8 text, so a
+    source name's odd bytes are written as \\xNN; the safetensors library refuses such a path, so it is opened here."""
+    import os
+
+    from i2v_cli.weights import convert, load_weights
+
+    src = os.path.join(os.fsencode(tmp_path), b"tag\xff.caffemodel")
+    dst = os.path.join(os.fsencode(tmp_path), b"tag\xfe.safetensors")
+    with open(golden / "models" / "tag_v2.caffemodel", "rb") as fin, open(src, "wb") as fout:
+        fout.write(fin.read())
+    info = convert(os.fsdecode(src), os.fsdecode(dst))
+    assert info.source == "tag\\xff.caffemodel"
+    state_dict, again = load_weights(os.fsdecode(dst))
+    assert again.source == "tag\\xff.caffemodel" and again.sha256 == info.sha256 and state_dict

@@ -36,10 +36,11 @@ def convert_cmd(model: Path, output: Path) -> None:
       i2v weights convert illust2vec_tag_ver200.caffemodel -o illust2vec_tag_ver200.safetensors
     """
     from ..weights import convert
+    from ..writers import display
 
     info = convert(model, output)
     click.echo(
-        f"{output}: {info.kind} model, widths {'/'.join(map(str, info.widths))}"
+        f"{display(str(output))}: {info.kind} model, widths {'/'.join(map(str, info.widths))}"
         + (f", feature {info.feature_dim}" if info.feature_dim else "")
         + f", from {info.source} (sha256 {info.sha256[:12]}…)",
         err=True,
