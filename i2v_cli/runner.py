@@ -79,6 +79,8 @@ def run_model(
     if model is None and net is None:
         raise ValueError("run_model needs a model, a prepared net, or both")
     if getattr(net, "arrays", False):
+        if decode != "cpu":  # a session of NumPy arrays runs on the CPU: there is no GPU to decode on
+            raise I2VError(f"decode={decode!r} needs the network on a CUDA device; this one runs on the CPU")
         yield from _run_arrays(net, paths, batch_size=batch_size, isolate=workers > 0, on_progress=on_progress)
         return
     import torch

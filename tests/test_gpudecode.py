@@ -203,3 +203,18 @@ def test_index_refuses_decode_cuda_without_a_gpu(golden_order, tag_weights, feat
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "add --device cuda" in result.output
     assert not (tmp_path / "c.db").exists()
+
+
+def test_run_model_refuses_gpu_decoding_for_a_cpu_session(golden_order):
+    from i2v_cli.errors import I2VError
+    from i2v_cli.runner import run_model
+
+    class Session:  # a predictor of NumPy arrays, as ortcache.SessionNet: CPU only
+        arrays = True
+
+        def __call__(self, x):
+            return np.zeros((len(x), 1539), np.float32)
+
+    with pytest.raises(I2VError, match="needs the network on a CUDA device"):
+        list(run_model(None, [str(golden_order[0])], net=Session(), decode="cuda"))
+    assert len(next(iter(run_model(None, [str(golden_order[0])], net=Session())))) == 1
