@@ -125,12 +125,31 @@ def _time_net(net, x: torch.Tensor, device: torch.device, seconds: float) -> flo
 #: Strict fp32 (TF32 off) at large batches spent over a minute in cuDNN's autotuning on an H100: two sizes.
 PLAN = [
     ("tag", "bf16", [1, 16, 64, 256, 512]),
+    ("tag", "bf16+tf32 head", [256, 512]),  # the candidate of bench/head_precision.py: is the head a quarter?
     ("tag", "fp16", [64, 256, 512]),
     ("tag", "tf32", [256]),
     ("tag", "fp32", [64, 256]),
     ("feature", "bf16", [256, 512]),
 ]
-SMOKE_PLAN = [("tag", "fp32", [1, 2]), ("tag", "bf16", [1, 2])]
+SMOKE_PLAN = [("tag", "fp32", [1, 2]), ("tag", "bf16", [1, 2]), ("tag", "bf16+tf32 head", [2])]
+
+
+def _tf32_head(net):
+    """A TorchNet (bf16/fp16) whose head runs in TF32 instead of IEEE fp32: the speed of the candidate whose
+    accuracy bench/head_precision.py measures."""
+    from i2v_cli.config import TAG
+    from i2v_cli.inference import fp32_mode
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=net.dtype):
+            h = net.model.forward_features(x)
+        with fp32_mode("tf32"):
+            out = net.model.forward_head(h.float())
+        return torch.sigmoid(out) if net.model.arch.kind == TAG else out
+
+    net.forward = forward
+    return net
 
 
 def throughput(device: torch.device, out: Path, smoke: bool, seconds: float = 1.0, budget: float = 80.0) -> dict:
@@ -149,7 +168,10 @@ def throughput(device: torch.device, out: Path, smoke: bool, seconds: float = 1.
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             models[kind] = _full_model(kind, device)
-        net = prepare_for_inference(models[kind], precision=precision, backend="torch")
+        if precision.endswith("+tf32 head"):
+            net = _tf32_head(prepare_for_inference(models[kind], precision=precision.split("+")[0], backend="torch"))
+        else:
+            net = prepare_for_inference(models[kind], precision=precision, backend="torch")
         if precision != "tf32":
             _strict_fp32()  # after preparing: fp32 rows are fp32, whatever the library sets for TF32
         for batch in batches:
