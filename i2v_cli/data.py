@@ -63,10 +63,18 @@ def _init_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _quiet_loader(loader: DataLoader[Sample]) -> Iterator[Batch]:
-    """Iterate a loader without its advice about worker counts reaching the user's terminal."""
+@contextlib.contextmanager
+def _no_worker_advice() -> Iterator[None]:
+    """torch's advice about worker counts (more workers than cores: the user asked for them) kept from the user's
+    terminal; the loader gives it when made and when iterated."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*worker processes in total.*", category=UserWarning)
+        yield
+
+
+def _quiet_loader(loader: DataLoader[Sample]) -> Iterator[Batch]:
+    """Iterate a loader without its advice about worker counts reaching the user's terminal."""
+    with _no_worker_advice():
         it = iter(loader)
     for batch in it:
         batch.inputs = torch.as_tensor(batch.inputs)  # a NumPy array from a worker (see collate)
@@ -87,18 +95,19 @@ def make_loader(
     worker decodes (:func:`decoding_jobs`), to be joined again by :func:`merge_batches`."""
     order = range(len(paths)) if indices is None else indices
     jobs = decoding_jobs(order, batch_size, chunk) if chunk is not None and chunk < batch_size else None
-    return DataLoader(
-        ImageDataset(paths),
-        batch_size=1 if jobs is not None else batch_size,
-        sampler=None if jobs is not None else order,
-        batch_sampler=jobs,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        worker_init_fn=_init_worker if workers > 0 else None,
-        prefetch_factor=4 if workers > 0 else None,
-        multiprocessing_context=worker_context() if workers > 0 else None,  # see worker_context.py
-    )
+    with _no_worker_advice():  # torch gives it when the loader is made, too
+        return DataLoader(
+            ImageDataset(paths),
+            batch_size=1 if jobs is not None else batch_size,
+            sampler=None if jobs is not None else order,
+            batch_sampler=jobs,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=pin_memory,
+            worker_init_fn=_init_worker if workers > 0 else None,
+            prefetch_factor=4 if workers > 0 else None,
+            multiprocessing_context=worker_context() if workers > 0 else None,  # see worker_context.py
+        )
 
 
 #: The fewest images in a decoding job when a network batch is shared among workers: each job is a round trip
@@ -302,9 +311,13 @@ def iter_batches(
                 if workers == 0 or not worker_died(exc):
                     raise
                 batches.close()
-                isolated = decode_isolated(paths, range(done, min(done + batch_size, len(paths))))
-                done += len(isolated.ok) + len(isolated.errors)
-                yield isolated
+                # The parts of this network batch that arrived whole are kept; the rest is decoded again, one
+                # image per process, so that only the image that killed its worker fails.
+                covered = sum(len(p.ok) + len(p.errors) for p in parts)
+                rest = decode_isolated(paths, range(done + covered, min(done + batch_size, len(paths))))
+                batch = merge_batches([*parts, rest])
+                done += len(batch.ok) + len(batch.errors)
+                yield batch
             finally:
                 batches.close()
 

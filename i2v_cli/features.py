@@ -208,9 +208,9 @@ class FeatureWriter(Sink):
             "rows": self.rows,
             "dim": self.dim,
             "dtype": "uint8" if self.binary else "float32",
-            "vectors": self.path.name,
+            **path_fields("vectors", self.path.name),  # a name that is not UTF-8: shown, plus its exact bytes
             "model": self.model,
-            "cwd": os.getcwd(),
+            **path_fields("cwd", os.getcwd()),
             "fingerprint": fingerprint,
             "paths_digest": "sha256:" + self._digest.hexdigest(),
         }
@@ -298,7 +298,7 @@ class FeatureFile:
         folder the features were written from (not from where this runs); the same file named another way (a
         symlink, a hard link, a path through a symlinked folder) matches too, by device and inode. A path that
         names no file from here is looked up as stored text. A file stored twice gives its first row."""
-        base = str(self.header.get("cwd") or self.paths_path.parent)
+        base = _header_path(self.header, "cwd") or str(self.paths_path.parent)
         if self._rows is None:
             self._rows = {}
             for i, p in enumerate(self.paths):
@@ -331,6 +331,15 @@ def _file_key(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
+def _header_path(header: dict[str, Any], key: str) -> str:
+    """A file name the paths file's header holds (exact, also when not UTF-8), or "" when it holds none."""
+    try:
+        value = record_path(header, key)
+    except (KeyError, ValueError, binascii.Error):
+        return ""
+    return value if isinstance(value, str) else ""
+
+
 def read_features(path: PathLike, *, mmap: bool = True) -> FeatureFile:
     """Open a feature file pair, given either of its files (``vecs.npy`` or ``vecs.paths.jsonl``).
 
@@ -346,8 +355,9 @@ def read_features(path: PathLike, *, mmap: bool = True) -> FeatureFile:
     if path != paths_path and not vectors_path.exists():
         raise FeatureFileError(f"{vectors_path}: no such file (write one with `i2v features IMAGES -o {vectors_path}`)")
     header, paths = _read_paths_file(paths_path)
-    if path == paths_path and not vectors_path.exists() and isinstance(header.get("vectors"), str):
-        vectors_path = paths_path.with_name(header["vectors"])
+    named = _header_path(header, "vectors")
+    if path == paths_path and not vectors_path.exists() and named:
+        vectors_path = paths_path.with_name(named)
     vectors = _read_vectors(vectors_path, mmap)
 
     binary = header.get("kind") == "binary"

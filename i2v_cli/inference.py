@@ -318,6 +318,15 @@ def pack_for_cpu(model: Illust2VecNet) -> PackedCPUNet | TorchNet:
 # ONNX Runtime
 
 
+def _is_utf8(name: str) -> bool:
+    """Whether a file name is valid UTF-8 (Linux allows other bytes; they arrive as surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class OnnxUnusableError(Exception):
     """ONNX Runtime cannot run this network here (the export failed, or the runtime refused the model); internal:
     :func:`prepare_for_inference` falls back to PyTorch."""
@@ -418,7 +427,17 @@ class OnnxRuntimeNet(_Described):
         path = onnx_cache_path(exported, name, cache_dir)
         self.export: Path | None = path
         where = "cached export"
-        self.session = open_optimised(path, threads)
+        if not _is_utf8(str(path)):  # ONNX Runtime takes file names as UTF-8 text only
+            self.export, where = (
+                None,
+                "export kept in memory: ONNX Runtime cannot open a cache folder not named in UTF-8",
+            )
+            try:
+                self.session = session(_export_bytes(exported))
+            except ort_errors() as exc:
+                raise OnnxUnusableError(f"ONNX Runtime cannot load the export ({_one_line(exc)})") from None
+        else:
+            self.session = open_optimised(path, threads)
         if self.session is None and path.is_file():
             try:
                 self.session = session_saving_optimised(session, path)

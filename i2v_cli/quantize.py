@@ -472,14 +472,14 @@ def int8_cache_key(model: nn.Module, calibration: Calibration) -> str:
 
 def cached_int8(model: nn.Module, name: str, calibration: Calibration, cache_dir: Path | None = None) -> str | bytes:
     """``model``'s int8 ONNX file in the cache (``int8/NAME-KEY.onnx``, made once), or its bytes when the cache
-    cannot be written."""
-    from .inference import export_onnx
+    cannot be written or its name is not UTF-8 (the runtimes take file names as UTF-8 text only)."""
+    from .inference import _is_utf8, export_onnx
     from .weights import default_weights_dir
 
     folder = (cache_dir or default_weights_dir()) / "int8"
     path = folder / f"{name}-{int8_cache_key(model, calibration)}.onnx"
     if path.is_file():
-        return str(path)
+        return str(path) if _is_utf8(str(path)) else path.read_bytes()
     buffer = io.BytesIO()
     export_onnx(model, buffer)
     data = quantize_onnx(model, buffer.getvalue(), calibration.images())
@@ -488,7 +488,7 @@ def cached_int8(model: nn.Module, name: str, calibration: Calibration, cache_dir
         write_bytes(path, data)
     except (OSError, I2VError):  # a read-only or full cache: run from memory, quantise again next time
         return data
-    return str(path)
+    return str(path) if _is_utf8(str(path)) else data
 
 
 # --------------------------------------------------------------------------------------------------------

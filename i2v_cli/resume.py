@@ -97,6 +97,10 @@ class JobLock:
             self._fd = None
 
 
+#: Options a job records only when they differ from these (``--decode cuda``): older job files lack them.
+OPTION_DEFAULTS: dict[str, Any] = {"decode": "cpu"}
+
+
 def make_job(command: str, fmt: str, options: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Any]:
     """The record of what shapes an output's records; two runs may share an output only when these match."""
     return {
@@ -114,7 +118,10 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     for key in ("command", "output_format"):
         if old.get(key) != new.get(key):
             diffs.append(f"{key.replace('_', ' ')} {old.get(key)} (now {new.get(key)})")
-    old_opts, new_opts = old.get("options") or {}, new.get("options") or {}
+    # An option recorded only when not at its default (so that older job files stay resumable) is the default
+    # where it is absent.
+    old_opts = {**OPTION_DEFAULTS, **(old.get("options") or {})}
+    new_opts = {**OPTION_DEFAULTS, **(new.get("options") or {})}
     for key in sorted(set(old_opts) | set(new_opts)):
         if old_opts.get(key) != new_opts.get(key):
             diffs.append(f"{key.replace('_', ' ')} {_show(old_opts.get(key))} (now {_show(new_opts.get(key))})")

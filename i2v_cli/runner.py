@@ -78,6 +78,8 @@ def run_model(
     """
     if model is None and net is None:
         raise ValueError("run_model needs a model, a prepared net, or both")
+    if decode not in ("cpu", "cuda"):
+        raise I2VError(f"unknown decode {decode!r}: use 'cpu' or 'cuda'")
     if getattr(net, "arrays", False):
         if decode != "cpu":  # a session of NumPy arrays runs on the CPU: there is no GPU to decode on
             raise I2VError(f"decode={decode!r} needs the network on a CUDA device; this one runs on the CPU")

@@ -327,3 +327,22 @@ def test_reader_refuses_a_damaged_paths_file(tmp_path):
     p.write_text('{"x": 1}\n')
     with pytest.raises(FeatureFileError, match="not an i2v features paths file"):
         read_features(a)
+
+
+def test_a_vectors_file_and_a_folder_not_named_in_utf8(runner, feature_weights, golden_order, tmp_path, monkeypatch):
+    """The paths file's header names the vectors file and the folder it was written from exactly (shown as \\xNN,
+    plus the bytes), as records name files: the run crashed writing it, and a reader must find both again."""
+    folder = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"cw\xff"))
+    os.mkdir(folder)
+    for p in golden_order[:2]:
+        shutil.copy(p, folder)
+    monkeypatch.chdir(folder)
+    name = os.fsdecode(b"v\xfe.npy")
+    result = runner.invoke(cli, ["features", "img000.png", "img001.png", "-w", str(feature_weights), "-o", name])
+    assert result.exit_code == 0, result.output
+    with open(os.fsdecode(b"v\xfe.paths.jsonl"), encoding="utf-8") as f:
+        header = json.loads(f.readline())
+    assert header["vectors"] == "v\\xfe.npy" and header["cwd"].endswith("cw\\xff")
+    monkeypatch.chdir(tmp_path)
+    found = read_features(os.path.join(folder, os.fsdecode(b"v\xfe.paths.jsonl")))
+    assert found.vectors.shape[0] == 2 and found.row(os.path.join(folder, "img001.png")) == 1

@@ -218,3 +218,54 @@ def test_run_model_refuses_gpu_decoding_for_a_cpu_session(golden_order):
     with pytest.raises(I2VError, match="needs the network on a CUDA device"):
         list(run_model(None, [str(golden_order[0])], net=Session(), decode="cuda"))
     assert len(next(iter(run_model(None, [str(golden_order[0])], net=Session())))) == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Found by attacking the options (stop 12)
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no CUDA")
+
+
+@no_cuda
+def test_a_refused_decode_makes_no_captions_folder(golden_order, tag_weights, tmp_path):
+    folder = tmp_path / "caps" / "deep"
+    args = ["tag", str(golden_order[0]), "-w", str(tag_weights), "--decode", "cuda", "--captions-dir", str(folder)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and not (tmp_path / "caps").exists()
+
+
+@no_cuda
+def test_similar_checks_decode_even_when_no_query_needs_the_network(golden_order, feature_weights, tmp_path):
+    vecs = tmp_path / "v.npy"
+    made = CliRunner().invoke(cli, ["features", str(golden_order[0]), "-w", str(feature_weights), "-o", str(vecs)])
+    assert made.exit_code == 0, made.output
+    args = ["similar", str(golden_order[0]), "--index", str(vecs), "-w", str(feature_weights), "--decode", "cuda"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "--decode cuda" in result.output
+
+
+def test_index_import_takes_no_decode(tmp_path):
+    args = ["index", "--import", str(tmp_path), "--import", str(tmp_path), "--db", str(tmp_path / "i.db")]
+    result = CliRunner().invoke(cli, [*args, "--decode", "cuda"])
+    assert result.exit_code == 2 and "--import reads records" in result.output
+    assert not (tmp_path / "i.db").exists()
+
+
+def test_run_model_refuses_an_unknown_decode(golden_order, tag_weights):
+    from i2v_cli.errors import I2VError
+    from i2v_cli.runner import run_model
+    from i2v_cli.weights import load_model
+
+    model, _ = load_model(tag_weights)
+    for value in ("gpu", "CUDA", None):
+        with pytest.raises(I2VError, match="unknown decode"):
+            list(run_model(model, [str(golden_order[0])], decode=value))
+
+
+def test_a_resume_refusal_names_the_default_decode():
+    from i2v_cli.resume import _differences, make_job
+
+    old = make_job("tag", "jsonl", {"precision": "fp32", "decode": "cuda"}, {"sha256": "a"})
+    new = make_job("tag", "jsonl", {"precision": "fp32"}, {"sha256": "a"})
+    assert _differences(old, new) == ["decode cuda (now cpu)"]
+    assert _differences(new, make_job("tag", "jsonl", {"precision": "fp32", "decode": "cpu"}, {"sha256": "a"})) == []

@@ -436,3 +436,21 @@ def test_missing_onnxruntime_message_names_what_to_install(monkeypatch):
     with pytest.raises(I2VError) as exc:
         resolve_backend("onnxruntime", CPU, "fp32")
     assert str(exc.value) == "--backend onnxruntime needs ONNX Runtime: pip install onnx onnxruntime"
+
+
+@needs_ort
+def test_a_cache_folder_not_named_in_utf8(tag_weights, tmp_path, monkeypatch):
+    """ONNX Runtime takes file names as UTF-8 text only: under such an $I2V_HOME the export is kept in memory
+    (said so), and int8's quantised file is read into memory; a run crashed with a TypeError before."""
+    import os
+    from pathlib import Path
+
+    from i2v_cli.quantize import prepare_int8
+
+    home = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"home\xff"))
+    model, _ = load_model(tag_weights)
+    net = prepare_for_inference(model, cache_dir=Path(home))
+    assert "cache folder not named in UTF-8" in net.describe()
+    x = torch.rand(2, 3, INPUT_SIZE, INPUT_SIZE) * 255 - 120
+    np.testing.assert_allclose(net(x).numpy(), model(x).detach().numpy(), atol=1e-5)
+    assert prepare_int8(model, Path(home))(x).shape == (2, 1539)

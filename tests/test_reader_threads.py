@@ -77,3 +77,14 @@ def test_default_workers_use_the_cores_when_the_network_is_on_a_gpu(monkeypatch)
     assert common.default_workers() == 4 and common.default_workers(model) == 4  # the CPU runs the network too
     monkeypatch.setattr(inference, "model_device", lambda _: torch.device("cuda"))
     assert common.default_workers(model) == 15
+
+
+def test_more_workers_than_cores_is_no_warning(golden_order):
+    """torch advises against more workers than cores when a loader is made; the user asked for them, so it never
+    reaches their terminal (it did whenever a run had a single batch shared among workers)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        data.make_loader([str(p) for p in golden_order[:4]], batch_size=1, workers=64)
+    assert not [w for w in seen if "worker processes" in str(w.message)]

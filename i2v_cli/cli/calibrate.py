@@ -44,9 +44,11 @@ def calibrate(paths: tuple[str, ...], recursive: bool, nul: bool, output: Path |
       i2v weights calibrate ./my-illustrations -r
       I2V_CALIBRATION=cal.npz i2v tag ./folder --precision int8   (after: i2v weights calibrate ... -o cal.npz)
     """
+    from ..writers import display
+
     inputs = expand_inputs(paths, recursive=recursive, stdin=sys.stdin.buffer if "-" in paths else None, nul=nul)
     if output is not None and any(same_file(output, p) for p in inputs):
-        raise OutputError(f"{output} is one of the input images: write the calibration set elsewhere")
+        raise OutputError(f"{display(str(output))} is one of the input images: write the calibration set elsewhere")
     from ..quantize import default_calibration_file, images_from_files, save_calibration  # brings torch
 
     images, used, failed = images_from_files(inputs, count)
@@ -61,7 +63,8 @@ def calibrate(paths: tuple[str, ...], recursive: bool, nul: bool, output: Path |
         except OSError as exc:
             raise OutputError(describe_oserror(target, exc)) from None
     save_calibration(images, target)
-    where = "" if output is None else f" (int8 uses it with {CALIBRATION_ENV}={target})"
-    click.echo(f"{target}: {len(used)} images{where}", err=True)
+    shown = display(str(target))
+    where = "" if output is None else f" (int8 uses it with {CALIBRATION_ENV}={shown})"
+    click.echo(f"{shown}: {len(used)} images{where}", err=True)
     if failed:
         sys.exit(EXIT_SOME_FAILED)

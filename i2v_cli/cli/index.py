@@ -137,6 +137,8 @@ def index(
     if imports:
         if paths:
             raise UsageFailure("give either PATH... or --import FOLDER, not both")
+        if decode != "cpu":
+            raise UsageFailure(f"--decode {decode}: --import reads records, it decodes no image")
         from .index_import import run_import
 
         run_import(db, imports, fmt)

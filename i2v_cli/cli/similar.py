@@ -128,6 +128,8 @@ def similar(
 
     try:
         fmt = format_for(fmt, output, SIMILAR_FORMATS, "text")
+        if device not in ("auto", "cpu") or decode != "cpu":  # checked even when no query needs the network
+            check_gpu_decoding(decode, resolve_device(device))
         index = read_features(index_path)
         check_output(output, [str(index.vectors_path), str(index.paths_path)])
         paths = _query_paths(queries, index, recursive, nul)
@@ -150,7 +152,6 @@ def similar(
 
     if to_compute:
         dev = resolve_device(device)
-        check_gpu_decoding(decode, dev)
         model, info = load_model(resolve_weights(weights, FEATURE), kind=FEATURE, device=str(dev))
         if model.arch.feature_dim != index.dim:
             raise UsageFailure(

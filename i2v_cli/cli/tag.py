@@ -217,7 +217,6 @@ def tag(
         for warning in request.warnings:
             echo(None, f"i2v: warning: {warning}")
         captions = request.options
-        check_captions_dir(captions)
         captioned = already_captioned(inputs, captions) if captions is not None and not wants_records else []
         if captioned:  # their captions are there and no records are asked for: nothing to compute for them
             done = set(captioned)
@@ -241,6 +240,7 @@ def tag(
         if net is None:
             model, net, info, onnx, before = _torch_network(weights_path, device, backend, precision)
         check_decode(decode, model)
+        check_captions_dir(captions)  # it makes the folder: only once every option and the network are known good
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     except OSError as exc:  # the weight file vanished between finding and reading it
