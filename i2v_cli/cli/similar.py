@@ -121,7 +121,6 @@ def similar(
       i2v similar new.jpg --index vecs.npy --format jsonl | jq -r '.results[].path'
     """
     # torch comes with these: imported here so that `i2v similar -h` answers at once.
-    from ..gpudecode import check_gpu_decoding
     from ..runner import resolve_device, run_model
     from ..similar import result_record, search
     from ..weights import load_model, resolve_weights
@@ -129,6 +128,8 @@ def similar(
     try:
         fmt = format_for(fmt, output, SIMILAR_FORMATS, "text")
         if device not in ("auto", "cpu") or decode != "cpu":  # checked even when no query needs the network
+            from ..gpudecode import check_gpu_decoding  # brings torch: only for these
+
             check_gpu_decoding(decode, resolve_device(device))
         index = read_features(index_path)
         check_output(output, [str(index.vectors_path), str(index.paths_path)])
