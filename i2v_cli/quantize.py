@@ -25,15 +25,17 @@ The feature network's ``encode1`` (a matrix-vector product per image) stays in f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import io
+import logging
 import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -374,6 +376,26 @@ class _Reader:
         raise NotImplementedError
 
 
+class _QuantizerAdvice(logging.Filter):
+    """ONNX Runtime's quantiser advises pre-processing through the root logger (`WARNING:root:` on the user's
+    terminal): i2v does its own, so the advice is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_quantizer_advice() -> Iterator[None]:
+    """While quantising: :class:`_QuantizerAdvice` on the root logger (and the library never prints)."""
+    advice = _QuantizerAdvice()
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+
+
 def quantize_onnx(model: nn.Module, float_onnx: bytes, images: np.ndarray) -> bytes:
     """The QDQ int8 version of ``float_onnx`` (the export of ``model``, or of its conv trunk): conv1_1 ... conv6_3
     equalised (:func:`equalize`) with GPTQ-rounded int8 weights (one scale per output channel) and uint8
@@ -414,19 +436,20 @@ def quantize_onnx(model: nn.Module, float_onnx: bytes, images: np.ndarray) -> by
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         onnx.save_model(proto, src)
         del proto
-        quantize_static(
-            src,
-            dst,
-            _Reader(inputs[:1], input_name, feeds),  # every range is given: the pass only satisfies the API
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["Conv", "MaxPool", "Relu"],
-            nodes_to_exclude=[n.name for n in convs[len(stats.hessians) :]],  # the tag network's conv6_4
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"TensorQuantOverrides": overrides, "QDQDisableWeightAdjustForInt32Bias": True},
-        )
+        with _no_quantizer_advice():
+            quantize_static(
+                src,
+                dst,
+                _Reader(inputs[:1], input_name, feeds),  # every range is given: the pass only satisfies the API
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["Conv", "MaxPool", "Relu"],
+                nodes_to_exclude=[n.name for n in convs[len(stats.hessians) :]],  # the tag network's conv6_4
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"TensorQuantOverrides": overrides, "QDQDisableWeightAdjustForInt32Bias": True},
+            )
         return dst.read_bytes()
 
 

@@ -362,3 +362,17 @@ def test_calibrate_command_refusals(golden, tmp_path):
     assert result.exit_code == 2 and "no image could be read" in result.stderr and not out.exists()
     result = CliRunner().invoke(cli, ["weights", "calibrate", str(image), "-o", str(tmp_path / "no" / "cal.npz")])
     assert result.exit_code == 2 and "cannot write" in result.stderr
+
+
+@needs_ort
+def test_quantising_says_nothing_on_the_terminal(tag_weights, tmp_path, caplog):
+    """ONNX Runtime's quantiser logs advice through the root logger (`WARNING:root:...` on stderr); the library
+    never prints, so it is dropped while i2v quantises, and the root logger is left as it was."""
+    import logging
+
+    model, _ = load_model(tag_weights)
+    filters_before = list(logging.getLogger().filters)
+    with caplog.at_level(logging.WARNING):
+        quantize.prepare_int8(model, tmp_path)
+    assert not [r for r in caplog.records if "quantization" in r.getMessage()]
+    assert logging.getLogger().filters == filters_before
