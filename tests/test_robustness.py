@@ -142,6 +142,16 @@ def test_non_utf8_name_is_reported_faithfully(tmp_path, tag_weights):
     assert read_progress(str(out), "jsonl").done == {str(tmp_path / name)}
 
 
+def _pictures(folder: Path, n: int, boom: int) -> list[str]:
+    """``n`` small PNG files in ``folder``, in name order; the one at ``boom`` has BOOM in its name (see _crash_on)."""
+    paths = []
+    for i in range(n):
+        name = f"{i:02d}-BOOM.png" if i == boom else f"{i:02d}.png"
+        _picture(seed=i).save(folder / name)
+        paths.append(str(folder / name))
+    return paths
+
+
 def _crash_on(pattern: str):
     """load_and_preprocess, killing its own process for paths containing ``pattern`` (see conftest.crashing)."""
     import i2v_cli.data
@@ -260,11 +270,7 @@ def test_decode_in_worker_survives_an_image_that_kills_its_decoder(tmp_path, mon
     """What a Ray decoding task calls: one batch from one worker, or, when an image kills it, one process each."""
     from i2v_cli.data import decode_in_worker
 
-    paths = []
-    for i in range(4):
-        name = f"{i}-BOOM.png" if i == 2 else f"{i}.png"
-        _picture(seed=i).save(tmp_path / name)
-        paths.append(str(tmp_path / name))
+    paths = _pictures(tmp_path, 4, boom=2)
     (tmp_path / "text.png").write_text("not an image")
     paths.append(str(tmp_path / "text.png"))
     clean = decode_in_worker([p for p in paths if "BOOM" not in p])
@@ -284,11 +290,7 @@ def test_decode_in_worker_leaves_sigchld_as_it_found_it(tmp_path, monkeypatch):
     # image: test_outputs' slow-consumer test failed after this file's tests had run in the same process.
     from i2v_cli.data import decode_in_worker, iter_batches
 
-    paths = []
-    for i in range(3):
-        name = f"{i}-BOOM.png" if i == 1 else f"{i}.png"
-        _picture(seed=i).save(tmp_path / name)
-        paths.append(str(tmp_path / name))
+    paths = _pictures(tmp_path, 3, boom=1)
     previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         monkeypatch.setattr("i2v_cli.data.load_and_preprocess", _crash_on("BOOM"))
@@ -306,11 +308,7 @@ def test_a_crash_in_a_shared_batch_costs_only_its_image(tmp_path, monkeypatch):
     of one costs that image only; the batch's other parts, decoded by other workers, are decoded again, in order."""
     from i2v_cli.data import iter_batches
 
-    paths = []
-    for i in range(14):
-        name = f"{i:02d}-BOOM.png" if i == 6 else f"{i:02d}.png"
-        _picture(seed=i).save(tmp_path / name)
-        paths.append(str(tmp_path / name))
+    paths = _pictures(tmp_path, 14, boom=6)
     (clean,) = iter_batches(paths[:6] + paths[7:], batch_size=13, workers=0)
     monkeypatch.setattr("i2v_cli.data.load_and_preprocess", _crash_on("BOOM"))
     batches = list(iter_batches(paths, batch_size=8, workers=2))
