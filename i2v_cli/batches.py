@@ -44,6 +44,11 @@ class Batch:
     inputs: Any
     errors: dict[int, str]
 
+    @property
+    def size(self) -> int:
+        """How many images of the run the batch accounts for: decoded or failed."""
+        return len(self.ok) + len(self.errors)
+
     def pin_memory(self) -> Batch:
         """Let DataLoader(pin_memory=True) pin the input tensor for fast, non-blocking copies to a GPU."""
         import torch

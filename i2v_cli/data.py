@@ -269,8 +269,9 @@ def iter_batches(
     (:func:`read_ahead`).
 
     A decoding worker that dies (a decoder crash, the out-of-memory killer) costs only the image that killed
-    it: the batch in hand is decoded again one image per process (:func:`decode_isolated`) and a new loader
-    goes on from the next batch. Closing the iterator (the consumer stopped, Ctrl-C) stops the reader.
+    it: the parts of the batch in hand that arrived are kept, the rest is decoded again one image per process
+    (:func:`decode_isolated`), and a new loader goes on from the next batch. Closing the iterator (the consumer
+    stopped, Ctrl-C) stops the reader.
     """
     chunk = chunk_size(batch_size, workers)  # each worker decodes a part of every network batch
     split = chunk < batch_size
@@ -297,13 +298,13 @@ def iter_batches(
             try:
                 for part in batches:
                     parts.append(part)
-                    if sum(len(p.ok) + len(p.errors) for p in parts) < min(batch_size, len(paths) - done):
+                    if sum(p.size for p in parts) < min(batch_size, len(paths) - done):
                         continue  # more parts of this network batch to come
                     batch = merge_batches(parts)
                     parts = []
                     if split and pin_memory and batch.ok:
                         batch.pin_memory()
-                    done += len(batch.ok) + len(batch.errors)
+                    done += batch.size
                     yield batch
                     if stop.is_set():
                         return
@@ -313,10 +314,10 @@ def iter_batches(
                 batches.close()
                 # The parts of this network batch that arrived whole are kept; the rest is decoded again, one
                 # image per process, so that only the image that killed its worker fails.
-                covered = sum(len(p.ok) + len(p.errors) for p in parts)
+                covered = sum(p.size for p in parts)
                 rest = decode_isolated(paths, range(done + covered, min(done + batch_size, len(paths))))
                 batch = merge_batches([*parts, rest])
-                done += len(batch.ok) + len(batch.errors)
+                done += batch.size
                 yield batch
             finally:
                 batches.close()

@@ -4,13 +4,13 @@ On a GPU machine the CPU's decoding bounds a run: on an H100 with 16 cores, i2v'
 of mixed-size JPEG files gave a few hundred images a second, the network in bf16 over ten thousand. Here the
 files are read in threads, their headers checked with Pillow (no pixels decoded), the JPEGs decoded in batches
 by nvJPEG (``torchvision.io.decode_jpeg(device="cuda")``) and resized by the spec's resize as two matrix
-products per image size (the banded matrices of :mod:`i2v_cli.transform`, float32 with TF32 off).
+products per image size (the banded matrices of :mod:`i2v_cli.transform`, in float32).
 
-It is opt-in: nvJPEG's IDCT and chroma upsampling are not libjpeg's, so pixels differ by a level or two on
-average (more at sharp colour edges) and scores move as they do with bf16; the CPU decoding stays the
-reference. Every file that nvJPEG should not decode goes to i2v's CPU decoding, with its exact values and error
-messages (crash-isolated in a worker process): not a JPEG, CMYK, an EXIF orientation to apply, no end marker
-(truncated), over :data:`MAX_GPU_PIXELS`, unreadable, or refused by nvJPEG.
+It is opt-in: nvJPEG's IDCT and chroma upsampling are not libjpeg's, so colour pixels differ by a fraction of a
+level to a few on average (more at sharp colour edges; grey JPEGs are equal) and scores move as they do with
+bf16; the CPU decoding stays the reference. Every file that nvJPEG should not decode goes to i2v's CPU decoding,
+with its exact values and error messages (crash-isolated in a worker process): not a JPEG, CMYK, an EXIF
+orientation to apply, no end marker (truncated), over :data:`MAX_GPU_PIXELS`, unreadable, or refused by nvJPEG.
 """
 
 from __future__ import annotations
@@ -186,14 +186,12 @@ def gpu_batches(
                 else:
                     on_cpu.append(i)  # nvJPEG refused it, or made something else of it: the CPU decides
         inputs = dict(zip(decoded, resize(list(decoded.values())) if decoded else [], strict=True))
-        errors: dict[int, str] = {}
         cpu = _decode_on_cpu(paths, sorted(on_cpu), workers)
-        errors.update(cpu.errors)
         for i, row in zip(cpu.ok, torch.as_tensor(cpu.inputs), strict=True):
             inputs[i] = row.to(device)
         ok = sorted(inputs)
         stacked = torch.stack([inputs[i] for i in ok]) if ok else torch.empty(0, device=device)
-        return Batch(ok, stacked, errors)
+        return Batch(ok, stacked, cpu.errors)
 
     return read_ahead(produce)
 
