@@ -292,6 +292,9 @@ def child_resize(folder: str) -> dict:
     """Milliseconds per megapixel of i2v's exact resize (and of decoding), over the folder's sizes."""
     from i2v_cli.decode import image_to_array, open_image
     from i2v_cli.transform import resize_like_caffe
+    from i2v_cli.worker_context import tune_allocator
+
+    tune_allocator()  # as in a decoding worker
 
     files = sorted(Path(folder).iterdir())[: len(SIZES) * 2]
     import numpy as np
@@ -324,8 +327,11 @@ def child_stages(folder: str, limit: int) -> dict:
     from i2v_cli.pipeline import TagRecords
     from i2v_cli.runner import map_batch
     from i2v_cli.tags import Selection, load_tag_list
-    from i2v_cli.transform import resize_pixels, to_network_input
+    from i2v_cli.transform import network_input_array, resize_array
+    from i2v_cli.worker_context import tune_allocator
     from i2v_cli.writers import open_writer
+
+    tune_allocator()  # as in a decoding worker
 
     files = [str(f) for f in sorted(Path(folder).iterdir())[:limit]]
     net = prepare_for_inference(_load("tag"), cache_dir=OUT / "cache")
@@ -340,9 +346,9 @@ def child_stages(folder: str, limit: int) -> dict:
             t0 = time.thread_time()
             pixels = RGBPixels(open_image(f))
             t1 = time.thread_time()
-            rgb = resize_pixels(pixels)
+            rgb = resize_array(pixels)
             t2 = time.thread_time()
-            x = to_network_input(rgb)
+            x = torch.from_numpy(network_input_array(rgb))
             t3 = time.thread_time()
             cpu["decode"] += t1 - t0
             cpu["resize"] += t2 - t1

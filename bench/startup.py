@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/startup.py                       # this checkout vs HEAD~3, 7 rounds
     .venv/bin/python bench/startup.py --against 7540cb7 --rounds 9 --image some.jpg
+    .venv/bin/python bench/startup.py --against HEAD --images 96   # a whole run: 96 mixed-size images
+
+With ``--images N`` each run tags the first N images of bench/run.py's folder (made when missing) instead of one:
+the whole pipeline, start-up included, rather than start-up alone.
 
 The full-size synthetic tag network of bench/run.py (`out/models/tag-he1.safetensors`, built by it when missing,
 or --weights) and the first image of its folder (or --image). The other revision is extracted with `git archive`
@@ -30,8 +34,11 @@ OUT = Path(__file__).resolve().parent / "out"
 
 
 def extract(rev: str) -> Path:
-    """The package at ``rev``, extracted once under out/startup/."""
-    target = OUT / "startup" / f"rev-{rev}"
+    """The package at ``rev``, extracted once under out/startup/ (named by its commit: HEAD moves)."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", f"{rev}^{{commit}}"],
+                            capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    rev = commit
+    target = OUT / "startup" / f"rev-{commit}"
     if not (target / "i2v_cli").is_dir():
         target.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile() as f:
@@ -46,9 +53,9 @@ def extract(rev: str) -> Path:
     return target
 
 
-def run_once(code_dir: Path, home: Path, image: Path, weights: Path) -> tuple[float, float]:
-    """Wall and CPU seconds of one `python -m i2v_cli tag IMAGE -w WEIGHTS -o ...` run from ``code_dir``."""
-    cmd = [sys.executable, "-m", "i2v_cli", "tag", str(image), "-w", str(weights), "-o", str(home / "out.jsonl")]
+def run_once(code_dir: Path, home: Path, images: list[Path], weights: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of one `python -m i2v_cli tag IMAGES -w WEIGHTS -o ...` run from ``code_dir``."""
+    cmd = [sys.executable, "-m", "i2v_cli", "tag", *map(str, images), "-w", str(weights), "-o", str(home / "out.jsonl")]
     return run_cli(cmd, env={"I2V_HOME": str(home), "PYTHONPATH": str(code_dir)}, cwd=code_dir)
 
 
@@ -58,24 +65,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--weights", type=Path, default=OUT / "models" / "tag-he1.safetensors")
     parser.add_argument("--image", type=Path, help="default: the first image of bench/run.py's folder")
+    parser.add_argument("--images", type=int, default=1, help="tag this many of the folder's images (default 1)")
     args = parser.parse_args()
-    if not args.weights.is_file() or args.image is None:  # bench/run.py's models and images, made once
-        subprocess.run([sys.executable, str(Path(__file__).with_name("run.py")), "--child", "setup", "48"],
-                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-    image = args.image or sorted((OUT / "images-48").iterdir())[0]
+    folder = OUT / f"images-{max(48, args.images)}"
+    if not args.weights.is_file() or (args.image is None and not folder.is_dir()):  # bench/run.py's, made once
+        subprocess.run([sys.executable, str(Path(__file__).with_name("run.py")), "--child", "setup",
+                        str(max(48, args.images))], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    images = [args.image] if args.image else sorted(folder.iterdir())[: args.images]
     sides = {"this": ROOT, args.against: extract(args.against)}
     homes = {name: OUT / "startup" / f"home-{i}" for i, name in enumerate(sides)}
     for home in homes.values():
         home.mkdir(parents=True, exist_ok=True)
     for name, code in sides.items():
-        run_once(code, homes[name], image, args.weights)  # fills the caches
+        run_once(code, homes[name], images, args.weights)  # fills the caches
     walls: dict[str, list[float]] = {n: [] for n in sides}
     cpus: dict[str, list[float]] = {n: [] for n in sides}
-    print(f"image {image}, weights {args.weights}")
+    print(f"{len(images)} image(s) from {images[0].parent}, weights {args.weights}")
     for r in range(args.rounds):
         line = [f"round {r + 1}: load {os.getloadavg()[0]:.2f}"]
         for name, code in sides.items():
-            wall, cpu = run_once(code, homes[name], image, args.weights)
+            wall, cpu = run_once(code, homes[name], images, args.weights)
             walls[name].append(wall)
             cpus[name].append(cpu)
             line.append(f"{name} {wall:.2f} s wall, {cpu:.2f} s CPU")

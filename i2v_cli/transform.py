@@ -234,10 +234,10 @@ def _cached_band_blocks(
 _PRODUCT_MNK = (1 << 19) - 1
 
 
-def _add_product(out: np.ndarray, a: np.ndarray, b: np.ndarray, offset: float = 0.0) -> None:
+def _add_product(out: np.ndarray, a: np.ndarray, b: np.ndarray, offset: float = 0.0, transposed: bool = False) -> None:
     """``out += a @ (b - offset)`` in ``a``'s float type, in slices small enough to run single-threaded (see
     :data:`_PRODUCT_MNK`); ``b`` (pixels, say) is converted to float a slice at a time, so no float copy of it
-    is made whole."""
+    is made whole. With ``transposed``, ``out`` holds the transpose: ``out += ((b - offset).T @ a.T)``."""
     (m, k), n = a.shape, b.shape[1]
     dtype = a.dtype.type
 
@@ -245,7 +245,11 @@ def _add_product(out: np.ndarray, a: np.ndarray, b: np.ndarray, offset: float = 
         x = np.asarray(x, dtype=dtype)
         return x - dtype(offset) if offset else x  # a new array when offset: never the caller's pixels
 
-    if n >= m:
+    if transposed:  # BLAS reads both transposes as they lie: no copy
+        step = max(1, _PRODUCT_MNK // max(1, m * k))
+        for j in range(0, n, step):
+            out[j : j + step] += floats(b[:, j : j + step]).T @ a.T
+    elif n >= m:
         step = max(1, _PRODUCT_MNK // max(1, m * k))
         for j in range(0, n, step):
             out[:, j : j + step] += a @ floats(b[:, j : j + step])
@@ -261,9 +265,16 @@ def _band_width(n_in: int, n_out: int) -> int:
 
 
 def _apply_axis0(
-    read: Callable[[int, int], np.ndarray], n_in: int, n_out: int, offset: float, out: np.ndarray, row_bytes: int
+    read: Callable[[int, int], np.ndarray],
+    n_in: int,
+    n_out: int,
+    offset: float,
+    out: np.ndarray,
+    row_bytes: int,
+    transposed: bool = False,
 ) -> None:
-    """``out = A @ (x - offset)`` along axis 0 of ``x`` (n_in, ...), A from _axis_weights, chunk by chunk.
+    """``out = A @ (x - offset)`` along axis 0 of ``x`` (n_in, ...), A from _axis_weights, chunk by chunk
+    (with ``transposed``, ``out`` receives its transpose: (columns, n_out)).
 
     ``read(k0, k1)`` gives input rows ``k0:k1`` (any array whose rows flatten to ``out.shape[1]`` values);
     every row is read once, in order. Rows are taken a few at a time, about ``_CHUNK_BYTES`` when each costs
@@ -280,7 +291,11 @@ def _apply_axis0(
         source = read(k0, k1)
         if i0 == i1:
             continue
-        _add_product(out[i0:i1], weights, np.asarray(source).reshape(k1 - k0, -1), offset)
+        source = np.asarray(source).reshape(k1 - k0, -1)
+        if transposed:
+            _add_product(out[:, i0:i1], weights, source, offset, transposed=True)
+        else:
+            _add_product(out[i0:i1], weights, source, offset)
 
 
 class _RowResizer:
@@ -366,7 +381,14 @@ def resize_pixels(pixels: Pixels, size: int = INPUT_SIZE) -> torch.Tensor:
 
 
 def resize_array(pixels: Pixels, size: int = INPUT_SIZE) -> np.ndarray:
-    """Resize to (size, size, 3) float32 exactly as the release's ``caffe.io.resize_image`` (spec step 2).
+    """Resize to (size, size, 3) float32 exactly as the release's ``caffe.io.resize_image`` (spec step 2; see
+    :func:`_resized`)."""
+    return _resized(pixels, size).astype(np.float32, order="C")
+
+
+def _resized(pixels: Pixels, size: int) -> np.ndarray:
+    """The resize of :func:`resize_array` in float64, indexed (row, column, channel): often a transposed view of
+    (column, channel, row) memory, which the caller converts in the same pass as it lays it out for its use.
 
     Min-max normalise over the whole image, anti-alias and bilinear-sample as scikit-image's
     ``resize(order=1, mode="constant")`` does, clip to [0, 1], scale back. The pixels are read once, a strip
@@ -387,7 +409,7 @@ def resize_array(pixels: Pixels, size: int = INPUT_SIZE) -> np.ndarray:
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise ImageArrayError("the image holds NaN or infinite values")
         if hi == lo:
-            return np.full((size, size, 3), lo, dtype=np.float32)
+            return np.full((size, size, 3), lo, dtype=np.float64)
     # uint8 blocks are taken as they are (exact in float32; the same rounding whether they come from an
     # array or a decoded image) and the minimum is subtracted at the end; other values have it subtracted
     # first, so that float values in any range keep their precision.
@@ -401,12 +423,18 @@ def resize_array(pixels: Pixels, size: int = INPUT_SIZE) -> np.ndarray:
         # (contiguous strips, measured), unless the image is so wide that (size, W, 3) would be large.
         if h == size:
             first = np.array(rows(0, h), dtype=np.float64) - offset  # the identity: skipped (exact)
+            result = _resize_axis1(first, size)
         else:
-            tmp = np.empty((size, w * 3), dtype=np.float32)
+            # The H pass writes its transpose, (W * 3, size): read as (W, 3 * size), it is the W pass's input
+            # as it lies, so no transposing copy of the intermediate is made (that copy took a quarter of a
+            # resize, measured); the small (size, 3, size) result is laid out by the caller's conversion.
+            tmp = np.empty((w * 3, size), dtype=np.float32)
             strips = _StripReader(rows, h, _CHUNK_BYTES // (w * 3 * 4))  # uint8 strips: a quarter of that
-            _apply_axis0(strips, h, size, offset, tmp, row_bytes=w * 3 * 4)
-            first = tmp.reshape(size, w, 3)
-        result = _resize_axis1(first, size)
+            _apply_axis0(strips, h, size, offset, tmp, row_bytes=w * 3 * 4, transposed=True)
+            first = tmp.reshape(w, 3 * size)
+            res = np.empty((size, 3 * size), dtype=np.float64)
+            _apply_axis0(lambda a, b: first[a:b], w, size, 0.0, res, row_bytes=3 * size * 8)
+            result = res.reshape(size, 3, size).transpose(2, 0, 1)
     else:
         # Very wide: each strip of rows along W, then added along H into the result (float64).
         result = np.empty((size, size * 3), dtype=np.float64)
@@ -419,7 +447,8 @@ def resize_array(pixels: Pixels, size: int = INPUT_SIZE) -> np.ndarray:
         result -= (lo - offset) * np.outer(_row_sums(h, size), _row_sums(w, size))[:, :, None]
     # (y - lo) / (hi - lo) clipped to [0, 1], times (hi - lo), plus lo.
     np.clip(result, 0.0, hi - lo, out=result)
-    return (result + lo).astype(np.float32)
+    result += lo
+    return result
 
 
 def _resize_axis1(first: np.ndarray, size: int) -> np.ndarray:
@@ -497,7 +526,13 @@ def network_input_array(rgb: np.ndarray) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB array, got shape {rgb.shape}")
     bgr = rgb.astype(np.float32, copy=False)[:, :, ::-1].transpose(2, 0, 1)
-    return np.ascontiguousarray(bgr - _MEAN_BGR)
+    return np.subtract(bgr, _MEAN_BGR, out=np.empty(bgr.shape, dtype=np.float32))
+
+
+def _network_input(pixels: Pixels) -> np.ndarray:
+    """``network_input_array(resize_array(pixels))``, the same values, with one conversion of the resize's result
+    in its own memory order rather than a transposing copy then another."""
+    return network_input_array(_resized(pixels, INPUT_SIZE).astype(np.float32, order="K"))
 
 
 def _sixteen_to_eight(values: np.ndarray) -> np.ndarray:
@@ -581,7 +616,7 @@ def preprocess_array(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarr
         pixels: Pixels = RGBPixels(decode_image(image))
     else:
         pixels = _array_pixels(image)
-    return network_input_array(resize_array(pixels, INPUT_SIZE))
+    return _network_input(pixels)
 
 
 def load_and_preprocess(path: PathType) -> torch.Tensor:
@@ -593,4 +628,4 @@ def load_and_preprocess(path: PathType) -> torch.Tensor:
 
 def load_network_input(path: PathType) -> np.ndarray:
     """:func:`load_and_preprocess` as a NumPy array, without torch."""
-    return network_input_array(resize_array(RGBPixels(open_image(path)), INPUT_SIZE))
+    return _network_input(RGBPixels(open_image(path)))

@@ -86,6 +86,40 @@ def test_a_decoded_image_and_its_array_give_the_same_input(h, w, lo, seed):
     assert torch.equal(preprocess(img), preprocess(arr))
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    h=st.sampled_from([1, 2, 7, INPUT_SIZE, 225, 480]),
+    w=st.sampled_from([1, 3, INPUT_SIZE, 300, 640]),
+    uniform=st.booleans(),
+    as_float=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_network_input_equals_the_resize_then_the_normalisation(h, w, uniform, as_float, seed):
+    """load_network_input lays the resize's result out once, in its own memory order: bit-equal to resizing to
+    (H, W, 3) and normalising that, on every path of the resize (either side the identity, uniform, floats)."""
+    from i2v_cli import transform
+
+    rng = np.random.default_rng(seed)
+    arr = np.full((h, w, 3), 77, np.uint8) if uniform else rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    pixels = ArrayPixels(arr.astype(np.float32) * 0.75 + 3.0 if as_float else arr)
+    rgb = transform.resize_array(pixels)
+    assert rgb.dtype == np.float32 and rgb.flags.c_contiguous and rgb.shape == (INPUT_SIZE, INPUT_SIZE, 3)
+    fused = transform._network_input(pixels)
+    assert fused.dtype == np.float32 and fused.flags.c_contiguous
+    np.testing.assert_array_equal(fused, transform.network_input_array(rgb))
+
+
+def test_the_network_input_of_a_very_wide_image_equals_the_two_steps():
+    from i2v_cli import transform
+
+    arr = RNG.integers(0, 256, (5, 13_000, 3), dtype=np.uint8)
+    assert INPUT_SIZE * 13_000 * 3 * 4 > transform._MAX_INTERMEDIATE  # the W-first path
+    pixels = ArrayPixels(arr)
+    np.testing.assert_array_equal(
+        transform._network_input(pixels), transform.network_input_array(transform.resize_array(pixels))
+    )
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "1", "I;16", "I", "F", "YCbCr", "HSV", "La"])
 def test_blocks_equal_the_whole_image_for_every_mode(mode):
     base = Image.fromarray(RNG.integers(0, 256, (70, 90, 3), dtype=np.uint8))
