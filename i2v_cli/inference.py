@@ -270,7 +270,8 @@ class PackedCPUNet(_Described, nn.Module):
             x = _conv(x, weight, bias, "relu") if op == "conv" else F.max_pool2d(x, 2, 2)
         if self.kind == TAG:
             return torch.sigmoid(_conv(x, *self.head, "none").mean(dim=(2, 3)))
-        return self.encode1(torch.flatten(x.contiguous(), 1))
+        flat = torch.flatten(x.contiguous(), 1)
+        return encode1_product(flat, self.encode1.weight, self.encode1.bias).contiguous()
 
     def _disagreement(self, x: torch.Tensor, out: torch.Tensor) -> str | None:
         """None when ``out`` agrees with eager on the batch's first and last image, else what differs."""
@@ -381,9 +382,23 @@ def _export_bytes(model: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
+def encode1_product(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``encode1`` (``flat @ weight.T + bias``) computed as ``(weight @ flat.T).T + bias``: with the 800 MB weight
+    as the left operand, ONNX Runtime's product and torch's stream it once. At batch 8 on a 2-core CPU that took
+    57 ms against 90-105 ms for the usual order (fed weight), as fast as ONNX Runtime's product on a pre-packed
+    constant weight (50 ms), measured; the same values to rounding (4e-6 from float64, against 1e-5)."""
+    return (weight @ flat.T).T + bias
+
+
+#: The name of the feature network's export; its graph changed with :func:`encode1_product` (older caches are
+#: not read again).
+FEATURE_EXPORT = "feature-whole-wx"
+
+
 class _FeatureNet(nn.Module):
     """The feature network with ``encode1``'s weight as a second input: exported so, the ONNX file holds
-    everything but that 800 MB matrix, which the session reads from the model's own tensor at each call."""
+    everything but that 800 MB matrix, which the session reads from the model's own tensor at each call
+    (:func:`encode1_product`)."""
 
     def __init__(self, model: Illust2VecNet) -> None:
         super().__init__()
@@ -392,7 +407,7 @@ class _FeatureNet(nn.Module):
         self.extra_inputs = {"encode1_weight": model.encode1.weight.detach()}
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(torch.flatten(self.features(x), 1), weight, self.bias)
+        return encode1_product(torch.flatten(self.features(x), 1), weight, self.bias)
 
 
 class OnnxRuntimeNet(_Described):
@@ -415,7 +430,7 @@ class OnnxRuntimeNet(_Described):
         exported: nn.Module = model
         name = model.arch.kind
         if model.arch.kind != TAG:
-            exported, name = _FeatureNet(model), f"{model.arch.kind}-whole"
+            exported, name = _FeatureNet(model), FEATURE_EXPORT
             self.feeds = {"encode1_weight": model.encode1.weight.detach().contiguous().numpy()}  # shares memory
         self.notes = []
 

@@ -338,10 +338,10 @@ def test_packed_path_that_fails_on_real_shapes_falls_back(monkeypatch, loaded, i
 
 
 def _cache_entry(model, tmp_path):
-    from i2v_cli.inference import _FeatureNet
+    from i2v_cli.inference import FEATURE_EXPORT, _FeatureNet
 
     exported = model if model.arch.kind == "tag" else _FeatureNet(model)
-    name = model.arch.kind if model.arch.kind == "tag" else "feature-whole"
+    name = model.arch.kind if model.arch.kind == "tag" else FEATURE_EXPORT
     path = onnx_cache_path(exported, name, tmp_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
