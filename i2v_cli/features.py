@@ -32,7 +32,7 @@ import numpy as np
 
 from .atomic import AtomicFile
 from .errors import I2VError, OutputError
-from .writers import JsonlWriter, Record, Sink, path_fields, record_path
+from .writers import JsonlWriter, Record, Sink, dumps, path_fields, record_path
 
 PathLike = str | os.PathLike[str]
 
@@ -455,16 +455,23 @@ def feature_json(vector: np.ndarray) -> str:
     return "[" + ",".join(vector.astype(str)) + "]"  # float32 to str: the shortest repr that round-trips
 
 
+def record_json(record: Record) -> str:
+    """A record as one JSON object: of ``i2v features``, ``{"path": ..., "feature": [...]}`` (the path's exact bytes
+    as :func:`~i2v_cli.writers.path_fields` gives them, the feature by :func:`feature_json`); any other (a tag
+    record, an error) as :func:`~i2v_cli.writers.dumps` writes it. The one formatter of the features JSONL writer
+    and the server."""
+    if "feature" not in record:
+        return dumps(record)
+    head = json.dumps(path_fields("path", record["path"]), ensure_ascii=False)[:-1]
+    return f'{head}, "feature": {feature_json(record["feature"])}}}'
+
+
 class FeatureJsonlWriter(JsonlWriter):
     """JSON lines ``{"path": ..., "feature": [...]}`` (or ``{"path": ..., "error": ...}``) to a file or stdout,
-    flushed batch by batch; ``feature`` is a NumPy row, written with :func:`feature_json`."""
+    flushed batch by batch (:func:`record_json`)."""
 
     def _format(self, record: Record, buf: io.StringIO) -> None:
-        if "feature" not in record:
-            super()._format(record, buf)
-            return
-        head = json.dumps(path_fields("path", record["path"]), ensure_ascii=False)[:-1]
-        buf.write(f'{head}, "feature": {feature_json(record["feature"])}}}\n')
+        buf.write(record_json(record) + "\n")
 
 
 def binarize(features: np.ndarray) -> np.ndarray:

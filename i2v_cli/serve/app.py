@@ -30,10 +30,10 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..errors import I2VError
-from ..features import feature_json
+from ..features import record_json
 from ..query import QueryError
 from ..tags import Selection
-from ..writers import Record, dumps, path_fields
+from ..writers import Record
 from .batcher import BatcherClosed
 from .guard import COOKIE, Guard, token_ok
 from .service import NotFound, Service
@@ -54,14 +54,6 @@ class ApiError(HTTPException):
 
 def json_response(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload, ensure_ascii=False, allow_nan=False), status, media_type="application/json")
-
-
-def record_json(record: Record) -> str:
-    """One record as ``i2v tag``/``i2v features`` write it (exact path bytes, shortest floats, features as lists)."""
-    if "feature" in record:
-        head = json.dumps(path_fields("path", record["path"]), ensure_ascii=False)[:-1]
-        return f'{head}, "feature": {feature_json(record["feature"])}}}'
-    return dumps(record)
 
 
 def records_response(records: Sequence[Record]) -> Response:
