@@ -276,90 +276,70 @@ def recall_session(weights: os.PathLike[str]) -> tuple[SessionNet, dict[str, Any
     return SessionNet(session, export), info
 
 
+def _apply(f: F, options: list[Callable[[F], F]]) -> F:
+    """``f`` decorated with ``options``, the first shown first in ``--help``."""
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def run_options(net: str = "network", batch_help: str = "Images per network call.") -> Callable[[F], F]:
+    """--device, --batch-size, --workers, --decode, --precision and --backend: how ``net`` ("network", or "networks"
+    for ``index``) runs; one definition for every command that runs one."""
+    options = [
+        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                     help=f"Where the {net} runs." if net == "network" else f"Where the {net} run."),
+        click.option("--batch-size", "-b", type=click.IntRange(1), default=16, show_default=True, help=batch_help),
+        click.option("--workers", "-j", type=click.IntRange(0), default=None,
+                     help="Processes decoding images (0: in the main process). "
+                          "Default: cores, at most 4 (on a GPU: all cores but one)."),
+        click.option("--decode", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Where JPEG files are decoded and resized. cpu gives the reference inputs; cuda (with "
+                          "--device cuda and torchvision) decodes them with nvJPEG on the GPU: several times faster "
+                          "where the CPU bounds a GPU run, with scores moved a little (nvJPEG is not libjpeg). Other "
+                          "files, and JPEGs it should not take, are decoded on the CPU."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                     help=f"Arithmetic of the {net}. fp32 gives the reference scores (IEEE, also on CUDA); tf32 "
+                          "(CUDA), bf16 (CPU or CUDA) and fp16 (CUDA) are faster and move scores by about 1e-2; int8 "
+                          "(CPU only, ONNX Runtime) is faster still, with about 1% of decisions at 0.5 changed."),
+        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                     help=f"What runs the {net}. auto: ONNX Runtime for fp32 on a CPU when installed "
+                          "(pip install onnx onnxruntime), else PyTorch."),
+    ]  # fmt: skip
+    return lambda f: _apply(f, options)
+
+
 def model_options(f: F) -> F:
-    """--weights, --device, --batch-size, --workers, --precision and --backend: how to run a network."""
-    for option in reversed(
-        [
-            click.option(
-                "--weights",
-                "-w",
-                metavar="FILE",
-                help="Weight file (.safetensors, .caffemodel or .pth). "
-                "Default: $I2V_WEIGHTS, then the cache filled by `i2v weights download`.",
-            ),
-            click.option(
-                "--device",
-                default="auto",
-                show_default=True,
-                metavar="auto|cpu|cuda[:N]",
-                help="Where the network runs.",
-            ),
-            click.option(
-                "--batch-size",
-                "-b",
-                type=click.IntRange(1),
-                default=16,
-                show_default=True,
-                help="Images per network call.",
-            ),
-            click.option(
-                "--workers",
-                "-j",
-                type=click.IntRange(0),
-                default=None,
-                help="Processes decoding images (0: in the main process). "
-                "Default: cores, at most 4 (on a GPU: all cores but one).",
-            ),
-            click.option(
-                "--decode",
-                type=click.Choice(["cpu", "cuda"]),
-                default="cpu",
-                show_default=True,
-                help="Where JPEG files are decoded and resized. cpu gives the reference inputs; cuda (with "
-                "--device cuda and torchvision) decodes them with nvJPEG on the GPU: several times faster where "
-                "the CPU bounds a GPU run, with scores moved a little (nvJPEG is not libjpeg). Other files, and "
-                "JPEGs it should not take, are decoded on the CPU.",
-            ),
-            click.option(
-                "--precision",
-                type=click.Choice(PRECISIONS),
-                default="fp32",
-                show_default=True,
-                help="Arithmetic of the network. fp32 gives the reference scores (IEEE, also on CUDA); tf32 "
-                "(CUDA), bf16 (CPU or CUDA) and fp16 (CUDA) are faster and move scores by about 1e-2; int8 "
-                "(CPU only, ONNX Runtime) is faster still, with about 1% of decisions at 0.5 changed.",
-            ),
-            click.option(
-                "--backend",
-                type=click.Choice(BACKENDS),
-                default="auto",
-                show_default=True,
-                help="What runs the network. auto: ONNX Runtime for fp32 on a CPU when installed "
-                "(pip install onnx onnxruntime), else PyTorch.",
-            ),
-        ]
-    ):
-        f = option(f)
-    return f
+    """--weights and :func:`run_options`: which network to run, and how."""
+    weights = click.option(
+        "--weights",
+        "-w",
+        metavar="FILE",
+        help="Weight file (.safetensors, .caffemodel or .pth). "
+        "Default: $I2V_WEIGHTS, then the cache filled by `i2v weights download`.",
+    )
+    return weights(run_options()(f))
 
 
-def input_options(f: F) -> F:
-    """PATH... arguments with --recursive and -0: what to process."""
-    for option in reversed(
-        [
-            click.argument("paths", nargs=-1, required=True, metavar="PATH..."),
-            click.option("--recursive", "-r", is_flag=True, help="Look for images in sub-folders too."),
-            click.option(
-                "--null",
-                "-0",
-                "nul",
-                is_flag=True,
-                help="Paths read from '-' are NUL-separated (as `find -print0` writes).",
-            ),
-        ]
-    ):
-        f = option(f)
-    return f
+def paths_options(required: bool = True) -> Callable[[F], F]:
+    """PATH... arguments with --recursive and -0: what to process (``required=False`` where another option, such
+    as ``index --import``, can stand for them)."""
+    options = [
+        click.argument("paths", nargs=-1, required=required, metavar="PATH..."),
+        click.option("--recursive", "-r", is_flag=True, help="Look for images in sub-folders too."),
+        click.option(
+            "--null",
+            "-0",
+            "nul",
+            is_flag=True,
+            help="Paths read from '-' are NUL-separated (as `find -print0` writes).",
+        ),
+    ]
+    return lambda f: _apply(f, options)
+
+
+#: PATH... (required), --recursive and -0.
+input_options = paths_options()
 
 
 def progress_option(f: F) -> F:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from ..config import BACKENDS, FEATURE, PRECISIONS, TAG
+from ..config import FEATURE, TAG
 from ..errors import I2VError
 from ..index import CombinedNet, Index, Plan, update
 from ..inputs import expand_inputs
@@ -23,9 +23,11 @@ from .common import (
     check_decode,
     default_workers,
     echo,
+    paths_options,
     progress_bar,
     progress_option,
     report_failure,
+    run_options,
 )
 
 
@@ -35,28 +37,15 @@ def db_option(f: F) -> F:
 
 
 def network_options(f: F) -> F:
-    """--tag-weights, --feature-weights and how the networks run."""
-    options = [
+    """--tag-weights, --feature-weights and how the networks run (:func:`~i2v_cli.cli.common.run_options`)."""
+    weights = [
         click.option("--tag-weights", metavar="FILE",
                      help="Tag model weights. Default: $I2V_WEIGHTS, then the cache (`i2v weights download`)."),
         click.option("--feature-weights", metavar="FILE",
                      help="Feature model weights. Default: $I2V_WEIGHTS, then the cache."),
-        click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
-                     help="Where the networks run."),
-        click.option("--batch-size", "-b", type=click.IntRange(1), default=16, show_default=True,
-                     help="Images per network call (and per commit)."),
-        click.option("--workers", "-j", type=click.IntRange(0), default=None,
-                     help="Processes decoding images (0: in the main process). "
-                          "Default: cores, at most 4 (on a GPU: all cores but one)."),
-        click.option("--decode", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                     help="Where JPEG files are decoded (cuda: nvJPEG on the GPU, with --device cuda; see "
-                          "`i2v tag --help`)."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-                     help="Arithmetic of the networks (fp32 gives the reference scores)."),
-        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-                     help="What runs the networks (auto: ONNX Runtime on a CPU in fp32 when installed)."),
     ]  # fmt: skip
-    for option in reversed(options):
+    f = run_options("networks", "Images per network call (and per commit).")(f)
+    for option in reversed(weights):
         f = option(f)
     return f
 
@@ -88,10 +77,8 @@ def load_networks(tag_weights: str | None, feature_weights: str | None, device: 
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.argument("paths", nargs=-1, metavar="PATH...")
+@paths_options(required=False)
 @db_option
-@click.option("--recursive", "-r", is_flag=True, help="Look for images in sub-folders too.")
-@click.option("--null", "-0", "nul", is_flag=True, help="Paths read from '-' are NUL-separated.")
 @click.option("--import", "imports", multiple=True, metavar="FOLDER",
               help="Load the output folders of `i2v tag -t 0 --engine ray` and `i2v features --engine ray` "
               "(repeatable: give the tag folder and the feature folder).")  # fmt: skip
