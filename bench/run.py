@@ -292,9 +292,6 @@ def child_resize(folder: str) -> dict:
     """Milliseconds per megapixel of i2v's exact resize (and of decoding), over the folder's sizes."""
     from i2v_cli.decode import image_to_array, open_image
     from i2v_cli.transform import resize_like_caffe
-    from i2v_cli.worker_context import tune_allocator
-
-    tune_allocator()  # as in a decoding worker
 
     files = sorted(Path(folder).iterdir())[: len(SIZES) * 2]
     import numpy as np
@@ -328,10 +325,7 @@ def child_stages(folder: str, limit: int) -> dict:
     from i2v_cli.runner import map_batch
     from i2v_cli.tags import Selection, load_tag_list
     from i2v_cli.transform import network_input_array, resize_array
-    from i2v_cli.worker_context import tune_allocator
     from i2v_cli.writers import open_writer
-
-    tune_allocator()  # as in a decoding worker
 
     files = [str(f) for f in sorted(Path(folder).iterdir())[:limit]]
     net = prepare_for_inference(_load("tag"), cache_dir=OUT / "cache")

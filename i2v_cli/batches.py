@@ -149,10 +149,7 @@ def _child_main(paths: Sequence[str], indices: list[int], send: Any, receive: An
     reading end (``receive``, inherited through the fork): with the parent gone (SIGKILL, the out-of-memory
     killer), sending then fails and the child leaves, instead of waiting for ever on a reader that is itself,
     holding the run's files (its output's lock) open."""
-    from .worker_context import tune_allocator
-
     receive.close()
-    tune_allocator()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batches import Batch, Sample, decode_error, decode_sample, stack_samples
 from .transform import load_and_preprocess
-from .worker_context import tune_allocator, worker_context
+from .worker_context import worker_context
 
 __all__ = [
     "Batch",
@@ -61,7 +61,6 @@ def collate(samples: list[Sample]) -> Batch:
 def _init_worker(_: int) -> None:
     # Each worker preprocesses one image at a time; one thread each keeps workers from fighting over cores.
     torch.set_num_threads(1)
-    tune_allocator()
 
 
 @contextlib.contextmanager

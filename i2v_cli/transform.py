@@ -392,9 +392,9 @@ def _resized(pixels: Pixels, size: int) -> np.ndarray:
 
     Min-max normalise over the whole image, anti-alias and bilinear-sample as scikit-image's
     ``resize(order=1, mode="constant")`` does, clip to [0, 1], scale back. The pixels are read once, a strip
-    of rows at a time. Both passes are linear, so their order changes only rounding: along H first (into
-    (size, W, 3), float32) then along W (float64) is the faster order, but for an image so wide that this
-    intermediate would exceed 32 MB, each strip is resized along W first and added along H into the result
+    of rows at a time. Both passes are linear, so their order changes only rounding: along H first (into the
+    transposed (W * 3, size), float32) then along W (float64) is the faster order, but for an image so wide that
+    this intermediate would exceed 32 MB, each strip is resized along W first and added along H into the result
     (both float64), so that memory stays bounded by the image whatever its shape.
     """
     size = int(size)

@@ -31,29 +31,6 @@ from typing import Any
 
 _forking = threading.local()
 
-#: glibc's ``mallopt`` parameters (malloc.h) and the values a decoding process sets (see :func:`tune_allocator`).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_KEEP_BELOW = 32 * 1024 * 1024
-_TRIM_ABOVE = 64 * 1024 * 1024
-
-
-def tune_allocator() -> bool:
-    """Have glibc's malloc serve blocks under 32 MB from its heap and keep up to 64 MB of it free for reuse, in a
-    process that decodes images; False where there is no glibc. Each image's buffers (a few MB: the crop, its bytes,
-    the resize's float strips) were otherwise fresh mappings of the kernel's, and faulting their pages in took a
-    third of a 1080p image's resize (measured); the peak memory is the same. Process-wide, so called only in
-    processes that i2v starts to decode."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BELOW)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE))
-
 
 def _freeze_before_fork() -> None:
     # Skipped when the program freezes objects itself (gc.freeze before forking workers of its own): its frozen
