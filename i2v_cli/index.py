@@ -423,8 +423,10 @@ class Index:
     # ---- writing (inside a transaction)
 
     def put(self, state: FileState, scores: np.ndarray | None, feature: np.ndarray | None, error: str | None) -> None:
-        """Insert or replace the row of ``state.path`` with these results (or this error)."""
+        """Insert or replace the row of ``state.path`` with these results (or this error, kept as valid UTF-8: it
+        names the file, whose name may not be)."""
         key = fs_path(state.path)
+        error = None if error is None else display(error)
         old = self.conn.execute("SELECT id, scores FROM images WHERE path = ?", (key,)).fetchone()
         if old is not None:
             self._drop_tag_scores(old[0], old[1])

@@ -263,6 +263,23 @@ def test_non_utf8_names_are_kept_exactly(runner, weights, golden, tmp_path):
     assert summary(index(runner, folder, "--db", db, weights=weights))["unchanged"] == 1
 
 
+def test_an_unreadable_file_with_a_non_utf8_name_is_a_failure_not_a_crash(runner, weights, golden, tmp_path):
+    """Its error message names the file: stored as it was, it stopped the run with a UnicodeEncodeError from
+    SQLite (a traceback, the rest of the batch lost)."""
+    folder = tmp_path / os.fsdecode(b"dossier-\xe9")
+    folder.mkdir()
+    shutil.copy(golden / "images" / "sq" / "img000.png", folder / "good.png")
+    (folder / os.fsdecode(b"cass\xe9.png")).write_bytes(b"not an image")
+    db = tmp_path / "c.db"
+    result = index(runner, folder, "--db", db, weights=weights)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert summary(result) == {"added": 1, "updated": 0, "moved": 0, "removed": 0, "unchanged": 0, "failed": 1}
+    assert "cass\\xe9.png" in result.stderr
+    con = sqlite3.connect(db)
+    (error,) = con.execute("SELECT error FROM images WHERE error IS NOT NULL").fetchone()
+    assert "dossier-\\xe9" in error and "cass\\xe9.png" in error
+
+
 def test_schema_version_and_foreign_files_are_refused(runner, tmp_path):
     db = tmp_path / "c.db"
     Index(str(db), create=True).close()
