@@ -293,12 +293,18 @@ class FeatureFile:
         """The model the features came from: ``source`` (file name) and ``sha256``, as recorded."""
         return dict(self.header.get("model") or {})
 
+    @property
+    def base(self) -> str:
+        """The folder stored relative paths are relative to: the one the features were written from (its exact
+        name, also when not UTF-8), else the paths file's own folder."""
+        return _header_path(self.header, "cwd") or str(self.paths_path.parent)
+
     def row(self, path: str) -> int | None:
         """The row of the indexed file that ``path`` names, or None. Stored relative paths are taken from the
-        folder the features were written from (not from where this runs); the same file named another way (a
-        symlink, a hard link, a path through a symlinked folder) matches too, by device and inode. A path that
-        names no file from here is looked up as stored text. A file stored twice gives its first row."""
-        base = _header_path(self.header, "cwd") or str(self.paths_path.parent)
+        folder the features were written from (:attr:`base`, not from where this runs); the same file named another
+        way (a symlink, a hard link, a path through a symlinked folder) matches too, by device and inode. A path
+        that names no file from here is looked up as stored text. A file stored twice gives its first row."""
+        base = self.base
         if self._rows is None:
             self._rows = {}
             for i, p in enumerate(self.paths):

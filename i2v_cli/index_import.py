@@ -23,7 +23,7 @@ from .config import CATEGORIES, NUM_TAGS
 from .errors import I2VError
 from .features import FeatureFile, read_features
 from .index import COMMIT_ROWS, Index, UpdateSummary, fs_path, probe
-from .ray_engine import MANIFEST, read_tag_records
+from .ray_engine import MANIFEST, cwd_of, read_tag_records
 from .writers import display, record_path
 
 
@@ -58,7 +58,7 @@ def import_ray(index: Index, folders: Sequence[str], on_record: Callable[[], Any
 
     features: dict[str, tuple[FeatureFile, int]] = {}
     failures: dict[str, str] = {}
-    feature_cwd = feature_manifest.get("cwd", "")
+    feature_cwd = cwd_of(feature_manifest)
     for shard in feature_manifest.get("shards", []):
         ff = read_features(Path(feature_folder) / shard["file"])
         if ff.binary:
@@ -77,7 +77,7 @@ def import_ray(index: Index, folders: Sequence[str], on_record: Callable[[], Any
     column = {t: i for i, t in enumerate(tags)}
     summary = UpdateSummary()
     known = index.known()
-    tag_cwd = tag_manifest.get("cwd", "")
+    tag_cwd = cwd_of(tag_manifest)
     pending: list[tuple[Any, ...]] = []
 
     def flush() -> None:

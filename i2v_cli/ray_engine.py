@@ -41,7 +41,7 @@ from .errors import I2VError, InputError
 from .features import FeatureWriter
 from .inputs import expand_inputs, read_path_list
 from .tags import Selection
-from .writers import display, path_fields, render
+from .writers import display, path_fields, record_path, render
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "i2v-ray-output"
@@ -155,8 +155,19 @@ def _plan(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> dict[
         "shard_size": job.shard_size,
         "model": dict(model),
         "options": {**job.options, "transfer": job.transfer},
-        "cwd": display(os.getcwd()),
+        **manifest_cwd(),
     }
+
+
+def manifest_cwd() -> dict[str, str]:
+    """The manifest's ``cwd``, which relative record paths are relative to: its exact bytes (``cwd_b64``) when the
+    folder's name is not UTF-8, as records keep a path's (:func:`~i2v_cli.writers.path_fields`)."""
+    return path_fields("cwd", os.getcwd())
+
+
+def cwd_of(manifest: Mapping[str, Any]) -> str:
+    """The folder a manifest's relative paths are relative to ("" when it names none: paths as they are)."""
+    return record_path(manifest, "cwd") if "cwd" in manifest else ""
 
 
 def prepare_output(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> tuple[dict[str, Any], set[int]]:

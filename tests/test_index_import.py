@@ -13,19 +13,24 @@ import pytest
 from click.testing import CliRunner
 
 from i2v_cli.cli import cli
-from i2v_cli.ray_engine import MANIFEST, write_feature_shard, write_tag_shard
+from i2v_cli.ray_engine import MANIFEST, manifest_cwd, write_feature_shard, write_tag_shard
 from i2v_cli.weights import load_weights
 
 
 def _write_manifest(folder, command, fmt, shards, model, options):
     manifest = {"format": "i2v-ray-output", "version": 1, "command": command, "output_format": fmt,
-                "model": model, "options": options, "cwd": os.getcwd(), "status": "complete",
+                "model": model, "options": options, **manifest_cwd(), "status": "complete",
                 "shards": [{"file": f} for f in shards]}  # fmt: skip
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
 @pytest.fixture
-def ray_folders(tmp_path, golden, tag_weights, feature_weights, monkeypatch):
+def ray_folders(request, tmp_path, golden, tag_weights, feature_weights, monkeypatch):
+    """Ray output folders of a run started in ``tmp_path``, or with ``request.param`` "non-utf8" in a folder whose
+    name is not UTF-8 (the records' paths are relative to it)."""
+    if getattr(request, "param", "plain") == "non-utf8":
+        tmp_path = tmp_path / os.fsdecode(b"caf\xe9")
+        tmp_path.mkdir()
     images = tmp_path / "imgs"
     images.mkdir()
     for i, name in enumerate(("sq/img000.png", "sq/img001.png", "mixed/img001.png", "mixed/img003.png")):
@@ -64,7 +69,10 @@ def _content(db):
     return out, n
 
 
+@pytest.mark.parametrize("ray_folders", ["plain", "non-utf8"], indirect=True)
 def test_import_equals_a_local_index(ray_folders, tmp_path, tag_weights, feature_weights):
+    """Also from a run started in a folder whose name is not UTF-8: its manifest gave the folder as \\xNN text, and
+    every record's path joined to it named no file (all "not reachable from here")."""
     tag_out, feature_out, images, _ = ray_folders
     runner = CliRunner()
     imported = tmp_path / "imported.db"

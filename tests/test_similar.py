@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
@@ -246,6 +247,22 @@ def test_text_format(runner, indexed):
         and re.fullmatch(r"  0\.\d{6}  imgs/im\d\.png", text[1])
         and len(text) == 2
     )
+
+
+def test_text_paths_open_from_here_when_written_from_a_non_utf8_folder(runner, golden, feature_weights, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    """The text format shows stored paths as they open from the current folder: the features' folder was taken
+    from the header's \\xNN text, not its exact bytes, so from inside it im0.png showed as ../caf\\xe9/imgs/..."""
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    (folder / "imgs").mkdir(parents=True)
+    for i in range(2):
+        shutil.copy(golden / "images" / "sq" / f"img00{i}.png", folder / "imgs" / f"im{i}.png")
+    monkeypatch.chdir(folder)
+    result = runner.invoke(cli, ["features", "imgs", "-j", "0", "-w", str(feature_weights), "-o", "vecs.npy"])
+    assert result.exit_code == 0, result.output
+    result = similar(runner, "imgs/im0.png", "-i", "vecs.npy", "-k", "1")
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(r"imgs/im0\.png: \(cosine similarity\)\n  -?[01]\.\d{6}  imgs/im1\.png\n", result.stdout)
 
 
 def test_index_paths_resolve_from_another_folder(runner, indexed, monkeypatch):

@@ -198,7 +198,7 @@ def similar(
         exclude=None if include_self else [own_rows.get(i) for i in order],
     )
     neighbors = dict(zip(order, found, strict=True))
-    base = str(index.header.get("cwd") or index.paths_path.parent)
+    base = index.base
     with claim_output(output, make_job("similar", fmt, {}, {})):
         writer = TextWriter(output, base=base) if fmt == "text" else open_writer(fmt, output)
         with writer:
