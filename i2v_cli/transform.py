@@ -51,6 +51,10 @@ __all__ = [
 
 #: Largest float chunk (bytes) the resize converts at once; one row's support may exceed it.
 _CHUNK_BYTES = 16 * 1024 * 1024
+#: Longest band (inputs per output) that the H pass sums in float32: beyond it (images over about 3,700 rows for
+#: 224 outputs) float64, as summing thousands of terms in float32 moved a 100,000 x 1 image's values by 3e-4 (measured
+#: against scikit-image; 3e-5 in float64).
+_LONG_BAND = 64
 #: Largest intermediate (size, W, 3) float32 result of resizing along H first; wider images are resized
 #: along W first, a strip of rows at a time (a 1 x 1,000,000 image took 2.7 GB here before).
 _MAX_INTERMEDIATE = 32 * 1024 * 1024
@@ -428,9 +432,11 @@ def _resized(pixels: Pixels, size: int) -> np.ndarray:
             # The H pass writes its transpose, (W * 3, size): read as (W, 3 * size), it is the W pass's input
             # as it lies, so no transposing copy of the intermediate is made (that copy took a quarter of a
             # resize, measured); the small (size, 3, size) result is laid out by the caller's conversion.
-            tmp = np.empty((w * 3, size), dtype=np.float32)
+            # float32, unless the band is so long (a very tall image) that its sum in float32 loses digits.
+            inter = np.float64 if _band_width(h, size) > _LONG_BAND else np.float32
+            tmp = np.empty((w * 3, size), dtype=inter)
             strips = _StripReader(rows, h, _CHUNK_BYTES // (w * 3 * 4))  # uint8 strips: a quarter of that
-            _apply_axis0(strips, h, size, offset, tmp, row_bytes=w * 3 * 4, transposed=True)
+            _apply_axis0(strips, h, size, offset, tmp, row_bytes=w * 3 * tmp.itemsize, transposed=True)
             first = tmp.reshape(w, 3 * size)
             res = np.empty((size, 3 * size), dtype=np.float64)
             _apply_axis0(lambda a, b: first[a:b], w, size, 0.0, res, row_bytes=3 * size * 8)

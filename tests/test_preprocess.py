@@ -132,6 +132,14 @@ def test_resize_matches_scikit_image(h: int, w: int, size: int, as_float: bool, 
     np.testing.assert_allclose(got.numpy(), caffe_reference(arr, size), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(100_000, 1, 3), (40_000, 3, 3), (5_300, 1, 3), (60_000, 224, 3)])
+def test_very_tall_images_keep_their_digits(shape):
+    """A long band summed in float32 moved a 100,000 x 1 image's values by 3e-4 and a 60,000 x 224 one's by 3.5e-4;
+    the H pass sums bands over 64 inputs in float64 (7.6e-6 here)."""
+    arr = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    np.testing.assert_allclose(resize_like_caffe(arr).numpy(), caffe_reference(arr, INPUT_SIZE), rtol=0, atol=8e-5)
+
+
 @given(value=st.integers(0, 255), h=st.integers(1, 50), w=st.integers(1, 50))
 def test_constant_image_gives_that_constant(value: int, h: int, w: int) -> None:
     got = resize_like_caffe(np.full((h, w, 3), value, dtype=np.uint8))
