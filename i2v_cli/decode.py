@@ -237,6 +237,9 @@ def _check_file(path: PathType, name: str) -> os.stat_result:
     """Say in words why ``path`` is not a readable regular file, before Pillow gives a vaguer error."""
     try:
         lst = os.lstat(path)
+    except ValueError:  # what os raises for a name with a NUL byte, which no file can have
+        shown = name.replace("\0", "\\0")
+        raise ImageDecodeError(f"{shown}: no file name holds a NUL byte") from None
     except FileNotFoundError:
         raise ImageDecodeError(f"{name}: no such file") from None
     except PermissionError:

@@ -96,6 +96,8 @@ def read_path_list(stream: IO[bytes], nul: bool = False) -> Iterator[str]:
     """Paths from a byte stream, one a line or NUL-separated (``find -print0``); bytes that are not UTF-8
     survive through the file system encoding's surrogate escapes."""
     data = stream.read()
+    if not nul and b"\0" in data:  # no file name holds one: `find -print0` output read a line at a time
+        raise InputError("the paths read from '-' are separated by NUL bytes (as `find -print0` writes): add -0")
     parts = data.split(b"\0") if nul else data.splitlines()
     for part in parts:
         if not nul:

@@ -273,6 +273,9 @@ def test_a_bad_image_in_a_list_is_named_by_index_and_path(tagger, images, tmp_pa
     with pytest.raises(i2v.ImageInputError, match=r"^.*/missing\.png: no such file$") as info:
         tagger.estimate_probabilities(tmp_path / "missing.png")
     assert info.value.index is None
+    with pytest.raises(i2v.ImageInputError) as info:  # was a bare ValueError from os.lstat
+        tagger.estimate_probabilities(["/tmp/a\0b.png"])
+    assert str(info.value) == "image at index 0: /tmp/a\\0b.png: no file name holds a NUL byte"
 
 
 def test_a_wrong_type_in_a_list_is_refused_before_any_image_is_computed(tagger, images, monkeypatch):

@@ -93,6 +93,13 @@ def test_stdin_lines_and_nul(tmp_path):
     assert got == [str(tmp_path / "first.png"), "x.png"]
 
 
+def test_find_print0_output_read_without_nul_is_a_usage_error_saying_so():
+    """Read a line at a time, the whole list was one path holding NUL bytes: os.lstat raised ValueError, a
+    traceback (in a worker: 'Caught ValueError in DataLoader worker process')."""
+    with pytest.raises(InputError, match=r"separated by NUL bytes \(as `find -print0` writes\): add -0$"):
+        expand_inputs(["-"], stdin=io.BytesIO(b"/tmp/a.png\0/tmp/b.png\0"))
+
+
 def test_no_inputs():
     with pytest.raises(InputError, match="no input images"):
         expand_inputs(["-"], stdin=io.BytesIO(b""))
