@@ -30,7 +30,7 @@ from .atomic import write_bytes
 from .config import BACKENDS, INPUT_SIZE, PRECISIONS, TAG
 from .errors import BackendWarning, I2VError, OutputError
 from .model import Illust2VecNet
-from .ortcache import new_session, open_optimised, ort_errors, session_saving_optimised
+from .ortcache import OPTIMISED_FOLDER, new_session, open_optimised, ort_errors, session_saving_optimised
 from .store import onnx_cache_dir
 
 #: Numeric precisions of ``--precision``. fp32 gives the reference results (IEEE float32 arithmetic, TF32 off);
@@ -390,9 +390,23 @@ def encode1_product(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return (weight @ flat.T).T + bias
 
 
-#: The name of the feature network's export; its graph changed with :func:`encode1_product` (older caches are
-#: not read again).
+#: The name of the feature network's export; its graph changed with :func:`encode1_product`.
 FEATURE_EXPORT = "feature-whole-wx"
+#: Names that earlier versions gave the same exports: their cached files (131 MB and its optimised graph for the
+#: real feature network) are deleted once the export under the new name is in use.
+_SUPERSEDED = {FEATURE_EXPORT: "feature-whole"}
+
+
+def _drop_superseded(export: Path, name: str) -> None:
+    """Delete the files an earlier version cached for the same network under the name ``name`` replaced."""
+    old = _SUPERSEDED.get(name)
+    if old is None or not export.stem.startswith(f"{name}-"):
+        return
+    stem = f"{old}-{export.stem[len(name) + 1 :]}"  # the same key: weights, torch version, opset
+    with contextlib.suppress(OSError):
+        stale = [export.with_name(f"{stem}.onnx"), *export.parent.with_name(OPTIMISED_FOLDER).glob(f"{stem}-*.onnx")]
+        for path in stale:
+            path.unlink(missing_ok=True)
 
 
 class _FeatureNet(nn.Module):
@@ -477,6 +491,8 @@ class OnnxRuntimeNet(_Described):
                 with contextlib.suppress(OSError):
                     path.unlink()
                 raise OnnxUnusableError(f"ONNX Runtime cannot load the fresh export ({_one_line(exc)})") from None
+        if self.export is not None:
+            _drop_superseded(self.export, name)
         self.input_name = self.session.get_inputs()[0].name
         part = ", encode1's weight fed from the model" if self.feeds else ""
         self.name = f"onnxruntime fp32 on cpu{part} ({where})"

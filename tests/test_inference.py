@@ -73,6 +73,27 @@ def test_onnxruntime_equals_eager_and_is_cached(loaded, inputs, tmp_path):
 
 
 @needs_ort
+def test_the_feature_export_of_an_earlier_version_is_deleted(feature_weights, tmp_path):
+    """The feature network's graph changed name with encode1_product; the files cached under the old name for the
+    same weights (131 MB and as much again for the real network) stayed for good."""
+    from i2v_cli.inference import FEATURE_EXPORT
+
+    model, _ = load_model(feature_weights)
+    OnnxRuntimeNet(model, tmp_path)
+    (export,) = (tmp_path / "onnx").glob("*.onnx")
+    (optimised,) = (tmp_path / "onnx-ort").glob("*.onnx")
+    key = export.stem[len(FEATURE_EXPORT) + 1 :]
+    old = tmp_path / "onnx" / f"feature-whole-{key}.onnx"
+    old_optimised = tmp_path / "onnx-ort" / f"feature-whole-{key}-0123456789abcdef.onnx"
+    other = tmp_path / "onnx" / "feature-whole-0000.onnx"  # another network's: not ours to delete
+    for path in (old, old_optimised, other):
+        path.write_bytes(b"an older export")
+    OnnxRuntimeNet(model, tmp_path)
+    assert not old.exists() and not old_optimised.exists()
+    assert other.exists() and export.exists() and optimised.exists()
+
+
+@needs_ort
 def test_onnxruntime_without_a_writable_cache_exports_in_memory(loaded, inputs, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
