@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,19 @@ def _manifest(folder: str) -> dict[str, Any]:
     return manifest
 
 
-def import_ray(index: Index, folders: Sequence[str], on_record: Callable[[], Any] | None = None) -> UpdateSummary:
-    """Load a tag folder and a feature folder (in either order) into ``index``; counts as an update's."""
+@dataclass(frozen=True)
+class ImportSource:
+    """A tag folder and a feature folder checked for import (:func:`import_source`), with their manifests."""
+
+    tag_folder: str
+    tag_manifest: dict[str, Any]
+    feature_folder: str
+    feature_manifest: dict[str, Any]
+
+
+def import_source(folders: Sequence[str]) -> ImportSource:
+    """Check that ``folders`` are one finished `i2v tag --engine ray` folder and one of `i2v features` (float), in
+    either order, before anything is written; ImportFolderError says what is wrong."""
     by_kind: dict[str, tuple[str, dict[str, Any]]] = {}
     for folder in folders:
         manifest = _manifest(folder)
@@ -55,6 +67,17 @@ def import_ray(index: Index, folders: Sequence[str], on_record: Callable[[], Any
     feature_folder, feature_manifest = by_kind["features"]
     if (tag_manifest.get("options") or {}).get("binary") or (feature_manifest.get("options") or {}).get("binary"):
         raise ImportFolderError(f"--import {display(feature_folder)}: binary features; the index needs float ones")
+    return ImportSource(tag_folder, tag_manifest, feature_folder, feature_manifest)
+
+
+def import_ray(
+    index: Index, folders: Sequence[str] | ImportSource, on_record: Callable[[], Any] | None = None
+) -> UpdateSummary:
+    """Load a tag folder and a feature folder (in either order, or as :func:`import_source` checked them) into
+    ``index``; counts as an update's."""
+    source = folders if isinstance(folders, ImportSource) else import_source(folders)
+    tag_folder, tag_manifest = source.tag_folder, source.tag_manifest
+    feature_folder, feature_manifest = source.feature_folder, source.feature_manifest
 
     features: dict[str, tuple[FeatureFile, int]] = {}
     failures: dict[str, str] = {}

@@ -105,3 +105,22 @@ def test_import_refuses_partial_tag_records(ray_folders, tmp_path):
     assert result.exit_code == 2 and "run `i2v tag -t 0 --engine ray`" in result.stderr
     result = CliRunner().invoke(cli, ["index", "--import", str(tag_out), "--db", str(tmp_path / "y.db")])
     assert result.exit_code == 2 and "needs two folders" in result.stderr
+
+
+def test_folders_that_cannot_be_imported_leave_no_index_behind(ray_folders, tmp_path):
+    """--import of a folder that is not a Ray output was refused, but after the index and its job file were made."""
+    tag_out, _, _, _ = ray_folders
+    db = tmp_path / "never.db"
+    for folders in (["--import", str(tmp_path / "nowhere"), "--import", str(tag_out)], ["--import", str(tag_out)]):
+        result = CliRunner().invoke(cli, ["index", *folders, "--db", str(db)])
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert not db.exists() and not (tmp_path / ".never.db.i2v.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["-r", "-0"])
+def test_path_options_with_import_are_refused(ray_folders, tmp_path, flag):
+    tag_out, feature_out, _, _ = ray_folders
+    result = CliRunner().invoke(
+        cli, ["index", flag, "--import", str(tag_out), "--import", str(feature_out), "--db", str(tmp_path / "x.db")]
+    )
+    assert result.exit_code == 2 and f"{flag} applies to PATH..., not to --import FOLDER" in result.stderr

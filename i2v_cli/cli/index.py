@@ -126,6 +126,8 @@ def index(
             raise UsageFailure("give either PATH... or --import FOLDER, not both")
         if decode != "cpu":
             raise UsageFailure(f"--decode {decode}: --import reads records, it decodes no image")
+        if recursive or nul:
+            raise UsageFailure(f"{'-r' if recursive else '-0'} applies to PATH..., not to --import FOLDER")
         from .index_import import run_import
 
         run_import(db, imports, fmt)

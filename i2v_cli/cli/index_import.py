@@ -9,18 +9,23 @@ import click
 
 from ..errors import I2VError
 from ..index import Index
-from ..index_import import import_ray
+from ..index_import import import_ray, import_source
 from ..resume import JobLock, make_job
 from ..writers import display
 from .common import EXIT_SOME_FAILED, UsageFailure, echo, report_failure
 
 
 def run_import(db: str, folders: tuple[str, ...], fmt: str) -> None:
-    """Import, report failures on stderr, print the summary (JSON on stdout with ``--format json``)."""
+    """Import, report failures on stderr, print the summary (JSON on stdout with ``--format json``). Folders that
+    cannot be imported are refused before the index (or its job file) is made."""
+    try:
+        source = import_source(folders)
+    except I2VError as exc:
+        raise UsageFailure(str(exc)) from None
     lock = JobLock(db, make_job("index", "sqlite", {"import": list(folders)}, {}))
     try:
         with Index(db, create=True) as idx:
-            summary = import_ray(idx, folders)
+            summary = import_ray(idx, source)
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     finally:
