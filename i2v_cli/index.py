@@ -8,7 +8,8 @@ committed and readers (``i2v search``) work while a run writes.
 
 An update (:func:`update`) is planned before any network runs (:func:`plan_update`):
 
-- a file whose path, size and mtime are those of its row is unchanged (not read again);
+- a file whose path, size and mtime are those of its row is unchanged (not read again), unless its row holds an
+  error: that file is computed again (made readable since, say), and counts as failed again if it still fails;
 - a new or changed file is hashed (SHA-256 of its bytes); when a row with that hash has results, the results
   are copied (a moved or renamed file takes over its old row when the old path is gone; a copy gets a new row):
   no network run;
@@ -386,10 +387,10 @@ class Index:
     def count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM images").fetchone()[0]
 
-    def known(self) -> dict[bytes, tuple[int, int, int, bytes]]:
-        """Every row's ``path -> (id, size, mtime_ns, sha256)``."""
-        rows = self.conn.execute("SELECT path, id, size, mtime_ns, sha256 FROM images")
-        return {bytes(p): (i, s, m, bytes(h)) for p, i, s, m, h in rows}
+    def known(self) -> dict[bytes, tuple[int, int, int, bytes, bool]]:
+        """Every row's ``path -> (id, size, mtime_ns, sha256, failed)``; ``failed``: the row holds an error."""
+        rows = self.conn.execute("SELECT path, id, size, mtime_ns, sha256, error IS NOT NULL FROM images")
+        return {bytes(p): (i, s, m, bytes(h), bool(f)) for p, i, s, m, h, f in rows}
 
     def with_results(self, sha256: bytes) -> int | None:
         """A row holding results (not an error) for this content, or None."""
@@ -587,10 +588,10 @@ def plan_update(index: Index, paths: Sequence[str], on_file: Callable[[], Any] |
     plan = Plan()
     known = index.known()
     by_hash: dict[bytes, list[bytes]] = {}
-    for key, (_, _, _, digest) in known.items():
+    for key, (_, _, _, digest, _) in known.items():
         by_hash.setdefault(digest, []).append(key)
     seen: set[bytes] = set()
-    fresh: list[tuple[FileState, tuple[int, int, int, bytes] | None]] = []
+    fresh: list[tuple[FileState, tuple[int, int, int, bytes, bool] | None]] = []
     for path in dict.fromkeys(os.path.abspath(p) for p in paths):
         if on_file is not None:
             on_file()
@@ -602,7 +603,7 @@ def plan_update(index: Index, paths: Sequence[str], on_file: Callable[[], Any] |
             continue
         seen.add(key)
         row = known.get(key)
-        if row is not None and row[1] == st.st_size and row[2] == st.st_mtime_ns:
+        if row is not None and row[1] == st.st_size and row[2] == st.st_mtime_ns and not row[4]:
             plan.unchanged += 1
             continue
         try:
@@ -614,7 +615,7 @@ def plan_update(index: Index, paths: Sequence[str], on_file: Callable[[], Any] |
     gone = {key for key in known if key not in seen and not os.path.lexists(os.fsdecode(key))}
     for state, row in fresh:
         if row is not None:
-            if row[3] == state.sha256:
+            if row[3] == state.sha256 and not row[4]:
                 plan.touches.append((row[0], state))
                 continue
             source = index.with_results(state.sha256)

@@ -122,8 +122,12 @@ def import_ray(
             summary.failures.append((path, f"{display(path)}: not reachable from here ({exc.strerror or exc})"))
             continue
         old = known.get(fs_path(path))
-        if old is not None and old[3] == state.sha256:
-            summary.unchanged += 1
+        if old is not None and old[3] == state.sha256 and not (old[4] and error is None):  # results kept
+            if old[4]:
+                summary.failed += 1
+                summary.failures.append((path, error or ""))
+            else:
+                summary.unchanged += 1
             continue
         scores = feature = None
         if error is None:

@@ -169,9 +169,10 @@ def test_incremental_counts_add_change_move_copy_delete(runner, weights, collect
     with Index(str(db), readonly=True) as idx:
         error = idx.conn.execute("SELECT error, scores FROM images WHERE path_text LIKE '%broken.png'").fetchone()
         assert "not an image" in error[0] and error[1] is None
-    # Nothing changed: nothing computed; the broken file stays recorded (unchanged, not retried).
-    assert summary(index(runner, collection, "--db", db, weights=weights)) == {
-        "added": 0, "updated": 0, "moved": 0, "removed": 0, "unchanged": 13, "failed": 0}  # fmt: skip
+    # Nothing changed: nothing computed; the broken file is tried again and fails again (exit 1: it is still broken).
+    again = index(runner, collection, "--db", db, weights=weights)
+    assert again.exit_code == 1 and summary(again) == {
+        "added": 0, "updated": 0, "moved": 0, "removed": 0, "unchanged": 12, "failed": 1}  # fmt: skip
     before, _ = rows(db)
     os.rename(collection / "a00.png", collection / "renamed.png")  # moved: same row, new path
     shutil.copy(collection / "a01.png", collection / "copy.png")  # a copy: results copied, no network run
@@ -181,7 +182,8 @@ def test_incremental_counts_add_change_move_copy_delete(runner, weights, collect
     os.utime(collection / "a05.png", ns=(1, 1))  # touched: same content, new mtime
     (collection / "new.png").write_bytes((golden / "images" / "mixed" / "img003.png").read_bytes() + b"\0")
     result = index(runner, collection, "--db", db, weights=weights)
-    assert summary(result) == {"added": 2, "updated": 1, "moved": 1, "removed": 1, "unchanged": 10, "failed": 0}
+    # (the broken file, tried again, fails again)
+    assert summary(result) == {"added": 2, "updated": 1, "moved": 1, "removed": 1, "unchanged": 9, "failed": 1}
     after, _ = rows(db)
     key = lambda name: os.fsencode(str(collection / name))  # noqa: E731
     assert after[key("renamed.png")][3:] == before[key("a00.png")][3:] and key("a00.png") not in after
@@ -260,6 +262,30 @@ def test_non_utf8_names_are_kept_exactly(runner, weights, golden, tmp_path):
     record = json.loads(result.stdout)
     assert record["path"].endswith("caf\\xe9.png") and record_path(record) == os.path.join(str(folder), name)
     # Rerun: recognised as unchanged by its exact bytes.
+    assert summary(index(runner, folder, "--db", db, weights=weights))["unchanged"] == 1
+
+
+def test_a_file_that_failed_is_tried_again_on_the_next_run(runner, weights, golden, tmp_path):
+    """A rerun said "unchanged, failed 0" and exited 0 while the file's row still held its error; and a file
+    repaired with its size and mtime kept (cp -p, rsync -t of a good copy) kept its error row for ever."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    good = (golden / "images" / "sq" / "img000.png").read_bytes()
+    target = folder / "a.png"
+    target.write_bytes(b"X" + good[1:])  # the same size, not a PNG
+    os.utime(target, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    db = tmp_path / "c.db"
+    first = index(runner, folder, "--db", db, weights=weights)
+    assert first.exit_code == 1 and summary(first)["failed"] == 1
+    again = index(runner, folder, "--db", db, weights=weights)
+    assert again.exit_code == 1 and summary(again) == {**summary(first), "added": 0, "failed": 1}, again.output
+    target.write_bytes(good)  # repaired in place, its mtime put back
+    os.utime(target, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    repaired = index(runner, folder, "--db", db, weights=weights)
+    assert repaired.exit_code == 0, repaired.output
+    assert summary(repaired) == {"added": 0, "updated": 1, "moved": 0, "removed": 0, "unchanged": 0, "failed": 0}
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT count(*) FROM images WHERE error IS NULL AND scores IS NOT NULL").fetchone() == (1,)
     assert summary(index(runner, folder, "--db", db, weights=weights))["unchanged"] == 1
 
 
