@@ -126,3 +126,23 @@ def test_path_options_with_import_are_refused(ray_folders, tmp_path, flag):
         cli, ["index", flag, "--import", str(tag_out), "--import", str(feature_out), "--db", str(tmp_path / "x.db")]
     )
     assert result.exit_code == 2 and f"{flag} applies to PATH..., not to --import FOLDER" in result.stderr
+
+
+def test_import_replaces_an_error_row_with_results_for_the_same_content(ray_folders, tmp_path):
+    """A file that failed in an earlier run (a read error, say) keeps its bytes: the import's results take its row
+    instead of counting it unchanged."""
+    from i2v_cli.index import Index, probe
+
+    tag_out, feature_out, images, _ = ray_folders
+    db = tmp_path / "i.db"
+    args = ["index", "--import", str(tag_out), "--import", str(feature_out), "--db", str(db), "--format", "json"]
+    assert CliRunner().invoke(cli, args).exit_code == 1  # r4.png is broken
+    path = str(images / "r0.png")
+    with Index(str(db)) as idx, idx.transaction():
+        idx.put(probe(path, os.stat(path)), None, None, f"{path}: cannot read the file (Input/output error)")
+    result = CliRunner().invoke(cli, args)
+    assert json.loads(result.stdout) == {"added": 0, "updated": 1, "moved": 0, "removed": 0, "unchanged": 3,
+                                         "failed": 1}  # fmt: skip
+    con = sqlite3.connect(db)
+    row = con.execute("SELECT error IS NULL, scores IS NOT NULL FROM images WHERE path_text = ?", (path,)).fetchone()
+    assert row == (1, 1)
