@@ -92,12 +92,16 @@ def _visit(path: str, visited: set[tuple[int, int]]) -> bool:
     return True
 
 
-def read_path_list(stream: IO[bytes], nul: bool = False) -> Iterator[str]:
-    """Paths from a byte stream, one a line or NUL-separated (``find -print0``); bytes that are not UTF-8
-    survive through the file system encoding's surrogate escapes."""
+def read_path_list(stream: IO[bytes], nul: bool = False, source: str = "'-'") -> Iterator[str]:
+    """Paths from a byte stream (``source`` names it in messages), one a line or NUL-separated (``find -print0``);
+    bytes that are not UTF-8 survive through the file system encoding's surrogate escapes. Lines holding a NUL
+    byte, which no file name can, are an InputError: NUL-separated paths read without ``nul``, most likely."""
     data = stream.read()
-    if not nul and b"\0" in data:  # no file name holds one: `find -print0` output read a line at a time
-        raise InputError("the paths read from '-' are separated by NUL bytes (as `find -print0` writes): add -0")
+    if not nul and b"\0" in data:
+        raise InputError(
+            f"the paths read from {source} hold NUL bytes, which no file name can: for NUL-separated paths (as "
+            "`find -print0` writes them) add -0"
+        )
     parts = data.split(b"\0") if nul else data.splitlines()
     for part in parts:
         if not nul:

@@ -266,7 +266,7 @@ def expand_ray_inputs(
             break
         if kind == ".txt":
             with open(spec, "rb") as f:
-                paths.extend(read_path_list(f, nul))
+                paths.extend(read_path_list(f, nul, source=display(spec)))
         else:
             import pyarrow.parquet as pq
 

@@ -134,3 +134,26 @@ def test_pillow_warnings_stay_off_stderr(images, tag_weights):
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 3
     assert "Warning" not in result.stderr and "Tag data" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", ["tag", "features", "index", "similar", "calibrate"])
+def test_dash_with_standard_input_closed_is_a_usage_error(command, tag_weights, feature_weights, golden, tmp_path):
+    """`i2v tag - <&-`: Python then has no sys.stdin, and `sys.stdin.buffer` was an AttributeError traceback."""
+    if command == "similar":  # it reads its index first
+        image = str(golden / "images" / "sq" / "img000.png")
+        made = CliRunner().invoke(cli, ["features", image, "-w", str(feature_weights), "-o", str(tmp_path / "v.npy")])
+        assert made.exit_code == 0, made.output
+    args = {
+        "tag": ["tag", "-", "-w", str(tag_weights)],
+        "features": ["features", "-", "-w", str(tag_weights)],
+        "index": ["index", "-", "--db", str(tmp_path / "x.db")],
+        "similar": ["similar", "-", "-i", str(tmp_path / "v.npy")],
+        "calibrate": ["weights", "calibrate", "-", "-o", str(tmp_path / "c.npz")],
+    }[command]
+    proc = subprocess.run([sys.executable, "-m", "i2v_cli", *args], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: os.close(0), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().endswith(
+        "'-' reads paths from standard input, which is closed: pipe the paths in, or give them"
+    )
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.db").exists()

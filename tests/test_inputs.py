@@ -96,8 +96,12 @@ def test_stdin_lines_and_nul(tmp_path):
 def test_find_print0_output_read_without_nul_is_a_usage_error_saying_so():
     """Read a line at a time, the whole list was one path holding NUL bytes: os.lstat raised ValueError, a
     traceback (in a worker: 'Caught ValueError in DataLoader worker process')."""
-    with pytest.raises(InputError, match=r"separated by NUL bytes \(as `find -print0` writes\): add -0$"):
+    with pytest.raises(
+        InputError, match=r"^the paths read from '-' hold NUL bytes, .*`find -print0` writes them\) add -0$"
+    ):
         expand_inputs(["-"], stdin=io.BytesIO(b"/tmp/a.png\0/tmp/b.png\0"))
+    with pytest.raises(InputError, match=r"^the paths read from list.txt hold NUL bytes"):
+        list(read_path_list(io.BytesIO(b"a.png\0"), source="list.txt"))
 
 
 def test_no_inputs():

@@ -11,7 +11,7 @@ from ..atomic import describe_oserror, same_file
 from ..config import CALIBRATION_COUNT, CALIBRATION_ENV
 from ..errors import CalibrationError, OutputError
 from ..inputs import expand_inputs
-from .common import CONTEXT_SETTINGS, EXIT_SOME_FAILED, input_options, report_failure
+from .common import CONTEXT_SETTINGS, EXIT_SOME_FAILED, input_options, report_failure, stdin_for
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -46,7 +46,7 @@ def calibrate(paths: tuple[str, ...], recursive: bool, nul: bool, output: Path |
     """
     from ..writers import display
 
-    inputs = expand_inputs(paths, recursive=recursive, stdin=sys.stdin.buffer if "-" in paths else None, nul=nul)
+    inputs = expand_inputs(paths, recursive=recursive, stdin=stdin_for(paths), nul=nul)
     if output is not None and any(same_file(output, p) for p in inputs):
         raise OutputError(f"{display(str(output))} is one of the input images: write the calibration set elsewhere")
     from ..quantize import default_calibration_file, images_from_files, save_calibration  # brings torch

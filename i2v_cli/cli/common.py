@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -319,6 +319,16 @@ def model_options(f: F) -> F:
         "Default: $I2V_WEIGHTS, then the cache filled by `i2v weights download`.",
     )
     return weights(run_options()(f))
+
+
+def stdin_for(paths: Sequence[str]) -> IO[bytes] | None:
+    """Standard input's bytes when ``-`` is among ``paths`` (paths are read from it), else None; a usage error when
+    standard input is closed (``<&-``), where Python has no ``sys.stdin`` at all."""
+    if "-" not in paths:
+        return None
+    if sys.stdin is None:
+        raise UsageFailure("'-' reads paths from standard input, which is closed: pipe the paths in, or give them")
+    return sys.stdin.buffer
 
 
 def paths_options(required: bool = True) -> Callable[[F], F]:

@@ -25,6 +25,7 @@ from .common import (
     progress_bar,
     progress_option,
     report_batch,
+    stdin_for,
 )
 from .ray_options import engine_options, run_engine
 
@@ -107,7 +108,7 @@ def features(
             raise UsageFailure(
                 f"-o {display(str(output))}: name the vectors file FILE.npy (paths go to FILE.paths.jsonl)"
             )
-        inputs = expand_inputs(paths, recursive=recursive, stdin=sys.stdin.buffer if "-" in paths else None, nul=nul)
+        inputs = expand_inputs(paths, recursive=recursive, stdin=stdin_for(paths), nul=nul)
         check_output(output, inputs)
         if fmt == "npy":
             check_output(str(paths_file_for(str(output))), inputs)

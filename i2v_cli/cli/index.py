@@ -28,6 +28,7 @@ from .common import (
     progress_option,
     report_failure,
     run_options,
+    stdin_for,
 )
 
 
@@ -136,7 +137,7 @@ def index(
         raise UsageFailure("give the images to index: PATH... (files, folders, globs, '-'), or --import FOLDER")
     started = time.perf_counter()
     try:
-        inputs = expand_inputs(paths, recursive=recursive, stdin=sys.stdin.buffer if "-" in paths else None, nul=nul)
+        inputs = expand_inputs(paths, recursive=recursive, stdin=stdin_for(paths), nul=nul)
         model, net, tag_id, feature_id, dim = load_networks(tag_weights, feature_weights, device, precision, backend)
         check_decode(decode, model)
     except I2VError as exc:

@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from ..config import FEATURE
-from .common import EXIT_SOME_FAILED, F, UsageFailure, report_failure
+from .common import EXIT_SOME_FAILED, F, UsageFailure, report_failure, stdin_for
 
 NEEDS_EXTRA = "--engine ray needs Ray: pip install 'ray[data]' pyarrow (or, in the i2v checkout, pip install '.[ray]')"
 _RAY_ONLY = ("ray_address", "num_workers", "gpus_per_worker", "shard_size", "ray_transfer")
@@ -130,7 +130,7 @@ def _run(kind: str, params: dict[str, Any]) -> None:
     device = _check_local_options(params)
     fmt, settings = _job_settings(kind, params)
     paths = params["paths"]
-    stdin = sys.stdin.buffer if "-" in paths else None
+    stdin = stdin_for(paths)
     inputs = expand_ray_inputs(paths, recursive=params["recursive"], stdin=stdin, nul=params["nul"])
     weights = resolve_weights(params["weights"], kind).absolute()
     _, info = load_weights(weights, kind)  # a model of the other kind is a one-line ModelKindError

@@ -24,6 +24,7 @@ from .common import (
     echo,
     model_options,
     report_failure,
+    stdin_for,
 )
 
 SIMILAR_FORMATS = ("text", "json", "jsonl")
@@ -63,7 +64,7 @@ def _query_paths(specs: tuple[str, ...], index: FeatureFile, recursive: bool, nu
         if spec != "-" and index.row(spec) is not None:
             found.append(spec)
         else:
-            stdin = sys.stdin.buffer if spec == "-" else None
+            stdin = stdin_for([spec])
             found.extend(expand_inputs([spec], recursive=recursive, stdin=stdin, nul=nul, keep_missing=True))
     return found
 

@@ -37,6 +37,7 @@ from .common import (
     report_batch,
     report_failure,
     runs_without_torch,
+    stdin_for,
 )
 from .ray_options import engine_options, run_engine
 
@@ -201,7 +202,7 @@ def tag(
     ctx = click.get_current_context()
     try:
         fmt = format_for(fmt, output, ("json", "jsonl", "csv"), "jsonl")
-        inputs = expand_inputs(paths, recursive=recursive, stdin=sys.stdin.buffer if "-" in paths else None, nul=nul)
+        inputs = expand_inputs(paths, recursive=recursive, stdin=stdin_for(paths), nul=nul)
         if wants_records:
             check_output(output, inputs)
         tags = load_tag_list(tag_list)
