@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,15 @@ def fs_path(path: str) -> bytes:
 def file_sha256(path: str) -> bytes:
     """SHA-256 of a file's bytes (raises OSError)."""
     return sha256_file(path)
+
+
+def not_a_file(path: str, st: os.stat_result) -> str | None:
+    """Why ``path`` (stat ``st``) cannot be indexed before it is read, or None for a regular file: a FIFO would
+    block its hashing for ever, and a device would be read whole."""
+    if stat.S_ISREG(st.st_mode):
+        return None
+    what = "a folder" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
+    return f"{display(path)}: not a regular file ({what}), not an image"
 
 
 def probe(path: str, st: os.stat_result, sha256: bytes | None = None) -> FileState:
@@ -602,6 +612,10 @@ def plan_update(index: Index, paths: Sequence[str], on_file: Callable[[], Any] |
             plan.missing.append((path, f"{display(path)}: cannot read the file ({exc.strerror or exc})"))
             continue
         seen.add(key)
+        why = not_a_file(path, st)
+        if why is not None:
+            plan.missing.append((path, why))
+            continue
         row = known.get(key)
         if row is not None and row[1] == st.st_size and row[2] == st.st_mtime_ns and not row[4]:
             plan.unchanged += 1
@@ -625,7 +639,8 @@ def plan_update(index: Index, paths: Sequence[str], on_file: Callable[[], Any] |
                 plan.todo.append(state)
                 plan.changed.add(state.path)
             continue
-        old = next((k for k in by_hash.get(state.sha256, ()) if k in gone), None)
+        # a file that failed is computed again, not moved with its error (a rename is no repair)
+        old = next((k for k in by_hash.get(state.sha256, ()) if k in gone and not known[k][4]), None)
         if old is not None:
             gone.discard(old)
             plan.moves.append((known[old][0], state))

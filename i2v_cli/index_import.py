@@ -23,7 +23,7 @@ import numpy as np
 from .config import CATEGORIES, NUM_TAGS
 from .errors import I2VError
 from .features import FeatureFile, read_features
-from .index import COMMIT_ROWS, Index, UpdateSummary, fs_path, probe
+from .index import COMMIT_ROWS, Index, UpdateSummary, fs_path, not_a_file, probe
 from .ray_engine import MANIFEST, cwd_of, read_tag_records
 from .writers import display, record_path
 
@@ -114,12 +114,17 @@ def import_ray(
             on_record()
         path = os.path.abspath(os.path.join(tag_cwd, record_path(record)))
         error = record.get("error") or failures.get(path)
+        state = None
         try:
             st = os.stat(path)
-            state = probe(path, st)
+            why = not_a_file(path, st)
+            if why is None:
+                state = probe(path, st)
         except OSError as exc:
+            why = f"{display(path)}: not reachable from here ({exc.strerror or exc})"
+        if state is None:
             summary.failed += 1
-            summary.failures.append((path, f"{display(path)}: not reachable from here ({exc.strerror or exc})"))
+            summary.failures.append((path, why or ""))
             continue
         old = known.get(fs_path(path))
         if old is not None and old[3] == state.sha256 and not (old[4] and error is None):  # results kept

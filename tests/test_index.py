@@ -393,3 +393,26 @@ def test_missing_weights_are_named_by_the_option_the_command_has(runner, tmp_pat
     assert result.exit_code == 2 and "no --feature-weights" in result.output, result.output
     result = runner.invoke(cli, ["index", str(tmp_path / "new.png"), "--db", str(tmp_path / "d.db")])
     assert result.exit_code == 2 and "no --tag-weights" in result.output, result.output
+
+
+def test_a_fifo_is_a_failure_and_a_renamed_broken_file_is_tried_again(runner, weights, golden, tmp_path):
+    """A FIFO named like an image blocked the run for ever (hashed before its type was looked at); a broken file
+    renamed took its error row along as "moved", with failed 0 and exit status 0."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(golden / "images" / "sq" / "img000.png", folder / "good.png")
+    os.mkfifo(folder / "pipe.png")
+    (folder / "bad.png").write_text("broken")
+    db = tmp_path / "c.db"
+    first = index(runner, folder, "--db", db, weights=weights)
+    assert first.exit_code == 1 and summary(first)["failed"] == 2, first.output
+    assert "pipe.png: not a regular file (a device, pipe or socket), not an image" in first.stderr
+    os.remove(folder / "pipe.png")
+    os.rename(folder / "bad.png", folder / "bad2.png")
+    second = index(runner, folder, "--db", db, weights=weights)
+    assert second.exit_code == 1, second.output
+    assert summary(second) == {"added": 0, "updated": 0, "moved": 0, "removed": 1, "unchanged": 1, "failed": 1}
+    assert "bad2.png" in second.stderr
+    con = sqlite3.connect(db)
+    errors = [e for (e,) in con.execute("SELECT error FROM images WHERE error IS NOT NULL")]
+    assert len(errors) == 1 and "bad2.png" in errors[0]
