@@ -11,9 +11,10 @@ here prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,66 @@ def _manifest(folder: str) -> dict[str, Any]:
         manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ImportFolderError(f"--import {display(folder)}: not an `--engine ray` output folder ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ImportFolderError(f"--import {display(folder)}: not an `--engine ray` output folder (its {MANIFEST} "
+                                "is not an object)")  # fmt: skip
     if manifest.get("status") != "complete":
         raise ImportFolderError(f"--import {display(folder)}: the Ray run did not finish (rerun it with --resume)")
     return manifest
+
+
+#: What the import reads back: the formats of each kind's shards.
+_FORMATS = {"tag": ("jsonl", "parquet"), "features": ("npy",)}
+
+
+def _plain_name(name: object) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def _check_manifest(folder: str, manifest: dict[str, Any], kind: str) -> None:
+    """Refuse a manifest whose fields are not what a Ray run writes (damaged, or made by hand), naming what is
+    wrong, before anything is read or written: every shard a plain file name present in the folder, the shards in
+    a format the import reads, ``options`` an object, ``cwd`` a folder name."""
+    shown = f"--import {display(folder)}"
+    fmt = manifest.get("output_format")
+    if fmt not in _FORMATS[kind]:
+        raise ImportFolderError(f"{shown}: {kind} shards in {fmt!r}; the import reads {' or '.join(_FORMATS[kind])}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and _plain_name(s.get("file")) for s in shards):
+        raise ImportFolderError(f"{shown}: its {MANIFEST} lists its shards wrongly (damaged?)")
+    for shard in shards:
+        if not (Path(folder) / shard["file"]).is_file() or (kind == "features" and not shard["file"].endswith(".npy")):
+            raise ImportFolderError(f"{shown}: shard {display(shard['file'])} is missing")
+    if not isinstance(manifest.get("options", {}), dict):
+        raise ImportFolderError(f"{shown}: its {MANIFEST}'s options are not an object (damaged?)")
+    try:
+        cwd_of(manifest)
+    except ValueError as exc:
+        raise ImportFolderError(f"{shown}: its {MANIFEST}'s folder is damaged ({exc})") from None
+
+
+@contextlib.contextmanager
+def _reading(folder: str, shard: str) -> Iterator[None]:
+    """What reading a shard's bytes raises for damaged content, as the ImportFolderError naming the shard."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON, Arrow, a record's shape
+        raise ImportFolderError(f"--import {display(folder)}: shard {display(shard)} cannot be read ({exc})") from None
+
+
+def _tag_records(folder: str, cwd: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """The tag folder's records, each with the absolute path it names; a damaged shard or record (not JSON, not an
+    object, a path that is not text) is an ImportFolderError naming the folder."""
+    records = read_tag_records(folder)
+    while True:
+        with _reading(folder, "records"):
+            record = next(records, None)
+            if record is None:
+                return
+            if not isinstance(record, dict) or not isinstance(record.get("error", ""), str):
+                raise ValueError(f"a record is not an {'{'}path, ...{'}'} object")
+            path = os.path.abspath(os.path.join(cwd, record_path(record)))
+        yield record, path
 
 
 @dataclass(frozen=True)
@@ -58,13 +116,16 @@ def import_source(folders: Sequence[str]) -> ImportSource:
     by_kind: dict[str, tuple[str, dict[str, Any]]] = {}
     for folder in folders:
         manifest = _manifest(folder)
-        by_kind[manifest.get("command", "?")] = (folder, manifest)
+        command = manifest.get("command")
+        by_kind[command if isinstance(command, str) else "?"] = (folder, manifest)
     if set(by_kind) != {"tag", "features"} or len(folders) != 2:
         raise ImportFolderError(
             "--import needs two folders: one of `i2v tag -t 0 --engine ray`, one of `i2v features --engine ray`"
         )
     tag_folder, tag_manifest = by_kind["tag"]
     feature_folder, feature_manifest = by_kind["features"]
+    _check_manifest(tag_folder, tag_manifest, "tag")
+    _check_manifest(feature_folder, feature_manifest, "features")
     if (tag_manifest.get("options") or {}).get("binary") or (feature_manifest.get("options") or {}).get("binary"):
         raise ImportFolderError(f"--import {display(feature_folder)}: binary features; the index needs float ones")
     return ImportSource(tag_folder, tag_manifest, feature_folder, feature_manifest)
@@ -83,16 +144,19 @@ def import_ray(
     failures: dict[str, str] = {}
     feature_cwd = cwd_of(feature_manifest)
     for shard in feature_manifest.get("shards", []):
-        ff = read_features(Path(feature_folder) / shard["file"])
-        if ff.binary:
-            raise ImportFolderError(f"--import {display(feature_folder)}: binary features; the index needs float ones")
-        for row, path in enumerate(ff.paths):
-            features[os.path.join(feature_cwd, path)] = (ff, row)
-        errors = Path(feature_folder) / (shard["file"][: -len(".npy")] + ".errors.jsonl")
-        if errors.exists():
-            for line in errors.read_text(encoding="utf-8").splitlines():
-                record = json.loads(line)
-                failures[os.path.join(feature_cwd, record_path(record))] = record["error"]
+        with _reading(feature_folder, shard["file"]):
+            ff = read_features(Path(feature_folder) / shard["file"])
+            if ff.binary:
+                raise ImportFolderError(
+                    f"--import {display(feature_folder)}: binary features; the index needs float ones"
+                )
+            for row, path in enumerate(ff.paths):
+                features[os.path.join(feature_cwd, path)] = (ff, row)
+            errors = Path(feature_folder) / (shard["file"][: -len(".npy")] + ".errors.jsonl")
+            if errors.exists():
+                for line in errors.read_text(encoding="utf-8").splitlines():
+                    record = json.loads(line)
+                    failures[os.path.join(feature_cwd, record_path(record))] = str(record["error"])
     dim = next(iter(features.values()))[0].dim if features else 0
     index.check_models(tag_manifest.get("model", {}), feature_manifest.get("model", {}), dim)
 
@@ -109,10 +173,9 @@ def import_ray(
                 index.put(state, scores, feature, error)
         pending.clear()
 
-    for record in read_tag_records(tag_folder):
+    for record, path in _tag_records(tag_folder, tag_cwd):
         if on_record is not None:
             on_record()
-        path = os.path.abspath(os.path.join(tag_cwd, record_path(record)))
         error = record.get("error") or failures.get(path)
         state = None
         try:
@@ -122,6 +185,9 @@ def import_ray(
                 state = probe(path, st)
         except OSError as exc:
             why = f"{display(path)}: not reachable from here ({exc.strerror or exc})"
+        except ValueError:  # os's word for a NUL byte in the name
+            shown = display(path).replace("\0", "\\0")
+            why = f"{shown}: no file name holds a NUL byte"
         if state is None:
             summary.failed += 1
             summary.failures.append((path, why or ""))

@@ -23,6 +23,7 @@ loses and duplicates nothing. ``resume`` keeps the shards in place and runs the 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -41,7 +42,7 @@ from .errors import I2VError, InputError
 from .features import FeatureWriter
 from .inputs import expand_inputs, read_path_list
 from .tags import Selection
-from .writers import display, path_fields, record_path, render
+from .writers import display, path_fields, render
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "i2v-ray-output"
@@ -166,8 +167,20 @@ def manifest_cwd() -> dict[str, str]:
 
 
 def cwd_of(manifest: Mapping[str, Any]) -> str:
-    """The folder a manifest's relative paths are relative to ("" when it names none: paths as they are)."""
-    return record_path(manifest, "cwd") if "cwd" in manifest else ""
+    """The folder a manifest's relative paths are relative to ("" when it names none: paths as they are); a
+    ValueError when the manifest's ``cwd`` or ``cwd_b64`` is damaged (not text, not strict base64, a NUL byte)."""
+    raw = manifest.get("cwd_b64")
+    if raw:
+        if not isinstance(raw, str):
+            raise ValueError("cwd_b64 is not a string")
+        value = os.fsdecode(base64.b64decode(raw, validate=True))
+    else:
+        value = manifest.get("cwd", "")
+        if not isinstance(value, str):
+            raise ValueError("cwd is not a string")
+    if "\0" in value:
+        raise ValueError("cwd holds a NUL byte")
+    return value
 
 
 def prepare_output(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> tuple[dict[str, Any], set[int]]:

@@ -100,7 +100,6 @@ def test_import_refuses_partial_tag_records(ray_folders, tmp_path):
     for r in records:
         if "general" in r:
             r["general"] = {t: s for t, s in r["general"].items() if s >= 0.5}
-    (tag_out / "part-00001.jsonl").unlink()
     write_tag_shard(tag_out, "jsonl", 0, records[:3])
     result = CliRunner().invoke(cli, ["index", "--import", str(tag_out), "--import", str(feature_out), "--db",
                                       str(tmp_path / "x.db")])  # fmt: skip
@@ -146,3 +145,60 @@ def test_import_replaces_an_error_row_with_results_for_the_same_content(ray_fold
     con = sqlite3.connect(db)
     row = con.execute("SELECT error IS NULL, scores IS NOT NULL FROM images WHERE path_text = ?", (path,)).fetchone()
     assert row == (1, 1)
+
+
+def _edit_manifest(folder, **changes):
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest.update(changes)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+DAMAGE = {
+    "shards not a list": ("tag", {"shards": 5}),
+    "shard not an object": ("tag", {"shards": [5]}),
+    "shard without a file": ("tag", {"shards": [{}]}),
+    "shard file not text": ("tag", {"shards": [{"file": 5}]}),
+    "shard file missing": ("tag", {"shards": [{"file": "nope.jsonl"}]}),
+    "shard outside the folder": ("tag", {"shards": [{"file": "../x.jsonl"}]}),
+    "cwd not text": ("tag", {"cwd": 7}),
+    "cwd_b64 not text": ("tag", {"cwd_b64": 3}),
+    "cwd_b64 not base64": ("tag", {"cwd_b64": "!!!"}),
+    "cwd with a NUL": ("tag", {"cwd_b64": "AAAA"}),
+    "parquet over jsonl shards": ("tag", {"output_format": "parquet"}),
+    "format not text": ("features", {"output_format": 5}),
+    "feature shard missing": ("features", {"shards": [{"file": "nope.npy"}]}),
+    "options not an object": ("tag", {"options": "x"}),
+    "command not text": ("tag", {"command": ["tag"]}),
+    "a line that is not JSON": ("tag", "not json\n"),
+    "a record whose path is not text": ("tag", '{"path": 5, "error": "x"}\n'),
+    "a record that is not an object": ("tag", "[1, 2]\n"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_folder_is_one_line_and_leaves_no_index(ray_folders, tmp_path, case):
+    """Each of these was a traceback (TypeError, KeyError, ValueError, ArrowInvalid, JSONDecodeError...) that left an
+    index and its job file behind, or a wrong import (a cwd_b64 that is not base64 read as no folder at all)."""
+    if case == "parquet over jsonl shards":
+        pytest.importorskip("pyarrow")
+    tag_out, feature_out, _, _ = ray_folders
+    kind, change = DAMAGE[case]
+    folder = tag_out if kind == "tag" else feature_out
+    if isinstance(change, dict):
+        _edit_manifest(folder, **change)
+    else:  # a shard's content
+        (folder / "part-00001.jsonl").write_text(change)
+    db = tmp_path / "x.db"
+    result = CliRunner().invoke(cli, ["index", "--import", str(tag_out), "--import", str(feature_out), "--db", str(db)])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert not db.exists() and not (tmp_path / ".x.db.i2v.json").exists() and not (tmp_path / "x.db-wal").exists()
+
+
+def test_a_record_naming_a_file_with_a_nul_byte_is_a_failure(ray_folders, tmp_path):
+    tag_out, feature_out, _, _ = ray_folders
+    (tag_out / "part-00001.jsonl").write_text(json.dumps({"path": "imgs/r\u00000.png", "error": "x"}) + "\n")
+    result = CliRunner().invoke(
+        cli, ["index", "--import", str(tag_out), "--import", str(feature_out), "--db", str(tmp_path / "x.db")]
+    )
+    assert result.exit_code == 1 and "r\\0" + "0.png: no file name holds a NUL byte" in result.stderr, result.output

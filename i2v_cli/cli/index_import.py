@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 
 import click
@@ -22,11 +24,16 @@ def run_import(db: str, folders: tuple[str, ...], fmt: str) -> None:
         source = import_source(folders)
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
+    made = not os.path.lexists(db)
     lock = JobLock(db, make_job("index", "sqlite", {"import": list(folders)}, {}))
     try:
         with Index(db, create=True) as idx:
             summary = import_ray(idx, source)
     except I2VError as exc:
+        if made:  # a shard found damaged midway: the index this run made holds part of it, and is no one's
+            for path in (db, f"{db}-wal", f"{db}-shm", lock.path):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         raise UsageFailure(str(exc)) from None
     finally:
         lock.release()
