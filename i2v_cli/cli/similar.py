@@ -113,7 +113,9 @@ def similar(
     used, no model needed) or an image file (its feature is computed with the feature model).
 
     Float features are compared by cosine similarity (highest first), binary ones by Hamming distance
-    (lowest first); the search is exact. A query's own row is left out of its results.
+    (lowest first); the search is exact. A query's own row is left out of its results. JSON results give each
+    path as the index stores it (a relative one is relative to the folder `i2v features` ran in); the
+    text format shows it as it opens from the current folder.
 
     \b
     Examples:
