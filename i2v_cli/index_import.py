@@ -12,8 +12,10 @@ here prints.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from .config import CATEGORIES, NUM_TAGS
 from .errors import I2VError
 from .features import FeatureFile, read_features
 from .index import COMMIT_ROWS, Index, UpdateSummary, fs_path, not_a_file, probe
-from .ray_engine import MANIFEST, cwd_of, read_tag_records
+from .ray_engine import MANIFEST, cwd_of, read_tag_shard
 from .writers import display, record_path
 
 
@@ -33,9 +35,16 @@ class ImportFolderError(I2VError):
     """A folder that cannot be imported: not a finished Ray output, the wrong kind, or not every tag score."""
 
 
+def _regular(path: Path) -> Path:
+    """``path``, when it is a regular file: anything else (a FIFO would block the read for ever) is an OSError."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(f"{display(str(path))} is not a regular file")
+    return path
+
+
 def _manifest(folder: str) -> dict[str, Any]:
     try:
-        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads(_regular(Path(folder) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ImportFolderError(f"--import {display(folder)}: not an `--engine ray` output folder ({exc})") from None
     if not isinstance(manifest, dict):
@@ -65,11 +74,19 @@ def _check_manifest(folder: str, manifest: dict[str, Any], kind: str) -> None:
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) and _plain_name(s.get("file")) for s in shards):
         raise ImportFolderError(f"{shown}: its {MANIFEST} lists its shards wrongly (damaged?)")
-    for shard in shards:
-        if not (Path(folder) / shard["file"]).is_file() or (kind == "features" and not shard["file"].endswith(".npy")):
-            raise ImportFolderError(f"{shown}: shard {display(shard['file'])} is missing")
+    names = [shard["file"] for shard in shards]
+    if len(set(names)) != len(names):
+        raise ImportFolderError(f"{shown}: its {MANIFEST} lists a shard twice (damaged?)")
+    for name in names:
+        if not (Path(folder) / name).is_file() or (kind == "features" and not name.endswith(".npy")):
+            raise ImportFolderError(f"{shown}: shard {display(name)} is missing or not a regular file")
     if not isinstance(manifest.get("options", {}), dict):
         raise ImportFolderError(f"{shown}: its {MANIFEST}'s options are not an object (damaged?)")
+    model = manifest.get("model")
+    if not (
+        isinstance(model, dict) and all(isinstance(model.get(k), str) and model.get(k) for k in ("source", "sha256"))
+    ):
+        raise ImportFolderError(f"{shown}: its {MANIFEST} does not name its model (source and sha256; damaged?)")
     try:
         cwd_of(manifest)
     except ValueError as exc:
@@ -77,27 +94,29 @@ def _check_manifest(folder: str, manifest: dict[str, Any], kind: str) -> None:
 
 
 @contextlib.contextmanager
-def _reading(folder: str, shard: str) -> Iterator[None]:
-    """What reading a shard's bytes raises for damaged content, as the ImportFolderError naming the shard."""
+def _reading(folder: str, what: str) -> Iterator[None]:
+    """What reading ``what`` (a shard, a record) raises for damaged content, as the ImportFolderError naming it."""
     try:
         yield
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON, Arrow, a record's shape
-        raise ImportFolderError(f"--import {display(folder)}: shard {display(shard)} cannot be read ({exc})") from None
+        raise ImportFolderError(f"--import {display(folder)}: {what} cannot be read ({exc})") from None
 
 
-def _tag_records(folder: str, cwd: str) -> Iterator[tuple[dict[str, Any], str]]:
-    """The tag folder's records, each with the absolute path it names; a damaged shard or record (not JSON, not an
-    object, a path that is not text) is an ImportFolderError naming the folder."""
-    records = read_tag_records(folder)
-    while True:
-        with _reading(folder, "records"):
-            record = next(records, None)
-            if record is None:
-                return
-            if not isinstance(record, dict) or not isinstance(record.get("error", ""), str):
-                raise ValueError(f"a record is not an {'{'}path, ...{'}'} object")
-            path = os.path.abspath(os.path.join(cwd, record_path(record)))
-        yield record, path
+def _tag_records(folder: str, manifest: dict[str, Any], cwd: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """The tag folder's records, shard by shard, each with the absolute path it names; a damaged shard or record
+    (not JSON, not an object, a path that is not text) is an ImportFolderError naming the shard and the record."""
+    for shard in manifest["shards"]:
+        with _reading(folder, f"shard {display(shard['file'])}"):
+            records = read_tag_shard(_regular(Path(folder) / shard["file"]), manifest["output_format"])
+        for n in itertools.count(1):
+            with _reading(folder, f"shard {display(shard['file'])} (record {n})"):
+                record = next(records, None)
+                if record is None:
+                    break
+                if not isinstance(record, dict) or not isinstance(record.get("error", ""), str):
+                    raise ValueError("not a {path, ...} object")
+                path = os.path.abspath(os.path.join(cwd, record_path(record)))
+            yield record, path
 
 
 @dataclass(frozen=True)
@@ -144,19 +163,22 @@ def import_ray(
     failures: dict[str, str] = {}
     feature_cwd = cwd_of(feature_manifest)
     for shard in feature_manifest.get("shards", []):
-        with _reading(feature_folder, shard["file"]):
-            ff = read_features(Path(feature_folder) / shard["file"])
+        with _reading(feature_folder, f"shard {display(shard['file'])}"):
+            ff = read_features(_regular(Path(feature_folder) / shard["file"]))
             if ff.binary:
                 raise ImportFolderError(
                     f"--import {display(feature_folder)}: binary features; the index needs float ones"
                 )
             for row, path in enumerate(ff.paths):
                 features[os.path.join(feature_cwd, path)] = (ff, row)
-            errors = Path(feature_folder) / (shard["file"][: -len(".npy")] + ".errors.jsonl")
-            if errors.exists():
-                for line in errors.read_text(encoding="utf-8").splitlines():
+        errors = Path(feature_folder) / (shard["file"][: -len(".npy")] + ".errors.jsonl")
+        if os.path.lexists(errors):
+            with _reading(feature_folder, f"shard {display(errors.name)}"):
+                for line in _regular(errors).read_text(encoding="utf-8").splitlines():
                     record = json.loads(line)
-                    failures[os.path.join(feature_cwd, record_path(record))] = str(record["error"])
+                    if not isinstance(record.get("error"), str) or not record["error"]:
+                        raise ValueError("a record without its error")
+                    failures[os.path.join(feature_cwd, record_path(record))] = record["error"]
     dim = next(iter(features.values()))[0].dim if features else 0
     index.check_models(tag_manifest.get("model", {}), feature_manifest.get("model", {}), dim)
 
@@ -173,7 +195,7 @@ def import_ray(
                 index.put(state, scores, feature, error)
         pending.clear()
 
-    for record, path in _tag_records(tag_folder, tag_cwd):
+    for record, path in _tag_records(tag_folder, tag_manifest, tag_cwd):
         if on_record is not None:
             on_record()
         error = record.get("error") or failures.get(path)
@@ -204,10 +226,15 @@ def import_ray(
         if error is None:
             scores = np.zeros(NUM_TAGS, np.float32)
             n = 0
-            for category in CATEGORIES:
-                for tag, score in (record.get(category.name) or {}).items():
-                    scores[column[tag]] = score
-                    n += 1
+            with _reading(tag_folder, f"the record of {display(path)[:200]}"):
+                for category in CATEGORIES:
+                    for tag, score in (record.get(category.name) or {}).items():
+                        if tag not in column:
+                            raise ValueError(f"unknown tag {tag!r}")
+                        if not isinstance(score, int | float) or not np.isfinite(score):
+                            raise ValueError(f"score {score!r} of {tag!r}")
+                        scores[column[tag]] = score
+                        n += 1
             if n != NUM_TAGS:
                 raise ImportFolderError(
                     f"--import {display(tag_folder)}: records hold {n} of the {NUM_TAGS} tag scores; the index "

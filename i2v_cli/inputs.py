@@ -96,7 +96,10 @@ def read_path_list(stream: IO[bytes], nul: bool = False, source: str = "'-'") ->
     """Paths from a byte stream (``source`` names it in messages), one a line or NUL-separated (``find -print0``);
     bytes that are not UTF-8 survive through the file system encoding's surrogate escapes. Lines holding a NUL
     byte, which no file name can, are an InputError: NUL-separated paths read without ``nul``, most likely."""
-    data = stream.read()
+    try:
+        data = stream.read()
+    except OSError as exc:  # standard input opened for writing only (0>file), a folder, ...
+        raise InputError(f"cannot read the paths from {source} ({exc.strerror or exc})") from None
     if not nul and b"\0" in data:
         raise InputError(
             f"the paths read from {source} hold NUL bytes, which no file name can: for NUL-separated paths (as "

@@ -245,19 +245,23 @@ def read_tag_records(out: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     if fmt not in ("jsonl", "parquet"):
         raise RayEngineError(f"{folder}: records can be read back from jsonl or parquet shards, not {fmt}")
     for shard in manifest["shards"]:
-        path = folder / shard["file"]
-        if fmt == "jsonl":
-            with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                yield from (json.loads(line) for line in f)
-            continue
-        import pyarrow.parquet as pq
+        yield from read_tag_shard(folder / shard["file"], fmt)
 
-        for row in pq.read_table(path).to_pylist():
-            name = {"path": row["path"], **({"path_b64": row["path_b64"]} if row.get("path_b64") else {})}
-            if row["error"] is not None:
-                yield {**name, "error": row["error"]}
-            else:
-                yield {**name, **{c: dict(row[c]) for c in _CATEGORIES}}
+
+def read_tag_shard(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
+    """The records of one tag shard (``jsonl`` or ``parquet``), in order."""
+    if fmt == "jsonl":
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            yield from (json.loads(line) for line in f)
+        return
+    import pyarrow.parquet as pq
+
+    for row in pq.read_table(path).to_pylist():
+        name = {"path": row["path"], **({"path_b64": row["path_b64"]} if row.get("path_b64") else {})}
+        if row["error"] is not None:
+            yield {**name, "error": row["error"]}
+        else:
+            yield {**name, **{c: dict(row[c]) for c in _CATEGORIES}}
 
 
 def expand_ray_inputs(
@@ -283,9 +287,15 @@ def expand_ray_inputs(
         else:
             import pyarrow.parquet as pq
 
-            table = pq.read_table(spec)
-            column = table.column("path" if "path" in table.column_names else 0).to_pylist()
-            paths.extend(os.fsdecode(p) for p in column if p)
+            try:
+                table = pq.read_table(spec)
+                column = table.column("path" if "path" in table.column_names else 0).to_pylist()
+            except (OSError, ValueError, IndexError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                raise InputError(f"{display(spec)}: not a Parquet list of paths ({exc})") from None
+            listed = [p for p in column if p]
+            if not all(isinstance(p, str | bytes) and "\0" not in os.fsdecode(p) for p in listed):
+                raise InputError(f"{display(spec)}: its path column holds values that are not file names")
+            paths.extend(os.fsdecode(p) for p in listed)
     if not paths:
         raise InputError("no input images: the lists of paths given are empty")
     return paths

@@ -157,3 +157,28 @@ def test_dash_with_standard_input_closed_is_a_usage_error(command, tag_weights, 
         "'-' reads paths from standard input, which is closed: pipe the paths in, or give them"
     )
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.db").exists()
+
+
+def test_dash_with_standard_input_open_for_writing_only_is_a_usage_error(tag_weights, tmp_path):
+    """`i2v tag - 0>file`: reading it is EBADF, which was a traceback (features, index, calibrate) or blamed on
+    the weights (tag)."""
+    with open(tmp_path / "wo.txt", "wb") as write_only:
+        proc = subprocess.run([sys.executable, "-m", "i2v_cli", "tag", "-", "-w", str(tag_weights)], stdin=write_only,
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("cannot read the paths from '-' (Bad file descriptor)")
+
+
+def test_a_parquet_list_that_is_not_one_is_a_usage_error(tmp_path):
+    pytest.importorskip("pyarrow")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from i2v_cli.errors import InputError
+    from i2v_cli.ray_engine import expand_ray_inputs
+
+    (tmp_path / "bad.parquet").write_text("x")
+    with pytest.raises(InputError, match=r"bad\.parquet: not a Parquet list of paths"):
+        expand_ray_inputs([str(tmp_path / "bad.parquet")])
+    pq.write_table(pa.table({"path": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(InputError, match=r"ints\.parquet: its path column holds values that are not file names"):
+        expand_ray_inputs([str(tmp_path / "ints.parquet")])

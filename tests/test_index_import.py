@@ -14,7 +14,18 @@ from click.testing import CliRunner
 
 from i2v_cli.cli import cli
 from i2v_cli.ray_engine import MANIFEST, manifest_cwd, write_feature_shard, write_tag_shard
+from i2v_cli.tags import load_tag_list
 from i2v_cli.weights import load_weights
+
+TAG0 = load_tag_list()[0]
+
+
+def _full_record(path: str, **replace: float) -> str:
+    """A tag record with all 1,539 scores (0.5), some replaced: as `i2v tag -t 0` writes it."""
+    tags, cuts = load_tag_list(), {"general": (0, 512), "character": (512, 1024), "copyright": (1024, 1536),
+                                   "rating": (1536, 1539)}  # fmt: skip
+    record = {"path": path, **{c: {t: replace.get(t, 0.5) for t in tags[a:b]} for c, (a, b) in cuts.items()}}
+    return json.dumps(record) + "\n"
 
 
 def _write_manifest(folder, command, fmt, shards, model, options):
@@ -172,9 +183,19 @@ DAMAGE = {
     "a line that is not JSON": ("tag", "not json\n"),
     "a record whose path is not text": ("tag", '{"path": 5, "error": "x"}\n'),
     "a record that is not an object": ("tag", "[1, 2]\n"),
+    "model not an object": ("tag", {"model": 5}),
+    "model without its sha256": ("features", {"model": {"source": "x"}}),
+    "a shard listed twice": ("tag", {"shards": [{"file": "part-00000.jsonl"}, {"file": "part-00000.jsonl"}]}),
+    "an unknown tag": ("tag", '{"path": "imgs/r0.png", "general": {"zzz_not_a_tag": 0.5}}\n'),
+    "a score that is not a number": ("tag", json.dumps({"path": "imgs/r0.png", "general": {TAG0: "abc"}}) + "\n"),
+    "a score that is NaN": ("tag", _full_record("imgs/r0.png", **{TAG0: float("nan")})),
+    "a category that is not an object": ("tag", '{"path": "imgs/r0.png", "general": [1, 2]}\n'),
+    "an error record without its error": ("features", '{"path": "imgs/r0.png", "error": null}\n'),
+    "a FIFO beside a feature shard": ("features", "fifo"),
 }
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", DAMAGE)
 def test_a_damaged_folder_is_one_line_and_leaves_no_index(ray_folders, tmp_path, case):
     """Each of these was a traceback (TypeError, KeyError, ValueError, ArrowInvalid, JSONDecodeError...) that left an
@@ -186,7 +207,12 @@ def test_a_damaged_folder_is_one_line_and_leaves_no_index(ray_folders, tmp_path,
     folder = tag_out if kind == "tag" else feature_out
     if isinstance(change, dict):
         _edit_manifest(folder, **change)
-    else:  # a shard's content
+    elif change == "fifo":  # would block the read for ever
+        (folder / "part-00001.errors.jsonl").unlink(missing_ok=True)
+        os.mkfifo(folder / "part-00001.errors.jsonl")
+    elif kind == "features":  # the error records beside a feature shard
+        (folder / "part-00001.errors.jsonl").write_text(change)
+    else:  # a tag shard's content
         (folder / "part-00001.jsonl").write_text(change)
     db = tmp_path / "x.db"
     result = CliRunner().invoke(cli, ["index", "--import", str(tag_out), "--import", str(feature_out), "--db", str(db)])
@@ -202,3 +228,28 @@ def test_a_record_naming_a_file_with_a_nul_byte_is_a_failure(ray_folders, tmp_pa
         cli, ["index", "--import", str(tag_out), "--import", str(feature_out), "--db", str(tmp_path / "x.db")]
     )
     assert result.exit_code == 1 and "r\\0" + "0.png: no file name holds a NUL byte" in result.stderr, result.output
+
+
+def test_a_damaged_shard_midway_keeps_an_existing_index_and_says_so(ray_folders, tmp_path):
+    tag_out, feature_out, _, _ = ray_folders
+    db = tmp_path / "kept.db"
+    args = ["index", "--import", str(tag_out), "--import", str(feature_out), "--db", str(db)]
+    assert CliRunner().invoke(cli, args).exit_code == 1  # r4.png is broken
+    before = db.read_bytes()
+    (tag_out / "part-00001.jsonl").write_text("not json\n")
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "shard part-00001.jsonl (record 1) cannot be read" in result.stderr
+    assert f"({db} keeps the rows imported before it)" in result.stderr
+    assert db.exists() and len(db.read_bytes()) >= len(before) // 2
+
+
+def test_a_failed_import_through_a_dangling_symlink_removes_what_it_made_not_the_link(ray_folders, tmp_path):
+    tag_out, feature_out, _, _ = ray_folders
+    (tag_out / "part-00001.jsonl").write_text("not json\n")
+    link, target = tmp_path / "link.db", tmp_path / "target.db"
+    link.symlink_to(target)
+    result = CliRunner().invoke(
+        cli, ["index", "--import", str(tag_out), "--import", str(feature_out), "--db", str(link)]
+    )
+    assert result.exit_code == 2, result.output
+    assert link.is_symlink() and not target.exists() and not (tmp_path / ".target.db.i2v.json").exists()

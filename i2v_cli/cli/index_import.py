@@ -11,7 +11,7 @@ import click
 
 from ..errors import I2VError
 from ..index import Index
-from ..index_import import import_ray, import_source
+from ..index_import import ImportFolderError, import_ray, import_source
 from ..resume import JobLock, make_job
 from ..writers import display
 from .common import EXIT_SOME_FAILED, UsageFailure, echo, report_failure
@@ -24,16 +24,21 @@ def run_import(db: str, folders: tuple[str, ...], fmt: str) -> None:
         source = import_source(folders)
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
-    made = not os.path.lexists(db)
     lock = JobLock(db, make_job("index", "sqlite", {"import": list(folders)}, {}))
+    made = not os.path.exists(db)  # under the lock, so no other run makes it meanwhile; through a symlink
+    target = os.path.realpath(db)
     try:
         with Index(db, create=True) as idx:
             summary = import_ray(idx, source)
     except I2VError as exc:
-        if made:  # a shard found damaged midway: the index this run made holds part of it, and is no one's
-            for path in (db, f"{db}-wal", f"{db}-shm", lock.path):
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+        if not made:  # as a killed run leaves it: what was committed is whole, and a rerun goes on from it
+            kept = f" ({display(db)} keeps the rows imported before it)" if isinstance(exc, ImportFolderError) else ""
+            raise UsageFailure(f"{exc}{kept}") from None
+        # A shard found damaged midway: the index this run made holds part of it, and is no one's. A symlink the
+        # user gave as --db stays; the file it leads to, which this run made, goes.
+        for path in {target, f"{target}-wal", f"{target}-shm", f"{db}-wal", f"{db}-shm", str(lock.path)}:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         raise UsageFailure(str(exc)) from None
     finally:
         lock.release()
