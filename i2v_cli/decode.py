@@ -152,6 +152,12 @@ def display_name(path: PathType) -> str:
     return os.fsdecode(os.fspath(path))
 
 
+def nul_name_message(name: str) -> str:
+    """The message for a name holding a NUL byte (os refuses it with a ValueError), the NUL shown as ``\\0``."""
+    shown = name.replace("\0", "\\0")
+    return f"{shown}: no file name holds a NUL byte"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     text = text.splitlines()[0] if text else type(exc).__name__
@@ -238,8 +244,7 @@ def _check_file(path: PathType, name: str) -> os.stat_result:
     try:
         lst = os.lstat(path)
     except ValueError:  # what os raises for a name with a NUL byte, which no file can have
-        shown = name.replace("\0", "\\0")
-        raise ImageDecodeError(f"{shown}: no file name holds a NUL byte") from None
+        raise ImageDecodeError(nul_name_message(name)) from None
     except FileNotFoundError:
         raise ImageDecodeError(f"{name}: no such file") from None
     except PermissionError:

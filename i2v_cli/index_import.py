@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .config import CATEGORIES, NUM_TAGS
+from .decode import nul_name_message
 from .errors import I2VError
 from .features import FeatureFile, read_features
 from .index import COMMIT_ROWS, Index, UpdateSummary, fs_path, not_a_file, probe
@@ -208,8 +209,7 @@ def import_ray(
         except OSError as exc:
             why = f"{display(path)}: not reachable from here ({exc.strerror or exc})"
         except ValueError:  # os's word for a NUL byte in the name
-            shown = display(path).replace("\0", "\\0")
-            why = f"{shown}: no file name holds a NUL byte"
+            why = nul_name_message(display(path))
         if state is None:
             summary.failed += 1
             summary.failures.append((path, why or ""))
