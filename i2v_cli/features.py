@@ -32,6 +32,7 @@ import numpy as np
 
 from .atomic import AtomicFile
 from .errors import I2VError, OutputError
+from .store import same_weights
 from .writers import JsonlWriter, Record, Sink, dumps, path_fields, record_path
 
 PathLike = str | os.PathLike[str]
@@ -159,8 +160,7 @@ class FeatureWriter(Sink):
         if earlier.binary != self.binary or earlier.dim != self.dim:
             kind = "binary" if earlier.binary else "float"
             raise FeatureFileError(f"cannot resume {self.path}: it holds {kind} features of length {earlier.dim}")
-        sha = earlier.model.get("sha256")
-        if sha and self.model.get("sha256") and sha != self.model["sha256"]:
+        if earlier.model.get("sha256") and self.model.get("sha256") and not same_weights(earlier.model, self.model):
             raise FeatureFileError(f"cannot resume {self.path}: it was made with another model ({earlier.model})")
         return earlier
 

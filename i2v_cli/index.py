@@ -41,6 +41,7 @@ from .hashing import sha256_file
 from .sketch import DIMS as SKETCH_DIMS
 from .sketch import SEED as SKETCH_SEED
 from .sketch import make_basis, sketch
+from .store import same_weights
 from .writers import Record, Sink, display
 
 if TYPE_CHECKING:  # torch is imported only where a network runs: searches start fast
@@ -375,13 +376,19 @@ class Index:
         """Record the models of the first run; refuse others later (scores and vectors of two models never mix)."""
         for key, model in (("tag_model", tag_model), ("feature_model", feature_model)):
             stored = self.meta(key)
-            if stored is not None and json.loads(stored).get("sha256") != model.get("sha256"):
-                old = json.loads(stored)
+            if stored is None:
+                continue
+            old = json.loads(stored)
+            if not same_weights(old, model):
+                other = "other tensors" if old.get("sha256") == model.get("sha256") else "another file"
                 raise IndexDbError(
                     f"{display(self.path)} was indexed with the {key.replace('_', ' ')} {old.get('source')} "
-                    f"(sha256 {str(old.get('sha256'))[:12]}), not {model.get('source')}: use the same weights, "
-                    "or another --db"
+                    f"(sha256 {str(old.get('sha256'))[:12]}), not {model.get('source')} ({other}): use the same "
+                    "weights, or another --db"
                 )
+            if model.get("tensors") and not old.get("tensors"):  # recorded by an earlier version: by file only
+                with self.transaction():
+                    self.set_meta(key, json.dumps(model))
         if self.meta("tag_model") is None:
             from .tags import load_tag_list
 

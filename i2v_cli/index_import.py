@@ -85,7 +85,9 @@ def _check_manifest(folder: str, manifest: dict[str, Any], kind: str) -> None:
         raise ImportFolderError(f"{shown}: its {MANIFEST}'s options are not an object (damaged?)")
     model = manifest.get("model")
     if not (
-        isinstance(model, dict) and all(isinstance(model.get(k), str) and model.get(k) for k in ("source", "sha256"))
+        isinstance(model, dict)
+        and all(isinstance(model.get(k), str) and model.get(k) for k in ("source", "sha256"))
+        and isinstance(model.get("tensors", "-"), str)
     ):
         raise ImportFolderError(f"{shown}: its {MANIFEST} does not name its model (source and sha256; damaged?)")
     try:

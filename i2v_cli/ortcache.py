@@ -28,7 +28,7 @@ from typing import Any
 from .atomic import write_bytes
 from .config import TAG
 from .errors import OutputError
-from .store import onnx_cache_dir
+from .store import file_identity, onnx_cache_dir
 
 #: Sub-folder of the cache (beside ``onnx/``) holding ONNX Runtime's optimised graphs and the weights' records.
 OPTIMISED_FOLDER = "onnx-ort"
@@ -154,20 +154,13 @@ def _record_path(weights: Path, cache_dir: Path | None) -> Path:
     return onnx_cache_dir(cache_dir).with_name(OPTIMISED_FOLDER) / "weights" / f"{key}.json"
 
 
-def _identity(path: str | os.PathLike[str]) -> list[int]:
-    """What says a file is unchanged without reading it: device, inode, size, modification and change times
-    (the change time cannot be set back by a user: any write moves it)."""
-    st = os.stat(path)
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
 def _torch_identity() -> list[int] | None:
     """The installed torch, recognised without importing it (0.7 s or more): its ``version.py``'s identity. The
     export's name depends on the torch version, so a record made under another torch is not used."""
     spec = importlib.util.find_spec("torch")
     if spec is None or spec.origin is None:
         return None
-    return _identity(Path(spec.origin).with_name("version.py"))
+    return file_identity(Path(spec.origin).with_name("version.py"))
 
 
 def remember_export(weights: Path, before: list[int], info: dict[str, Any], export: Path | None) -> None:
@@ -177,7 +170,7 @@ def remember_export(weights: Path, before: list[int], info: dict[str, Any], expo
     if export is None or info.get("kind") != TAG:
         return
     with contextlib.suppress(OSError, OutputError):
-        if _identity(weights) != before:
+        if file_identity(weights) != before:
             return
         record = {
             "weights": os.fsencode(os.path.realpath(weights)).hex(),
@@ -189,11 +182,6 @@ def remember_export(weights: Path, before: list[int], info: dict[str, Any], expo
         target = _record_path(weights, export.parent.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
         write_bytes(target, json.dumps(record, sort_keys=True).encode())
-
-
-def file_identity(path: Path) -> list[int]:
-    """The stat fields :func:`remember_export` compares (raises OSError when the file cannot be stat'ed)."""
-    return _identity(path)
 
 
 def recall_export(
@@ -208,11 +196,11 @@ def recall_export(
         record = json.loads(_record_path(weights, cache_dir).read_bytes())
         same = (
             record["weights"] == os.fsencode(os.path.realpath(weights)).hex()
-            and record["identity"] == _identity(weights)
+            and record["identity"] == file_identity(weights)
             and record["torch"] == _torch_identity()
             and record["info"]["kind"] == TAG
             # what a run takes from the record besides the export (its job file names the weights by these)
-            and all(isinstance(record["info"].get(key), str) for key in ("source", "sha256"))
+            and all(isinstance(record["info"].get(key), str) for key in ("source", "sha256", "tensors"))
         )
         name = str(record["export"])
     except (OSError, ValueError, KeyError, TypeError):  # no record, or one that is not ours to trust

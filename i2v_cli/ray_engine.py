@@ -41,6 +41,7 @@ from .config import FEATURE, INPUT_SIZE, MEAN_BGR, TAG
 from .errors import I2VError, InputError
 from .features import FeatureWriter
 from .inputs import expand_inputs, read_path_list
+from .store import model_identity, same_weights
 from .tags import Selection
 from .writers import display, path_fields, render
 
@@ -198,8 +199,10 @@ def prepare_output(job: RayJob, inputs: Sequence[str], model: Mapping[str, str])
             raise RayEngineError(f"cannot resume: {manifest} is not readable: {exc}") from None
         if isinstance(old.get("options"), dict):
             old["options"] = {"transfer": "float32", **old["options"]}  # written before the transfer was recorded
-        differ = [k for k in ("command", "output_format", "inputs_digest", "shard_size", "model", "options")
+        differ = [k for k in ("command", "output_format", "inputs_digest", "shard_size", "options")
                   if old.get(k) != plan[k]]  # fmt: skip
+        if not same_weights(old.get("model") or {}, plan["model"]):
+            differ.append("model")
         if differ:
             raise RayEngineError(
                 f"cannot resume: {out} was written with other {', '.join(differ)}; rerun the same command, "
@@ -450,7 +453,7 @@ class NetworkWorker:
             if job.kind == TAG:
                 name = write_tag_shard(self.out, job.fmt, row["shard"], records)
             else:
-                model = {"source": self.info.source, "sha256": self.info.sha256}
+                model = model_identity(self.info)
                 dim = self.model.arch.feature_dim
                 name = write_feature_shard(self.out, row["shard"], records, dim=dim, binary=job.binary, model=model)
             self.written += 1

@@ -6,11 +6,17 @@ so it imports neither torch nor protobuf.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+from .atomic import write_bytes
 from .config import FEATURE, TAG
-from .errors import WeightsNotFoundError
+from .errors import OutputError, WeightsNotFoundError
 
 #: Converted weight files, as ``i2v weights download`` names them in the cache folder.
 WEIGHT_FILES = {TAG: "illust2vec_tag_ver200.safetensors", FEATURE: "illust2vec_ver200.safetensors"}
@@ -18,6 +24,8 @@ WEIGHT_FILES = {TAG: "illust2vec_tag_ver200.safetensors", FEATURE: "illust2vec_v
 CAFFEMODEL_FILES = {TAG: "illust2vec_tag_ver200.caffemodel", FEATURE: "illust2vec_ver200.caffemodel"}
 #: Sub-folder of the cache that holds ONNX exports (one per weights, torch version and opset).
 ONNX_FOLDER = "onnx"
+#: Sub-folder of the cache that holds the digests of weight files' tensors (:func:`remembered_digest`).
+DIGESTS_FOLDER = "digests"
 
 
 def default_weights_dir() -> Path:
@@ -82,3 +90,58 @@ def _pick(path: Path, kind: str, origin: str) -> Path:
 
 #: Where `i2v weights download` fetches the original release's files.
 RELEASE_BASE_URL = "https://github.com/rezoo/illustration2vec/releases/download/v2.0.0/"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What names a network in the records of a run (job files, indexes, feature files, Ray manifests)
+
+
+def model_identity(info: Any) -> dict[str, str]:
+    """How records name the weights of a :class:`~i2v_cli.weights.WeightsInfo` (or its ``as_dict``): ``source``
+    and ``sha256`` (the file the weights came from, as shown to users) and, when known, ``tensors``: the digest of
+    the tensors themselves, which changes when a file is edited in place with its provenance kept."""
+    get = info.get if isinstance(info, Mapping) else lambda key: getattr(info, key, None)
+    identity = {"source": get("source"), "sha256": get("sha256")}
+    if get("tensors"):
+        identity["tensors"] = get("tensors")
+    return identity
+
+
+def same_weights(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether two :func:`model_identity` records name the same network: by their tensors when both record them
+    (a caffemodel and its conversion are the same network), else by ``sha256`` (records of earlier versions)."""
+    if old.get("tensors") and new.get("tensors"):
+        return old["tensors"] == new["tensors"]
+    return old.get("sha256") == new.get("sha256")
+
+
+def file_identity(path: str | os.PathLike[str]) -> list[int]:
+    """What says a file is unchanged without reading it: device, inode, size, modification and change times
+    (the change time cannot be set back by a user: any write moves it). Raises OSError when it cannot be stat'ed."""
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def remembered_digest(path: Path, before: list[int] | None, compute: Callable[[], str]) -> str:
+    """``compute()``, the digest of the weight file ``path`` whose :func:`file_identity` was ``before`` it was read,
+    kept in the cache for the next run to take while the file's identity holds (hashing the real feature network's
+    tensors takes 0.7 s). Nothing is kept when the file changed while it was read, or the cache is not writable."""
+    real = os.fsencode(os.path.realpath(path)).hex()
+    try:
+        folder = default_weights_dir() / DIGESTS_FOLDER
+    except RuntimeError:  # no home folder to find the cache in: nothing is kept
+        before = None
+    if before is not None:
+        record_path = folder / f"{hashlib.sha256(real.encode()).hexdigest()[:32]}.json"
+        try:
+            record = json.loads(record_path.read_bytes())
+            if record["path"] == real and record["identity"] == before and isinstance(record["digest"], str):
+                return record["digest"]
+        except (OSError, ValueError, KeyError, TypeError):  # no record, or one that is not ours to trust
+            pass
+    digest = compute()
+    with contextlib.suppress(OSError, OutputError):
+        if before is not None and file_identity(path) == before:
+            record_path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(record_path, json.dumps({"path": real, "identity": before, "digest": digest}).encode())
+    return digest

@@ -46,7 +46,14 @@ from .errors import ModelKindError, OutputError, WeightsError, WeightsNotFoundEr
 from .hashing import sha256_file
 from .model import Architecture, Illust2VecNet, build_model, check_state_dict, layer_key, remap_legacy_state_dict
 from .sniff import IMAGE_KINDS, describe, sniff
-from .store import CAFFEMODEL_FILES, WEIGHT_FILES, default_weights_dir, resolve_weights
+from .store import (
+    CAFFEMODEL_FILES,
+    WEIGHT_FILES,
+    default_weights_dir,
+    file_identity,
+    remembered_digest,
+    resolve_weights,
+)
 
 # The store's names, re-exported so that ``from i2v_cli.weights import resolve_weights`` keeps working; new code
 # imports them from :mod:`i2v_cli.store`.
@@ -91,6 +98,9 @@ class WeightsInfo:
     source: str  # file name of the original weights (the caffemodel a safetensors file was made from)
     sha256: str  # SHA-256 of that source file, hex
     source_format: str  # "caffemodel-v1", "caffemodel-v2", "pth" or "safetensors"
+    #: Digest of the tensors as loaded (:func:`tensors_digest`), whatever the file's format: what says two runs
+    #: used the same network; empty when not computed. Never stored in a file's metadata, which cannot vouch for it.
+    tensors: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as JSON-ready values (widths as a list), for ``i2v weights info``."""
@@ -483,6 +493,10 @@ def load_weights(path: PathLike, kind: str | None = None) -> tuple[dict[str, tor
         raise ValueError(f"kind must be {TAG!r}, {FEATURE!r} or None, not {kind!r}")
     path = Path(path)
     head = _read_head(path)
+    try:
+        before: list[int] | None = file_identity(path)
+    except OSError:
+        before = None
     fmt = _sniff(head)
     source, sha256 = display(path.name), ""  # provenance is UTF-8 text: a name's odd bytes as \xNN
     if fmt == "safetensors":
@@ -503,12 +517,24 @@ def load_weights(path: PathLike, kind: str | None = None) -> tuple[dict[str, tor
     for key, tensor in state_dict.items():
         if not bool(torch.isfinite(tensor).all()):
             raise WeightsError(f"{path}: {key} holds NaN or infinite values: the network would compute nonsense")
-    info = WeightsInfo(arch.kind, arch.widths, arch.feature_dim, arch.num_tags, source, sha256, source_format)
+    tensors = remembered_digest(path, before, lambda: tensors_digest(state_dict))
+    info = WeightsInfo(arch.kind, arch.widths, arch.feature_dim, arch.num_tags, source, sha256, source_format, tensors)
     if fmt == "safetensors":
         _check_metadata(meta, info, path)
     if kind is not None and info.kind != kind:
         raise ModelKindError(_kind_message(path, info.kind, kind))
     return state_dict, info
+
+
+def tensors_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict in i2v's naming: each tensor's name, dtype, shape and bytes, in name order. The same
+    network gives the same digest from a caffemodel, a ``.pth`` or a safetensors file."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
 
 
 def _check_state_dict(state_dict: Mapping[str, torch.Tensor], path: Path) -> Architecture:

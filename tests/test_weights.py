@@ -193,10 +193,11 @@ def test_convert_round_trip(
     info = convert(src, dst)
     sha = hashlib.sha256(src.read_bytes()).hexdigest()
     kind, dim = (FEATURE, 128) if name.startswith("feature") else (TAG, 0)
-    assert info == weights.WeightsInfo(kind, WIDTHS, dim, 1539, src.name, sha, fmt)
+    digest = weights.tensors_digest(golden_sd[name])
+    assert info == weights.WeightsInfo(kind, WIDTHS, dim, 1539, src.name, sha, fmt, digest)
     assert sorted(p.name for p in dst.parent.iterdir()) == ["out.safetensors"]  # no temporary file left
     sd, again = load_weights(dst)
-    assert again == info
+    assert again == info  # the conversion is the same network: the same tensors' digest
     assert_same(sd, golden_sd[name])
     with safe_open(dst, framework="pt") as f:
         meta = f.metadata()

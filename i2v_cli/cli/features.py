@@ -11,6 +11,7 @@ import click
 from ..config import FEATURE
 from ..errors import I2VError
 from ..inputs import expand_inputs
+from ..store import model_identity
 from .common import (
     CONTEXT_SETTINGS,
     EXIT_SOME_FAILED,
@@ -126,7 +127,7 @@ def features(
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     dim = model.arch.feature_dim
-    model_id = {"source": info.source, "sha256": info.sha256}
+    model_id = model_identity(info)
     settings = {"binary": binary, "precision": precision, **({"decode": decode} if decode != "cpu" else {})}
     job = make_job("features", fmt, settings, model_id)
     with claim_output(output, job, resume=resume) as earlier:

@@ -14,6 +14,7 @@ from ..errors import I2VError
 from ..index import CombinedNet, Index, Plan, update
 from ..inputs import expand_inputs
 from ..resume import JobLock, make_job
+from ..store import model_identity
 from ..writers import display
 from .common import (
     CONTEXT_SETTINGS,
@@ -71,8 +72,8 @@ def load_networks(tag_weights: str | None, feature_weights: str | None, device: 
     return (
         tag_model,
         net,
-        {"source": tag_info.source, "sha256": tag_info.sha256},
-        {"source": feature_info.source, "sha256": feature_info.sha256},
+        model_identity(tag_info),
+        model_identity(feature_info),
         feature_model.arch.feature_dim,
     )
 

@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from ..config import FEATURE
+from ..store import model_identity
 from .common import EXIT_SOME_FAILED, F, UsageFailure, report_failure, stdin_for
 
 NEEDS_EXTRA = "--engine ray needs Ray: pip install 'ray[data]' pyarrow (or, in the i2v checkout, pip install '.[ray]')"
@@ -157,7 +158,7 @@ def _run(kind: str, params: dict[str, Any]) -> None:
     )
     reported = 0
     summary = None
-    for summary in run_job(job, inputs, {"source": info.source, "sha256": info.sha256}):
+    for summary in run_job(job, inputs, model_identity(info)):
         for path, error in summary.errors[reported:]:
             report_failure(None, path, error)
         reported = len(summary.errors)

@@ -11,6 +11,7 @@ from ..errors import I2VError
 from ..index import Index
 from ..query import Hit, like_row, parse
 from ..query import search as run_search
+from ..store import model_identity, same_weights
 from ..writers import display, open_writer
 from .common import CONTEXT_SETTINGS, UsageFailure
 from .index import db_option
@@ -46,7 +47,7 @@ def query_feature(index: Index, image: str, feature_weights: str | None, device:
         resolve_weights(feature_weights, FEATURE, "--feature-weights"), kind=FEATURE, device=str(resolve_device(device))
     )
     stored = json.loads(index.meta("feature_model") or "{}")
-    if stored.get("sha256") not in (None, info.sha256):
+    if stored.get("sha256") is not None and not same_weights(stored, model_identity(info)):
         raise UsageFailure(
             f"--feature-weights {info.source} is not the feature model the index was made with ({stored.get('source')})"
         )

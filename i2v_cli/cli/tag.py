@@ -16,7 +16,7 @@ from ..captions import already_captioned, caption_request, check_captions_dir, t
 from ..config import TAG
 from ..errors import I2VError
 from ..inputs import expand_inputs
-from ..store import resolve_weights
+from ..store import file_identity, model_identity, resolve_weights
 from .common import (
     CONTEXT_SETTINGS,
     EXIT_SOME_FAILED,
@@ -80,7 +80,7 @@ def _torch_network(
     import torch
 
     from ..inference import OnnxRuntimeNet, resolve_backend
-    from ..ortcache import file_identity, open_cached
+    from ..ortcache import open_cached
     from ..runner import resolve_device
     from ..weights import load_model
 
@@ -257,7 +257,7 @@ def tag(
             "precision": precision,
             **({"decode": decode} if decode != "cpu" else {}),  # its inputs are not the CPU's
         },
-        {"source": info["source"], "sha256": info["sha256"]},
+        model_identity(info),
     )
     caption_sink = CaptionSink(captions) if captions is not None else None
     if caption_sink is not None and captioned:
