@@ -20,6 +20,7 @@ Nothing here prints.
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import csv
 import io
@@ -82,10 +83,16 @@ def path_fields(key: str, path: str) -> dict[str, str]:
 
 
 def record_path(record: Mapping[str, Any], key: str = "path") -> str:
-    """The exact file name a written record names (inverse of :func:`path_fields`)."""
+    """The exact file name a written record names (inverse of :func:`path_fields`). Raises ValueError for a
+    record that names none: no text, or bytes that are not base64 (decoded leniently, ``"!!!"`` named ``""``)."""
     raw = record.get(f"{key}_b64")
     if raw:
-        return os.fsdecode(base64.b64decode(raw))
+        if not isinstance(raw, str):
+            raise ValueError(f"{key}_b64 is not a string")
+        try:
+            return os.fsdecode(base64.b64decode(raw, validate=True))
+        except binascii.Error as exc:
+            raise ValueError(f"{key}_b64 is not base64 ({exc})") from None
     value = record[key]
     if not isinstance(value, str):
         raise ValueError(f"{key} is not a string")

@@ -192,6 +192,9 @@ DAMAGE = {
     "a category that is not an object": ("tag", '{"path": "imgs/r0.png", "general": [1, 2]}\n'),
     "an error record without its error": ("features", '{"path": "imgs/r0.png", "error": null}\n'),
     "a FIFO beside a feature shard": ("features", "fifo"),
+    "a path_b64 that is not base64": ("tag", '{"path": "imgs/r0.png", "path_b64": "!!!", "error": "x"}\n'),
+    "a path_b64 that is not text": ("features", '{"path": "imgs/r0.png", "path_b64": 5, "error": "x"}\n'),
+    "model tensors not text": ("features", {"model": {"source": "x", "sha256": "y", "tensors": 5}}),
 }
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from i2v_cli.writers import open_writer
+from i2v_cli.writers import open_writer, path_fields, record_path
 
 RECORDS = [
     {
@@ -119,3 +119,15 @@ def test_a_write_that_a_pipe_takes_in_part_is_completed_or_raises():
     with os.fdopen(write, "wb", buffering=0) as stream, pytest.raises(BrokenPipeError):
         Destination(None, atomic=False, stream=stream).write(b"y" * 1_000_000)
     reader.join()
+
+
+@pytest.mark.parametrize("raw", ["!!!", "YQ", 5, ["YQ=="]])
+def test_a_path_b64_that_is_not_base64_text_names_no_file(raw) -> None:
+    """Decoded leniently, ``"!!!"`` named the empty path (the folder a run started in)."""
+    with pytest.raises(ValueError, match="path_b64"):
+        record_path({"path": "a.png", "path_b64": raw})
+
+
+def test_record_path_inverts_path_fields() -> None:
+    for name in ["a.png", "na\udcefve.png", "sp ace/\u00e9.png"]:
+        assert record_path(path_fields("path", name)) == name
