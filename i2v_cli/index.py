@@ -608,6 +608,7 @@ def plan_update(index: Index, paths: Sequence[str], on_file: Callable[[], Any] |
     for key, (_, _, _, digest, _) in known.items():
         by_hash.setdefault(digest, []).append(key)
     seen: set[bytes] = set()
+    replaced: set[bytes] = set()
     fresh: list[tuple[FileState, tuple[int, int, int, bytes, bool] | None]] = []
     for path in dict.fromkeys(os.path.abspath(p) for p in paths):
         if on_file is not None:
@@ -618,11 +619,12 @@ def plan_update(index: Index, paths: Sequence[str], on_file: Callable[[], Any] |
         except OSError as exc:
             plan.missing.append((path, f"{display(path)}: cannot read the file ({exc.strerror or exc})"))
             continue
-        seen.add(key)
         why = not_a_file(path, st)
-        if why is not None:
+        if why is not None:  # not an image any more (a FIFO or folder in its place): its row goes, as a gone file's
             plan.missing.append((path, why))
+            replaced.add(key)
             continue
+        seen.add(key)
         row = known.get(key)
         if row is not None and row[1] == st.st_size and row[2] == st.st_mtime_ns and not row[4]:
             plan.unchanged += 1
@@ -633,7 +635,7 @@ def plan_update(index: Index, paths: Sequence[str], on_file: Callable[[], Any] |
             plan.missing.append((path, f"{display(path)}: cannot read the file ({exc.strerror or exc})"))
             continue
         fresh.append((state, row))
-    gone = {key for key in known if key not in seen and not os.path.lexists(os.fsdecode(key))}
+    gone = {key for key in known if key not in seen and (key in replaced or not os.path.lexists(os.fsdecode(key)))}
     for state, row in fresh:
         if row is not None:
             if row[3] == state.sha256 and not row[4]:

@@ -416,3 +416,23 @@ def test_a_fifo_is_a_failure_and_a_renamed_broken_file_is_tried_again(runner, we
     con = sqlite3.connect(db)
     errors = [e for (e,) in con.execute("SELECT error FROM images WHERE error IS NOT NULL")]
     assert len(errors) == 1 and "bad2.png" in errors[0]
+
+
+def test_a_file_replaced_by_a_fifo_or_a_folder_leaves_the_collection(runner, weights, golden, tmp_path):
+    """Its row kept the old image's tags and vector: `search` listed a pipe as an image for good."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        shutil.copy(golden / "images" / "sq" / "img000.png", folder / name)
+    db = tmp_path / "c.db"
+    assert index(runner, folder, "--db", db, weights=weights).exit_code == 0
+    os.remove(folder / "a.png")
+    os.mkfifo(folder / "a.png")
+    os.remove(folder / "b.png")
+    (folder / "b.png").mkdir()
+    again = index(runner, folder, "--db", db, folder / "b.png", weights=weights)
+    assert again.exit_code == 1, again.output
+    assert summary(again)["removed"] == 2 and summary(again)["unchanged"] == 1, again.output
+    assert "a.png: not a regular file" in again.stderr
+    con = sqlite3.connect(db)
+    assert [os.path.basename(p) for (p,) in con.execute("SELECT path_text FROM images")] == ["c.png"]
