@@ -19,6 +19,7 @@ another image's row. Nothing here prints.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import hashlib
 import io
 import json
@@ -444,6 +445,9 @@ def _read_vectors(path: Path, mmap: bool) -> np.ndarray:
     except OSError as exc:
         raise FeatureFileError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            if f.read(6) != _NPY_MAGIC[:6]:  # numpy's own word for it: "pickled data"
+                raise FeatureFileError(f"{path} is not a .npy array (NumPy's header is missing)") from None
         raise FeatureFileError(f"{path} is not a readable .npy array: {exc}") from None
 
 

@@ -346,3 +346,13 @@ def test_a_vectors_file_and_a_folder_not_named_in_utf8(runner, feature_weights, 
     monkeypatch.chdir(tmp_path)
     found = read_features(os.path.join(folder, os.fsdecode(b"v\xfe.paths.jsonl")))
     assert found.vectors.shape[0] == 2 and found.row(os.path.join(folder, "img001.png")) == 1
+
+
+def test_a_text_file_named_npy_is_called_what_it_is(tmp_path):
+    """NumPy's message for it was "Cannot load file containing pickled data when allow_pickle=False"."""
+    out = tmp_path / "vecs.npy"
+    with FeatureWriter(out, dim=4, binary=False, model={"source": "m", "sha256": "00"}) as w:
+        w.append(["a.png"], np.ones((1, 4), np.float32))
+    out.write_text("not an array\n")
+    with pytest.raises(FeatureFileError, match=r"vecs.npy is not a .npy array \(NumPy's header is missing\)$"):
+        read_features(out)
