@@ -297,3 +297,25 @@ def test_broken_index_is_a_usage_error(runner, indexed):
     assert result.stderr.count("\n") == 1 and "do not belong together" in result.stderr
     result = similar(runner, "imgs/im0.png", "-i", "nothing.npy")
     assert result.exit_code == 2 and "nothing.npy: no such file" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["an image file", "a folder of them", "an indexed path", "an indexed path from elsewhere"])
+def test_output_naming_a_query_is_refused(runner, indexed, feature_weights, monkeypatch, how):
+    """The query images were not counted as inputs: `-o` naming one overwrote the picture with the results."""
+    (indexed / "q").mkdir()
+    shutil.copy(indexed / "imgs" / "im1.png", indexed / "q" / "new.png")
+    query, target = {
+        "an image file": ("q/new.png", "q/new.png"),
+        "a folder of them": ("q", "q/new.png"),
+        "an indexed path": ("imgs/im0.png", "imgs/im0.png"),
+        "an indexed path from elsewhere": ("imgs/im0.png", "../imgs/im0.png"),
+    }[how]
+    if how.endswith("elsewhere"):
+        monkeypatch.chdir(indexed / "q")
+        query = "imgs/im0.png"  # as stored: it opens from the folder the features were written in
+    before = (indexed / target.removeprefix("../")).read_bytes()
+    index = "vecs.npy" if not how.endswith("elsewhere") else "../vecs.npy"
+    result = similar(runner, query, "-i", index, "-k", "1", "-o", target, weights=feature_weights)
+    assert result.exit_code == 2, result.output
+    assert "is one of the inputs" in result.stderr
+    assert (indexed / target.removeprefix("../")).read_bytes() == before

@@ -136,8 +136,10 @@ def similar(
 
             check_gpu_decoding(decode, resolve_device(device))
         index = read_features(index_path)
-        check_output(output, [str(index.vectors_path), str(index.paths_path)])
         paths = _query_paths(queries, index, recursive, nul)
+        # The queries are inputs too: as named here, and a stored one as it opens from the folder of the index.
+        stored = [os.path.join(index.base, p) for p in paths if not os.path.isabs(p) and index.row(p) is not None]
+        check_output(output, [str(index.vectors_path), str(index.paths_path), *paths, *stored])
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     width = index.vectors.shape[1]
