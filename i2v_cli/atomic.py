@@ -235,9 +235,13 @@ def atomic_write(path: PathLike, *, text: bool = False, **kwargs: Any) -> Iterat
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
-    """Put ``data`` at ``path`` atomically."""
+    """Put ``data`` at ``path`` atomically; a write the disk refuses (full, I/O error) is a WriteError naming it,
+    and leaves ``path`` as it was."""
     with atomic_write(path) as f:
-        f.write(data)
+        try:
+            f.write(data)
+        except OSError as exc:
+            raise WriteError(describe_oserror(path, exc)) from None
 
 
 def write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:

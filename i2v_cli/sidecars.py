@@ -12,6 +12,7 @@ sidecar that cannot be parsed is left as it is and reported. Every sidecar is wr
 from __future__ import annotations
 
 import os
+import stat
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -88,14 +89,21 @@ def merge_xmp(existing: str | None, new: Sequence[str], name: str = "sidecar") -
         if description is None:
             description = ET.SubElement(rdf, f"{{{_NS['rdf']}}}Description", {f"{{{_NS['rdf']}}}about": ""})
         subject = ET.SubElement(description, f"{{{_NS['dc']}}}subject")
-    bag = subject.find(f"{{{_NS['rdf']}}}Bag")
+    # XMP makes dc:subject a Bag; a Seq or Alt that another program wrote there is the list to extend (a second
+    # array beside it hid the user's keywords from exiftool).
+    arrays = (subject.find(f"{{{_NS['rdf']}}}{kind}") for kind in ("Bag", "Seq", "Alt"))
+    bag = next((a for a in arrays if a is not None), None)
     if bag is None:
         bag = ET.SubElement(subject, f"{{{_NS['rdf']}}}Bag")
     have = {li.text or "" for li in bag.findall(f"{{{_NS['rdf']}}}li")}
+    added = 0
     for keyword in new:
         if keyword not in have:
             have.add(keyword)
             ET.SubElement(bag, f"{{{_NS['rdf']}}}li").text = keyword
+            added += 1
+    if not added and existing is not None and existing.strip():
+        return existing  # nothing to add: the file is left byte for byte (its comments, its prefixes)
     ET.indent(root, space=" ")
     return _PACKET_BEGIN + ET.tostring(root, encoding="unicode") + _PACKET_END
 
@@ -146,14 +154,33 @@ def export(index: Index, kind: str, selection: Selection) -> ExportSummary:
     return summary
 
 
+#: Largest existing sidecar merged (bytes): XMP packets are kilobytes; anything larger is not one to read whole.
+MAX_SIDECAR_BYTES = 16 * 1024 * 1024
+
+
 def _read(path: str) -> str | None:
+    """The existing sidecar's text, or None when there is none. Only a regular file is read (opened without
+    blocking: a FIFO in its place hung the export for ever, and a link to /dev/zero was read until memory ran out)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise SidecarError(f"{display(path)}: cannot read the existing sidecar ({exc.strerror or exc})") from None
+    try:
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SidecarError(f"{display(path)}: the existing sidecar is not a regular file; left as it is")
+            if st.st_size > MAX_SIDECAR_BYTES:
+                raise SidecarError(
+                    f"{display(path)}: the existing sidecar is larger than {MAX_SIDECAR_BYTES >> 20} MiB; left as it is"
+                )
+            data = f.read(MAX_SIDECAR_BYTES + 1)
+    except OSError as exc:
+        raise SidecarError(f"{display(path)}: cannot read the existing sidecar ({exc.strerror or exc})") from None
+    if len(data) > MAX_SIDECAR_BYTES:
+        raise SidecarError(f"{display(path)}: the existing sidecar is larger than {MAX_SIDECAR_BYTES >> 20} MiB")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 
@@ -121,3 +123,66 @@ def test_merge_functions():
     xmp = merge_xmp(None, ["x", "y"])
     assert xmp.count("<rdf:li>") == 2 and merge_xmp(xmp, ["y", "x"]) == xmp
     assert "<rdf:li>z</rdf:li>" in merge_xmp(xmp, ["z"])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what", ["a FIFO", "a link to /dev/zero"])
+def test_a_sidecar_that_is_not_a_regular_file_is_reported_not_read(indexed, what):
+    """A FIFO hung the export for ever; a link to /dev/zero was read until memory ran out."""
+    folder, db = indexed
+    target = folder / "p0.png.txt"
+    if what == "a FIFO":
+        os.mkfifo(target)
+    else:
+        target.symlink_to("/dev/zero")
+    result = export(db, "--to", "hydrus", "-f", "json")
+    assert result.exit_code == 1, result.output
+    assert "p0.png.txt: the existing sidecar is not a regular file; left as it is" in result.stderr
+    assert json.loads(result.stdout)["written"] == 2
+
+
+SEQ_XMP = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><!-- mine --><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/"><dc:subject><rdf:Seq>'
+    "<rdf:li>mytag</rdf:li></rdf:Seq></dc:subject></rdf:Description></rdf:RDF></x:xmpmeta>"
+)
+
+
+def test_an_existing_seq_of_keywords_is_extended_not_hidden():
+    """A Bag added beside the Seq made exiftool show only the new keywords: the user's were hidden."""
+    merged = merge_xmp(SEQ_XMP, ["a", "b"])
+    assert merged.count("<rdf:Seq>") == 1 and "<rdf:Bag>" not in merged
+    assert merged.index("mytag") < merged.index(">a<") < merged.index(">b<")
+    if EXIFTOOL is not None:
+        out = subprocess.run([EXIFTOOL, "-j", "-XMP-dc:Subject", "-"], input=merged, capture_output=True, text=True)
+        assert json.loads(out.stdout)[0]["Subject"] == ["mytag", "a", "b"]
+
+
+def test_a_sidecar_holding_every_keyword_is_left_byte_for_byte():
+    """It was rewritten all the same: its comments dropped, its prefixes renamed (ns0:...)."""
+    assert merge_xmp(SEQ_XMP, ["mytag"]) == SEQ_XMP
+
+
+@pytest.mark.skipif(os.geteuid() != 0 if hasattr(os, "geteuid") else True, reason="mounting a tmpfs needs root")
+def test_a_full_disk_is_a_failure_per_sidecar_not_a_traceback(indexed, tmp_path):
+    """The disk refusing the write inside write_bytes was a raw OSError traceback."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        folder, db = indexed
+        shutil.copy(folder / "p0.png", small / "p0.png")
+        with open(small / "fill", "wb", buffering=0) as f:  # every byte the tmpfs has left
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+        with Index(str(db)) as idx, idx.transaction():
+            idx.conn.execute("UPDATE images SET path = ?, path_text = ? WHERE path_text = ?",
+                             (os.fsencode(small / "p0.png"), str(small / "p0.png"), str(folder / "p0.png")))  # fmt: skip
+        result = export(db, "--to", "xmp", "-t", "0.0")
+        assert result.exit_code == 1, result.output
+        assert "Traceback" not in result.output and "No space left on device" in result.stderr
+        assert sorted(p.name for p in small.iterdir()) == ["fill", "p0.png"]  # no temporary file left
+    finally:
+        subprocess.run(["umount", str(small)])
