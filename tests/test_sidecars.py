@@ -173,13 +173,12 @@ def test_a_full_disk_is_a_failure_per_sidecar_not_a_traceback(indexed, tmp_path)
     try:
         folder, db = indexed
         shutil.copy(folder / "p0.png", small / "p0.png")
-        with open(small / "fill", "wb", buffering=0) as f:  # every byte the tmpfs has left
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * 4096)
+        with open(small / "fill", "wb", buffering=0) as f, contextlib.suppress(OSError):  # every byte the tmpfs has
+            while True:
+                f.write(b"\0" * 4096)
         with Index(str(db)) as idx, idx.transaction():
-            idx.conn.execute("UPDATE images SET path = ?, path_text = ? WHERE path_text = ?",
-                             (os.fsencode(small / "p0.png"), str(small / "p0.png"), str(folder / "p0.png")))  # fmt: skip
+            moved = (os.fsencode(small / "p0.png"), str(small / "p0.png"), str(folder / "p0.png"))
+            idx.conn.execute("UPDATE images SET path = ?, path_text = ? WHERE path_text = ?", moved)
         result = export(db, "--to", "xmp", "-t", "0.0")
         assert result.exit_code == 1, result.output
         assert "Traceback" not in result.output and "No space left on device" in result.stderr

@@ -299,7 +299,9 @@ def test_broken_index_is_a_usage_error(runner, indexed):
     assert result.exit_code == 2 and "nothing.npy: no such file" in result.stderr
 
 
-@pytest.mark.parametrize("how", ["an image file", "a folder of them", "an indexed path", "an indexed path from elsewhere"])
+@pytest.mark.parametrize(
+    "how", ["an image file", "a folder of them", "an indexed path", "an indexed path from elsewhere"]
+)
 def test_output_naming_a_query_is_refused(runner, indexed, feature_weights, monkeypatch, how):
     """The query images were not counted as inputs: `-o` naming one overwrote the picture with the results."""
     (indexed / "q").mkdir()
