@@ -19,7 +19,7 @@ import re
 import secrets
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -148,9 +148,11 @@ class AtomicFile:
             except FileExistsError:
                 continue
 
-    def commit(self) -> bool:
+    def commit(self, unless_changed: Callable[[], bool] | None = None) -> bool:
         """Flush, fsync and rename the file into place (with ``exclusive``, only if nothing is there yet:
-        returns False and drops the data when something is). Raises OutputError when the disk refuses."""
+        returns False and drops the data when something is; with ``unless_changed``, only if it still returns True
+        once the data is on disk, just before the rename: a read-merge-write that another writer overtook is
+        dropped). Raises OutputError when the disk refuses."""
         if self.done:
             return True
         try:
@@ -165,6 +167,9 @@ class AtomicFile:
             if self.tmp is None:
                 self.done = True
                 return True
+            if unless_changed is not None and not unless_changed():
+                self.discard()
+                return False
             try:
                 mode = stat.S_IMODE(os.stat(self.target).st_mode)
             except OSError:

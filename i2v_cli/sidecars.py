@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .atomic import write_text
-from .errors import I2VError, OutputError
+from .atomic import AtomicFile, describe_oserror
+from .errors import I2VError, OutputError, WriteError
 from .index import Index
 from .tags import Selection, select_tags
 from .writers import display
@@ -141,17 +141,53 @@ def export(index: Index, kind: str, selection: Selection) -> ExportSummary:
         target = sidecar_path(image, kind)
         keywords = image_tags(scores, tags, selection)
         try:
-            existing = _read(target)
-            text = merge_xmp(existing, keywords, display(target)) if kind == "xmp" else merge_hydrus(existing, keywords)
-            if text == existing:
-                summary.unchanged += 1
-                continue
-            write_text(target, text)
+            for _ in range(MERGE_TRIES):
+                seen = _identity(target)
+                existing = _read(target)
+                text = (
+                    merge_xmp(existing, keywords, display(target))
+                    if kind == "xmp"
+                    else merge_hydrus(existing, keywords)
+                )
+                if text == existing:
+                    summary.unchanged += 1
+                    break
+                if _replace(target, text, seen):
+                    summary.written += 1
+                    break
+            else:
+                raise SidecarError(f"{display(target)}: changed by another program at each of {MERGE_TRIES} merges")
         except (SidecarError, OutputError) as exc:
             summary.failures.append((target, str(exc)))
-            continue
-        summary.written += 1
     return summary
+
+
+#: Merges of one sidecar tried while another writer keeps changing it.
+MERGE_TRIES = 5
+
+
+def _identity(path: str) -> tuple[int, int, int, int] | None:
+    """What says the sidecar was not replaced or written since it was read (another export, another program)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _replace(target: str, text: str, seen: tuple[int, int, int, int] | None) -> bool:
+    """Put the merged ``text`` at ``target`` atomically, unless the sidecar changed since it was read as ``seen``
+    (then False: merge again). Two exports at once lost each other's keywords, the last rename winning."""
+    f = AtomicFile(target)
+    try:
+        f.stream.write(text.encode("utf-8"))
+    except OSError as exc:
+        f.discard()
+        raise WriteError(describe_oserror(target, exc)) from None
+    except BaseException:
+        f.discard()
+        raise
+    return f.commit(unless_changed=lambda: _identity(target) == seen)
 
 
 #: Largest existing sidecar merged (bytes): XMP packets are kilobytes; anything larger is not one to read whole.

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -185,3 +186,30 @@ def test_a_full_disk_is_a_failure_per_sidecar_not_a_traceback(indexed, tmp_path)
         assert sorted(p.name for p in small.iterdir()) == ["fill", "p0.png"]  # no temporary file left
     finally:
         subprocess.run(["umount", str(small)])
+
+
+def test_a_sidecar_written_by_another_run_meanwhile_is_merged_again(indexed, monkeypatch):
+    """Two exports at once: each read, merged and renamed its own version, and the last rename dropped the other
+    run's keywords (1 to 4 sidecars of 1,000 in every try of the hostile review)."""
+    from i2v_cli import sidecars
+
+    folder, db = indexed
+    target = folder / "p0.png.txt"
+    target.write_text("mine\n")
+    real_read = sidecars._read
+    calls = []
+
+    def read_then_overtaken(path):
+        text = real_read(path)
+        if path == str(target) and not calls:  # another writer lands between this read and the rename
+            calls.append(path)
+            time.sleep(0.01)  # a later modification time, whatever the file system's clock granularity
+            target.write_text("mine\nfrom the other run\n")
+        return text
+
+    monkeypatch.setattr(sidecars, "_read", read_then_overtaken)
+    with Index(str(db), readonly=True) as idx:
+        summary = sidecars.export(idx, "hydrus", Selection.make(0.5))
+    assert summary.failures == [] and summary.written == 3
+    lines = target.read_text().splitlines()
+    assert lines[:2] == ["mine", "from the other run"] and lines[2:] == expected_tags(db, folder / "p0.png", 0.5)
