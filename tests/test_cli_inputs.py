@@ -182,3 +182,26 @@ def test_a_parquet_list_that_is_not_one_is_a_usage_error(tmp_path):
     pq.write_table(pa.table({"path": [1, 2]}), tmp_path / "ints.parquet")
     with pytest.raises(InputError, match=r"ints\.parquet: its path column holds values that are not file names"):
         expand_ray_inputs([str(tmp_path / "ints.parquet")])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["tag", "-t", "nan", "x.png"],
+        ["tag", "--general-threshold", "NaN", "x.png"],
+        ["search", "--db", "x.db", "-t", "nan", "solo"],
+        ["export", "--db", "x.db", "--to", "xmp", "-t", "nan"],
+        ["dupes", "--db", "x.db", "-s", "nan"],
+        ["serve", "--max-wait-ms", "nan"],
+        ["serve", "--max-wait-ms", "inf"],
+        ["serve", "--timeout", "inf"],
+        ["serve", "--max-upload-mb", "nan"],
+        ["tag", "--engine", "ray", "--gpus-per-worker", "nan", "x.png"],
+    ],
+)
+def test_nan_and_infinity_are_not_numbers_to_options(args):
+    """click's FloatRange let NaN through (no comparison with it fails): `dupes -s nan` and `search -t nan` ran
+    and found nothing, `tag -t nan` wrote records without a tag, and a server waited for ever for a batch."""
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "is not a finite number" in result.stderr and result.stderr.count("Error:") == 1

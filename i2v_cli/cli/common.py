@@ -3,6 +3,7 @@ one-line messages with a documented exit status (see :data:`EXIT_STATUSES`)."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -35,6 +36,21 @@ EXIT_STATUSES = {
     128 + signal.SIGTERM: "stopped by SIGTERM (timeout, Slurm, Kubernetes); the work done is kept",
 }
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class FiniteRange(click.FloatRange):
+    """A number in a range, and a number at all: click's FloatRange lets NaN through (every comparison with it is
+    false, the range check's too), and an unbounded one infinity, which no option here means."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+#: A score or threshold: a number from 0 to 1.
+SCORE = FiniteRange(0.0, 1.0)
 
 
 class UsageFailure(click.ClickException):

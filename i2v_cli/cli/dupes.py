@@ -8,7 +8,7 @@ from ..dupes import DEFAULT_MIN_SIMILARITY, find_dupes
 from ..errors import I2VError
 from ..index import Index
 from ..writers import display, open_writer
-from .common import CONTEXT_SETTINGS, UsageFailure, progress_bar, progress_option
+from .common import CONTEXT_SETTINGS, FiniteRange, UsageFailure, progress_bar, progress_option
 from .index import db_option
 
 
@@ -17,7 +17,7 @@ from .index import db_option
 @click.option(
     "--min-similarity",
     "-s",
-    type=click.FloatRange(-1.0, 1.0),
+    type=FiniteRange(-1.0, 1.0),
     default=DEFAULT_MIN_SIMILARITY,
     show_default=True,
     help="Cosine similarity of the features from which two images are duplicates.",

@@ -12,10 +12,8 @@ from ..index import Index
 from ..sidecars import SIDECAR_KINDS
 from ..sidecars import export as write_sidecars
 from ..tags import Selection
-from .common import CONTEXT_SETTINGS, EXIT_SOME_FAILED, UsageFailure, echo, report_failure
+from .common import CONTEXT_SETTINGS, EXIT_SOME_FAILED, SCORE, UsageFailure, echo, report_failure
 from .index import db_option
-
-_SCORE = click.FloatRange(0.0, 1.0)
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -30,7 +28,7 @@ _SCORE = click.FloatRange(0.0, 1.0)
 @click.option(
     "--threshold",
     "-t",
-    type=_SCORE,
+    type=SCORE,
     default=0.5,
     show_default=True,
     help="Export general/character/copyright tags scoring at least this.",

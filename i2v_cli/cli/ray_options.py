@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from ..config import FEATURE
 from ..store import model_identity
-from .common import EXIT_SOME_FAILED, F, UsageFailure, report_failure, stdin_for
+from .common import EXIT_SOME_FAILED, F, FiniteRange, UsageFailure, report_failure, stdin_for
 
 NEEDS_EXTRA = "--engine ray needs Ray: pip install 'ray[data]' pyarrow (or, in the i2v checkout, pip install '.[ray]')"
 _RAY_ONLY = ("ray_address", "num_workers", "gpus_per_worker", "shard_size", "ray_transfer")
@@ -30,7 +30,7 @@ def engine_options(f: F) -> F:
                      "machine with `ray start`, else a new local one."),
         click.option("--num-workers", type=click.IntRange(1), default=None,
                      help="[ray] Network actors. Default: one per GPU, else one per 4 CPUs."),
-        click.option("--gpus-per-worker", type=click.FloatRange(0), default=None,
+        click.option("--gpus-per-worker", type=FiniteRange(0), default=None,
                      help="[ray] GPUs per network actor. Default: 1 where the cluster has GPUs, else 0."),
         click.option("--shard-size", type=click.IntRange(1), default=None,
                      help="[ray] Images per output shard (and per decoding task). [default: 256]"),

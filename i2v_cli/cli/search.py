@@ -13,10 +13,8 @@ from ..query import Hit, like_row, parse
 from ..query import search as run_search
 from ..store import model_identity, same_weights
 from ..writers import display, open_writer
-from .common import CONTEXT_SETTINGS, UsageFailure
+from .common import CONTEXT_SETTINGS, SCORE, UsageFailure
 from .index import db_option
-
-_SCORE = click.FloatRange(0.0, 1.0)
 
 
 def write_hits(hits: list[Hit], fmt: str) -> None:
@@ -64,7 +62,7 @@ def query_feature(index: Index, image: str, feature_weights: str | None, device:
 @click.option("-k", "k", type=click.IntRange(1), default=None,
               help="At most K results. Default: all matches; 10 with --like.")  # fmt: skip
 @click.option(
-    "--threshold", "-t", type=_SCORE, default=0.5, show_default=True, help="The score a bare tag term must reach."
+    "--threshold", "-t", type=SCORE, default=0.5, show_default=True, help="The score a bare tag term must reach."
 )
 @click.option("--format", "-f", "fmt", type=click.Choice(["text", "json", "jsonl"]), default="text", show_default=True)
 @click.option("--feature-weights", metavar="FILE", help="Feature model for a --like image that is not indexed.")

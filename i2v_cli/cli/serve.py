@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..config import BACKENDS, PRECISIONS
-from .common import CONTEXT_SETTINGS, UsageFailure, default_workers
+from .common import CONTEXT_SETTINGS, FiniteRange, UsageFailure, default_workers
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -52,7 +52,7 @@ from .common import CONTEXT_SETTINGS, UsageFailure, default_workers
 )
 @click.option(
     "--max-wait-ms",
-    type=click.FloatRange(0),
+    type=FiniteRange(0),
     default=5.0,
     show_default=True,
     help="Longest an image waits for others to fill its batch.",
@@ -65,13 +65,13 @@ from .common import CONTEXT_SETTINGS, UsageFailure, default_workers
 )
 @click.option(
     "--max-upload-mb",
-    type=click.FloatRange(0, min_open=True),
+    type=FiniteRange(0, min_open=True),
     default=32.0,
     show_default=True,
     help="Largest request body, in MiB (larger: 413).",
 )
 @click.option("--max-files", type=click.IntRange(1), default=64, show_default=True, help="Most images in one request.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=FiniteRange(0, min_open=True), default=60.0, show_default=True,
               help="Seconds a request may take to arrive, and to be answered.")  # fmt: skip
 def serve(
     db: str | None,

@@ -22,6 +22,7 @@ from .common import (
     EXIT_SOME_FAILED,
     MODEL_SECTION,
     RAY_SECTION,
+    SCORE,
     F,
     SectionedCommand,
     UsageFailure,
@@ -40,8 +41,6 @@ from .common import (
     stdin_for,
 )
 from .ray_options import engine_options, run_engine
-
-_SCORE = click.FloatRange(0.0, 1.0)
 
 
 def caption_options(f: F) -> F:
@@ -116,13 +115,13 @@ def tags_digest(tags: list[str]) -> str:
 @click.option(
     "--threshold",
     "-t",
-    type=_SCORE,
+    type=SCORE,
     default=None,
     help="Keep general/character/copyright tags scoring at least this. [default: 0.5, or 0 with --top-k]",
 )
-@click.option("--general-threshold", type=_SCORE, help="Threshold for general tags (overrides --threshold).")
-@click.option("--character-threshold", type=_SCORE, help="Threshold for character tags.")
-@click.option("--copyright-threshold", type=_SCORE, help="Threshold for copyright tags.")
+@click.option("--general-threshold", type=SCORE, help="Threshold for general tags (overrides --threshold).")
+@click.option("--character-threshold", type=SCORE, help="Threshold for character tags.")
+@click.option("--copyright-threshold", type=SCORE, help="Threshold for copyright tags.")
 @click.option("--top-k", "-k", type=click.IntRange(1), help="Keep at most K tags per category, best first.")
 @click.option(
     "--format",
