@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ SCORING_THREADS = 2
 #: A path-order walk tests this many rows in the time SQLite fetches and sorts one match (measured at a million
 #: images: about 1 us a walked row against 4.6 us a sorted match).
 WALK_COST = 4
+#: The largest K taken: more results than any index holds.
+MAX_K = 1 << 40
 #: A listing of the first K matches first tests at most this many rows (or 20 K) in path order on their own scores.
 WALK_ROWS = 2000
 
@@ -146,7 +149,16 @@ def where(terms: Sequence[Term], *, rowwise: bool = False) -> tuple[str, list[ob
                 f"(SELECT image FROM tag_scores WHERE tag = ? AND score {_negated(op) if upper else op} ?)"
             )
         params.extend([term.tag, bound])
-    return " AND ".join(clauses), params
+    return _all(clauses), params
+
+
+def _all(clauses: Sequence[str]) -> str:
+    """``a AND b AND ...`` nested as a balanced tree: SQLite parses a flat chain one level deeper per term, and
+    refused a query of about a thousand terms ("Expression tree is too large (maximum depth 1000)")."""
+    if len(clauses) <= 2:
+        return " AND ".join(clauses)
+    half = len(clauses) // 2
+    return f"({_all(clauses[:half])}) AND ({_all(clauses[half:])})"
 
 
 def _score(blob: bytes | None, column: int) -> float | None:
@@ -180,10 +192,17 @@ def search(
     best :data:`RERANK` are scored on their full features (``exact=True`` scores every match on its feature:
     slower, but no ranking error); the similarities returned are always the full features' cosines."""
     index.conn.create_function("i2v_score", 2, _score, deterministic=True)
-    with index.snapshot():  # ids, sketches, features and paths of one commit, while `i2v index` writes
-        if like is None:
-            return _listing(index, terms, k)
-        return _like(index, terms, like, exclude, k, exact)
+    if k is not None:
+        k = min(k, MAX_K)  # "all of them": SQLite's LIMIT takes 64-bit integers only
+    try:
+        with index.snapshot():  # ids, sketches, features and paths of one commit, while `i2v index` writes
+            if like is None:
+                return _listing(index, terms, k)
+            return _like(index, terms, like, exclude, k, exact)
+    except sqlite3.OperationalError as exc:
+        if not any(word in str(exc) for word in ("too large", "too many", "too big", "too complex", "overflow")):
+            raise
+        raise QueryError(f"the query is too large for SQLite ({len(terms)} terms: {exc}): use fewer") from None
 
 
 def _listing(index: Index, terms: Sequence[Term], k: int | None) -> list[Hit]:

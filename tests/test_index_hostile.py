@@ -7,10 +7,12 @@ import sqlite3
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from i2v_cli import dupes
+from i2v_cli.cli import cli
 from i2v_cli.config import NUM_TAGS
 from i2v_cli.dupes import find_dupes
 from i2v_cli.errors import WriteError
@@ -351,3 +353,54 @@ def test_dense_edges_give_the_components_and_lows_of_all_the_pairs(data):
     pairs = [(int(min(a, b)), int(max(a, b)), float(sims[i, j])) for i, a in enumerate(rows)
              for j, b in enumerate(cols) if a != b and sims[i, j] >= 0.95]  # fmt: skip
     assert dupes.groups_of(iter(dupes._dense_edges(rows, cols, sims, 0.95)), n) == dupes.groups_of(iter(pairs), n)
+
+
+def _tagged(path: str, names: list[str]) -> None:
+    """An index of ``names``, each with the top rating and every tag at 0.9 but the first (0.1)."""
+    from i2v_cli.tags import load_tag_list
+
+    idx = Index(path, create=True)
+    idx.check_models({"source": "t", "sha256": "0"}, {"source": "t", "sha256": "0"}, DIM)
+    scores = np.full(NUM_TAGS, 0.9, np.float32)
+    scores[0] = 0.1
+    with idx.transaction():
+        for i, name in enumerate(names):
+            feature = np.ones(DIM, np.float32)
+            idx.put(FileState(name, 100 + i, i, i.to_bytes(32, "big"), 64, 64, "PNG"), scores, feature, None)
+    idx.close()
+    assert len(load_tag_list()) == NUM_TAGS
+
+
+def test_a_query_of_thousands_of_terms_is_answered(tmp_path):
+    """SQLite parses a flat AND chain one level deeper per term: a query of about a thousand terms was a
+    traceback ("Expression tree is too large (maximum depth 1000)")."""
+    from i2v_cli.tags import load_tag_list
+
+    db = str(tmp_path / "c.db")
+    _tagged(db, ["/c/a.png", "/c/b.png"])
+    low, *names = [t.replace(" ", "_") for t in load_tag_list()[:512]]
+    for query in [" ".join(names * 4), " ".join(f"{n}>=0.5" for n in names * 3), " ".join(["-" + low] * 1500)]:
+        result = CliRunner().invoke(cli, ["search", "--db", db, "-k", "3", "--", query])
+        assert result.exit_code == 0, result.output[-500:]
+        assert result.stdout.splitlines() == ["/c/a.png", "/c/b.png"]
+
+
+@pytest.mark.parametrize("k", ["99999999999999999999", str(2**63 - 1)])
+def test_a_huge_k_means_all_of_them(tmp_path, k):
+    """SQLite's LIMIT takes 64-bit integers: it was an OverflowError traceback."""
+    db = str(tmp_path / "c.db")
+    _tagged(db, ["/c/a.png", "/c/b.png"])
+    result = CliRunner().invoke(cli, ["search", "--db", db, "-k", k, "rating:safe"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["/c/a.png", "/c/b.png"]
+
+
+def test_text_output_keeps_a_path_a_line(tmp_path):
+    """A newline in a file name split one path over two lines of `search` and `dupes` text output."""
+    db = str(tmp_path / "c.db")
+    _tagged(db, ["/c/new\nline.png", "/c/tab\there.png"])
+    result = CliRunner().invoke(cli, ["search", "--db", db, "rating:safe"])
+    assert result.stdout.splitlines() == ["/c/new\\nline.png", "/c/tab\\there.png"], result.output
+    result = CliRunner().invoke(cli, ["dupes", "--db", db])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 2 and "new\\nline.png" in result.stdout, result.stdout

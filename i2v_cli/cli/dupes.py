@@ -7,7 +7,7 @@ import click
 from ..dupes import DEFAULT_MIN_SIMILARITY, find_dupes
 from ..errors import I2VError
 from ..index import Index
-from ..writers import display, open_writer
+from ..writers import one_line, open_writer
 from .common import CONTEXT_SETTINGS, FiniteRange, UsageFailure, progress_bar, progress_option
 from .index import db_option
 
@@ -62,8 +62,8 @@ def dupes(db: str, min_similarity: float, fmt: str, exact: bool, progress: bool 
     if fmt == "text":
         lines = []
         for g in groups:
-            lines.append(f"keep\t{display(g.keep.path)}")
-            lines.extend(f"  dupe\t{display(o.path)}" for o in g.others)
+            lines.append(f"keep\t{one_line(g.keep.path)}")
+            lines.extend(f"  dupe\t{one_line(o.path)}" for o in g.others)
         if lines:
             click.echo("\n".join(lines))
         return

@@ -12,15 +12,17 @@ from ..index import Index
 from ..query import Hit, like_row, parse
 from ..query import search as run_search
 from ..store import model_identity, same_weights
-from ..writers import display, open_writer
+from ..writers import display, one_line, open_writer
 from .common import CONTEXT_SETTINGS, SCORE, UsageFailure
 from .index import db_option
 
 
 def write_hits(hits: list[Hit], fmt: str) -> None:
-    """Results to stdout: text (a path a line, with the score after a tab), or JSON/JSONL records."""
+    """Results to stdout: text (a path a line, control characters escaped, with the score after a tab), or JSON/JSONL
+    records (the exact names)."""
     if fmt == "text":
-        lines = [display(h.path) if h.score is None else f"{display(h.path)}\t{h.score:.6f}" for h in hits]
+        # A path a line: a newline or tab in a name is escaped, as in `similar` (it split one path over two lines).
+        lines = [one_line(h.path) if h.score is None else f"{one_line(h.path)}\t{h.score:.6f}" for h in hits]
         if lines:
             click.echo("\n".join(lines))
         return
