@@ -193,12 +193,17 @@ class Index:
         if os.path.isdir(path):
             raise IndexDbError(f"--db {shown} is a folder: name a file")
         try:
-            uri = "file:" + _uri_path(path) + ("?mode=ro" if readonly else "")
-            self.conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-            self.conn.execute("PRAGMA busy_timeout = 10000")
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            app = self.conn.execute("PRAGMA application_id").fetchone()[0]
-            tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            try:
+                version, app, tables = self._connect("?mode=ro" if readonly else "")
+            except sqlite3.OperationalError:
+                folder = os.path.dirname(os.path.abspath(path))
+                if not (readonly and exists and not os.access(folder, os.W_OK)):
+                    raise
+                # Read-only media or folder: SQLite cannot make the index's shared-memory file (-shm) beside it.
+                # Nothing can write there either, so the file is read as it is, without locks.
+                version, app, tables = self._connect("?mode=ro&immutable=1")
+        except sqlite3.OperationalError as exc:
+            raise IndexDbError(f"cannot open the index {shown} ({exc})") from None
         except sqlite3.DatabaseError as exc:
             raise IndexDbError(f"{shown} is not an i2v index ({exc})") from None
         if tables == 0 and not readonly:
@@ -217,6 +222,20 @@ class Index:
         self.version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if self.version < SCHEMA_VERSION and not readonly:
             self._upgrade()
+
+    def _connect(self, query: str) -> tuple[int, int, int]:
+        """Open ``self.path`` with the URI ``query``: its schema version, application id and number of tables."""
+        self.conn = sqlite3.connect("file:" + _uri_path(self.path) + query, uri=True, isolation_level=None,
+                                    check_same_thread=False)  # fmt: skip
+        try:
+            self.conn.execute("PRAGMA busy_timeout = 10000")
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            app = self.conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError:
+            self.conn.close()
+            raise
+        return version, app, tables
 
     def _create(self) -> None:
         try:

@@ -404,3 +404,30 @@ def test_text_output_keeps_a_path_a_line(tmp_path):
     result = CliRunner().invoke(cli, ["dupes", "--db", db])
     assert result.exit_code == 0, result.output
     assert len(result.stdout.splitlines()) == 2 and "new\\nline.png" in result.stdout, result.stdout
+
+
+def test_an_index_on_read_only_media_is_read(tmp_path):
+    """SQLite could not make the -shm file beside it: search, dupes and export said the index "is not an i2v index
+    (unable to open database file)"."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only file system needs root")
+    db = str(tmp_path / "c.db")
+    _tagged(db, ["/c/a.png", "/c/b.png"])
+    media = tmp_path / "media"
+    media.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(media)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        shutil.copy(db, media / "c.db")
+        subprocess.run(["mount", "-o", "remount,ro", str(media)], check=True)
+        for args in (["search", "rating:safe"], ["dupes", "-f", "json"]):
+            result = CliRunner().invoke(cli, [args[0], "--db", str(media / "c.db"), *args[1:]])
+            assert result.exit_code == 0, result.output
+        assert CliRunner().invoke(cli, ["search", "--db", str(media / "c.db"), "rating:safe"]).stdout.split() == [
+            "/c/a.png", "/c/b.png"]  # fmt: skip
+    finally:
+        subprocess.run(["umount", "-l", str(media)])

@@ -185,7 +185,7 @@ def test_a_full_disk_is_a_failure_per_sidecar_not_a_traceback(indexed, tmp_path)
         assert "Traceback" not in result.output and "No space left on device" in result.stderr
         assert sorted(p.name for p in small.iterdir()) == ["fill", "p0.png"]  # no temporary file left
     finally:
-        subprocess.run(["umount", str(small)])
+        subprocess.run(["umount", "-l", str(small)])
 
 
 def test_a_sidecar_written_by_another_run_meanwhile_is_merged_again(indexed, monkeypatch):
