@@ -29,7 +29,7 @@ from .index import TAG_FLOOR, Index, file_sha256, fs_path, iter_chunks
 from .sketch import sketch
 
 _TOKEN = re.compile(r'(?:"[^"]*"|[^\s"])+|"[^"]*$')
-_BOUND = re.compile(r"^(?P<tag>.+?)(?P<op>>=|<=|>|<)(?P<value>\d*\.?\d+)$")
+_BOUND = re.compile(r"^(?P<tag>.+?)(?P<op>>=|<=|>|<)(?P<value>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
 RATINGS = ("safe", "questionable", "explicit")
 #: Rows whose features are scored at a time by ``--like``.
 LIKE_CHUNK = 4096

@@ -62,7 +62,8 @@ def image_tags(scores: np.ndarray, tags: Sequence[str], selection: Selection) ->
 
 def merge_hydrus(existing: str | None, new: Sequence[str]) -> str:
     """A Hydrus tag file: the existing lines (order kept), then the new tags not already there."""
-    lines = [] if existing is None else [line.strip() for line in existing.splitlines() if line.strip()]
+    # Lines end at \n (and \r\n) only: str.splitlines also cut a tag at \u2028, \x0b or \x1c.
+    lines = [] if existing is None else [line.strip() for line in existing.split("\n") if line.strip()]
     have = set(lines)
     lines.extend(t for t in new if t not in have and not have.add(t))  # type: ignore[func-returns-value]
     return "".join(line + "\n" for line in lines)

@@ -436,3 +436,10 @@ def test_a_file_replaced_by_a_fifo_or_a_folder_leaves_the_collection(runner, wei
     assert "a.png: not a regular file" in again.stderr
     con = sqlite3.connect(db)
     assert [os.path.basename(p) for (p,) in con.execute("SELECT path_text FROM images")] == ["c.png"]
+
+
+def test_a_bound_in_scientific_notation_is_a_bound():
+    """``solo>1e-3`` was read as a tag named "solo>1e-3" (unknown tag)."""
+    t = TAGS.index
+    assert parse("solo>1e-3 long_hair<=5E-1", TAGS) == [
+        TagTerm(t("solo"), ">", 1e-3), TagTerm(t("long hair"), "<=", 0.5)]  # fmt: skip

@@ -213,3 +213,8 @@ def test_a_sidecar_written_by_another_run_meanwhile_is_merged_again(indexed, mon
     assert summary.failures == [] and summary.written == 3
     lines = target.read_text().splitlines()
     assert lines[:2] == ["mine", "from the other run"] and lines[2:] == expected_tags(db, folder / "p0.png", 0.5)
+
+
+def test_a_hydrus_line_is_cut_at_newlines_only():
+    """str.splitlines also cut at \\u2028, \\x0b and \\x1c: one tag of the user's became two."""
+    assert merge_hydrus("a\u2028b\nc\x1cd\r\n", ["e"]) == "a\u2028b\nc\x1cd\ne\n"
