@@ -192,6 +192,8 @@ class Index:
             raise IndexDbError(f"{shown}: no such index (make one with `i2v index FOLDER --db {shown}`)")
         if os.path.isdir(path):
             raise IndexDbError(f"--db {shown} is a folder: name a file")
+        if exists and not os.path.isfile(path):  # SQLite's open of a FIFO waits for a writer for ever
+            raise IndexDbError(f"--db {shown} is not a regular file (a device, pipe or socket): name an index file")
         try:
             try:
                 version, app, tables = self._connect("?mode=ro" if readonly else "")

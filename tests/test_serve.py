@@ -542,3 +542,92 @@ def test_page_in_chromium_gallery_search_click_and_drop(browser, base, client, c
     assert shown_tags(browser) == listed(record)
     assert browser.find_element(By.ID, "status").text == "Tagged dropped.png"
     browser.save_screenshot(os.environ.get("I2V_SCREENSHOT", "/tmp/i2v-serve-page.png"))
+
+
+# A hostile client and a careless operator ----------------------------------------------------------------------
+
+
+def test_ids_beyond_sqlite_and_long_queries_are_4xx_or_answers(client):
+    """Ids above 2**63 were OverflowError 500s; a query of a thousand terms was an 'Expression tree is too large'
+    500, on the page too."""
+    huge = "99999999999999999999"
+    for path in (f"/v1/images/{huge}", f"/v1/images/{huge}/thumb", f"/v1/images/{huge}/info",
+                 f"/v1/search?like={huge}", f"/?page={huge}"):  # fmt: skip
+        reply = client.get(path)
+        assert reply.status == 422, (path, reply.body[:200])
+    assert client.post_json("/v1/search", {"like": int(huge)}).status == 422
+    query = "+".join(["long_hair"] * 1200)
+    assert client.get(f"/v1/search?q={query}").status == 200
+    assert client.get(f"/?q={query}").status == 200
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_as_db_and_a_token_no_client_can_send_are_one_line(tmp_path, tag_weights, feature_weights):
+    """A FIFO as --db blocked the server in open() for ever, deaf to SIGTERM; a token of non-ASCII characters locked
+    the whole API (no header could match it) and made /login a 500."""
+    fifo = tmp_path / "fifo.db"
+    os.mkfifo(fifo)
+    weights = ["--tag-weights", str(tag_weights), "--feature-weights", str(feature_weights), "--port", "0"]
+    result = CliRunner().invoke(cli, ["serve", "--db", str(fifo), *weights])
+    assert result.exit_code == 2 and "is not a regular file" in result.stderr, result.output
+    result = CliRunner().invoke(cli, ["search", "--db", str(fifo), "solo"])
+    assert result.exit_code == 2 and "is not a regular file" in result.stderr, result.output
+    result = CliRunner().invoke(cli, ["serve", "--token", "p\u00e4ssw\u00f6rd", *weights])
+    assert result.exit_code == 2 and "--token must be printable ASCII" in result.stderr, result.output
+
+
+def test_a_port_in_use_is_one_line_before_the_models_load(tag_weights, feature_weights):
+    """It printed 'serving ...', then uvicorn's own ERROR line, and exited 3 (documented as a failed write)."""
+    taken = free_socket()
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        result = CliRunner().invoke(cli, ["serve", "--port", str(port), "--tag-weights", str(tag_weights),
+                                          "--feature-weights", "/nonexistent"])  # fmt: skip
+    finally:
+        taken.close()
+    assert result.exit_code == 2, result.output
+    assert f"cannot listen on 127.0.0.1 port {port}" in result.stderr and "serving" not in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_port_0_a_late_request_head_and_the_connection_limit(db, tag_weights, feature_weights, tmp_path):
+    """--port 0 announced port 0; a connection that sent nothing, or its headers slowly, was kept for ever (its
+    slot too); nothing bounded the connections at once."""
+    import socket
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "i2v_cli", "serve", "--db", str(db), "--port", "0", "--timeout", "2",
+         "--max-connections", "2", "--tag-weights", str(tag_weights), "--feature-weights", str(feature_weights),
+         "--device", "cpu"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("i2v: serving http://127.0.0.1:"), line
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        assert port != 0
+        client = Client(f"http://127.0.0.1:{port}")
+        for _ in range(600):
+            try:
+                if client.get("/healthz", timeout=5).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        silent = socket.create_connection(("127.0.0.1", port))
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and the rest never comes
+        time.sleep(0.3)
+        assert client.get("/healthz").status == 503  # two connections held: the limit
+        for sock in (silent, slow):
+            sock.settimeout(10)
+            t = time.monotonic()
+            assert sock.recv(1024) == b""  # closed by the server
+            assert time.monotonic() - t < 8
+            sock.close()
+        assert client.get("/healthz").status == 200  # their slots are free again
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

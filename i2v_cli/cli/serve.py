@@ -72,7 +72,10 @@ from .common import CONTEXT_SETTINGS, FiniteRange, UsageFailure, default_workers
 )
 @click.option("--max-files", type=click.IntRange(1), default=64, show_default=True, help="Most images in one request.")
 @click.option("--timeout", "timeout_s", type=FiniteRange(0, min_open=True), default=60.0, show_default=True,
-              help="Seconds a request may take to arrive, and to be answered.")  # fmt: skip
+              help="Seconds a request may take to arrive (its head, then its body), and to be answered.")  # fmt: skip
+@click.option("--max-connections", type=click.IntRange(1), default=64, show_default=True,
+              help="Most connections and requests at once (more: 503); with --max-upload-mb, it bounds the memory "
+              "uploads take.")  # fmt: skip
 def serve(
     db: str | None,
     host: str,
@@ -89,6 +92,7 @@ def serve(
     max_upload_mb: float,
     max_files: int,
     timeout_s: float,
+    max_connections: int,
 ) -> None:
     """Serve the tagger, the feature model and an index over HTTP: a JSON API and a web page.
 
@@ -114,7 +118,7 @@ def serve(
         ) from None
     from ..errors import I2VError
     from ..inference import describe
-    from ..serve.guard import check_bind
+    from ..serve.guard import check_bind, head_deadline_protocol, listening_socket
     from ..serve.service import Settings, load_service
     from ..writers import display
 
@@ -128,14 +132,24 @@ def serve(
     )
     try:
         check_bind(host, token)
+    except I2VError as exc:
+        raise UsageFailure(str(exc)) from None
+    try:  # before the models load: an address in use is said at once
+        sock = listening_socket(host, port)
+    except OSError as exc:
+        raise UsageFailure(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
+    try:
         service = load_service(tag_weights, feature_weights, db=db, device=device, precision=precision,
                                backend=backend, settings=settings)  # fmt: skip
     except I2VError as exc:
+        sock.close()
         raise UsageFailure(str(exc)) from None
     app = create_app(service, token=token)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", server_header=False,
-                            timeout_graceful_shutdown=int(timeout_s) + 1, timeout_keep_alive=5)  # fmt: skip
+                            timeout_graceful_shutdown=int(timeout_s) + 1, timeout_keep_alive=5,
+                            http=head_deadline_protocol(timeout_s), limit_concurrency=max_connections)  # fmt: skip
     shown = f"[{host}]" if ":" in host else host
     where = f", index {display(db)}" if db else ""
+    port = sock.getsockname()[1]  # the real one when 0 was asked for
     click.echo(f"i2v: serving http://{shown}:{port}/ ({describe(service.nets['tag'])}{where})", err=True)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
@@ -67,11 +67,17 @@ def records_response(records: Sequence[Record]) -> Response:
     return Response(body, 200, media_type="application/json")
 
 
+#: The largest image id: SQLite's rowids are 64-bit (a larger one was an OverflowError, a 500).
+MAX_ID = 2**63 - 1
+#: The last page of the gallery that may be asked for: far beyond any index.
+MAX_PAGE = 10**9
+
+
 class SearchBody(BaseModel):
     """``POST /v1/search``: the same fields as ``GET /v1/search``'s query."""
 
     q: str = ""
-    like: int | None = None
+    like: int | None = Field(None, ge=0, le=MAX_ID)
     k: int | None = Field(None, ge=1, le=MAX_K)
     threshold: float = Field(0.5, ge=0.0, le=1.0)
 
@@ -185,7 +191,7 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
     @app.get("/v1/search")
     def search_get(
         q: str = Query("", description="Booru-style query: long_hair -glasses tag>=0.8 rating:safe"),
-        like: int | None = Query(None, description="Rank by similarity to this indexed image's id."),
+        like: int | None = Query(None, ge=0, le=MAX_ID, description="Rank by similarity to this indexed image's id."),
         k: int | None = Query(None, ge=1, le=MAX_K, description="At most K results (default 100; 10 with like)."),
         threshold: float = Query(0.5, ge=0.0, le=1.0, description="The score a bare tag term must reach."),
     ) -> Response:
@@ -214,25 +220,25 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
         return json_response({"results": hits})
 
     @app.get("/v1/images/{image_id}")
-    def image_file(image_id: int) -> Response:
+    def image_file(image_id: int = Path(ge=0, le=MAX_ID)) -> Response:
         """The file of indexed image ``image_id`` (by id only), as it was indexed."""
         data, fmt = index().open_file(image_id)
         return Response(data, media_type=_MEDIA.get(fmt or "", "application/octet-stream"), headers=_SAFE_HEADERS)
 
     @app.get("/v1/images/{image_id}/thumb")
-    def image_thumb(image_id: int) -> Response:
+    def image_thumb(image_id: int = Path(ge=0, le=MAX_ID)) -> Response:
         """A JPEG thumbnail (256 pixels a side at most) of indexed image ``image_id``."""
         return Response(index().thumbnail(image_id), media_type="image/jpeg",
                         headers={**_SAFE_HEADERS, "Cache-Control": "private, max-age=300"})  # fmt: skip
 
     @app.get("/v1/images/{image_id}/info")
-    def image_info(image_id: int, threshold: float = Query(0.5, ge=0.0, le=1.0)) -> Response:
+    def image_info(image_id: int = Path(ge=0, le=MAX_ID), threshold: float = Query(0.5, ge=0.0, le=1.0)) -> Response:
         """Indexed image ``image_id``'s record (tags at ``threshold``, as ``i2v tag`` writes them), size, format."""
         record = index().info(image_id, Selection.make(threshold), index().index.tags)
         return Response(record_json(record), media_type="application/json")
 
     @app.get("/", response_class=HTMLResponse)
-    def page(q: str = "", page: int = Query(0, ge=0)) -> HTMLResponse:
+    def page(q: str = "", page: int = Query(0, ge=0, le=MAX_PAGE)) -> HTMLResponse:
         """The web page: the index's gallery, a tag search, an image's tags and neighbours, a drop zone."""
         from .page import render_page
 

@@ -180,11 +180,73 @@ class Guard:
 
 
 def check_bind(host: str, token: str | None) -> None:
-    """Refuse to listen beyond loopback without a token (an open tagger and index on the network)."""
+    """Refuse to listen beyond loopback without a token (an open tagger and index on the network), and a token
+    that no client could send: HTTP headers and cookies carry ASCII (a token of other characters locked the API)."""
     from ..errors import I2VError
 
+    if token and not all("!" <= c <= "~" for c in token):
+        raise I2VError("--token must be printable ASCII without spaces: HTTP headers and cookies carry no other")
     if not is_loopback(host) and not token:
         raise I2VError(
             f"--host {host} listens beyond this machine: give --token TOKEN (or set $I2V_TOKEN); clients then send "
             "'Authorization: Bearer TOKEN'"
         )
+
+
+def listening_socket(host: str, port: int) -> Any:
+    """A socket bound to ``host:port`` and listening (port 0: a free one, read back with ``getsockname``), before
+    the server starts: an address in use is then one line naming it, and the address announced is the real one.
+    Raises OSError."""
+    import socket
+
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]  # fmt: skip
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def head_deadline_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline on each request's head: a connection that sends nothing, or its
+    headers a byte at a time, is closed after ``timeout_s`` (uvicorn waited for ever; the body and the answer have
+    their own limits, :class:`Guard` and the application's)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):  # type: ignore[misc]
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()  # the next request's head, on a kept-alive connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(timeout_s, self._head_late)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _head_late(self) -> None:
+            self._deadline = None
+            cycle = getattr(self, "cycle", None)
+            if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()  # no request under way: its head is late
+
+    return HeadDeadline
