@@ -631,3 +631,20 @@ def test_port_0_a_late_request_head_and_the_connection_limit(db, tag_weights, fe
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_an_answer_before_the_body_ends_the_connection(base):
+    """413 from the declared length was sent on a connection left open with the body unread: a client reading the
+    answer to the end of the connection waited until its own timeout."""
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    head = (f"POST /v1/tag HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            f"Content-Length: {LIMIT + 1}\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection((host, int(port))) as sock:
+        sock.settimeout(10)
+        sock.sendall(head)
+        reply = b""
+        while chunk := sock.recv(65536):  # until the server closes: a TimeoutError here is the bug
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413") and b"connection: close" in reply.lower()

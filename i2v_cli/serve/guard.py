@@ -26,6 +26,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 COOKIE = "i2v_token"
+#: Sent with an answer given before the body was read: the connection ends with it (the rest of the body is not
+#: read; a client waiting for the end of the connection waited until its own timeout).
+_CLOSE = [(b"connection", b"close")]
 #: Routes that never need the token: the health check, the login form of the page, the page's script and style.
 OPEN_PATHS = ("/healthz", "/login")
 OPEN_PREFIXES = ("/static/",)
@@ -138,15 +141,16 @@ class Guard:
                 await send_error(send, 400, "bad Content-Length header")
                 return
             if declared > self.max_body:
-                await send_error(send, 413, f"the request body is {declared:,} bytes; the limit is {self.max_body:,}")
+                await send_error(send, 413, f"the request body is {declared:,} bytes; the limit is {self.max_body:,}",
+                                 _CLOSE)  # fmt: skip
                 return
         try:
             body, more = await asyncio.wait_for(self._read(receive), self.timeout)
         except asyncio.TimeoutError:
-            await send_error(send, 408, f"the request body did not arrive within {self.timeout:g} s")
+            await send_error(send, 408, f"the request body did not arrive within {self.timeout:g} s", _CLOSE)
             return
         if more is not None:
-            await send_error(send, 413, f"the request body is over the limit of {self.max_body:,} bytes")
+            await send_error(send, 413, f"the request body is over the limit of {self.max_body:,} bytes", _CLOSE)
             return
         if body is None:
             return  # the client went away
