@@ -239,14 +239,20 @@ def atomic_write(path: PathLike, *, text: bool = False, **kwargs: Any) -> Iterat
     f.commit()
 
 
-def write_bytes(path: PathLike, data: bytes) -> None:
+def write_bytes(path: PathLike, data: bytes, unless_changed: Callable[[], bool] | None = None) -> bool:
     """Put ``data`` at ``path`` atomically; a write the disk refuses (full, I/O error) is a WriteError naming it,
-    and leaves ``path`` as it was."""
-    with atomic_write(path) as f:
-        try:
-            f.write(data)
-        except OSError as exc:
-            raise WriteError(describe_oserror(path, exc)) from None
+    and leaves ``path`` as it was. With ``unless_changed``, only if it still returns True just before the rename
+    (see :meth:`AtomicFile.commit`): False when it did not, and nothing was written."""
+    f = AtomicFile(path)
+    try:
+        f.stream.write(data)
+    except OSError as exc:
+        f.discard()
+        raise WriteError(describe_oserror(path, exc)) from None
+    except BaseException:
+        f.discard()
+        raise
+    return f.commit(unless_changed=unless_changed)
 
 
 def write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .atomic import AtomicFile, describe_oserror
-from .errors import I2VError, OutputError, WriteError
+from .atomic import write_bytes
+from .errors import I2VError, OutputError
 from .index import Index
 from .tags import Selection, select_tags
 from .writers import display
@@ -179,16 +179,7 @@ def _identity(path: str) -> tuple[int, int, int, int] | None:
 def _replace(target: str, text: str, seen: tuple[int, int, int, int] | None) -> bool:
     """Put the merged ``text`` at ``target`` atomically, unless the sidecar changed since it was read as ``seen``
     (then False: merge again). Two exports at once lost each other's keywords, the last rename winning."""
-    f = AtomicFile(target)
-    try:
-        f.stream.write(text.encode("utf-8"))
-    except OSError as exc:
-        f.discard()
-        raise WriteError(describe_oserror(target, exc)) from None
-    except BaseException:
-        f.discard()
-        raise
-    return f.commit(unless_changed=lambda: _identity(target) == seen)
+    return write_bytes(target, text.encode("utf-8"), unless_changed=lambda: _identity(target) == seen)
 
 
 #: Largest existing sidecar merged (bytes): XMP packets are kilobytes; anything larger is not one to read whole.

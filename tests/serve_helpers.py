@@ -66,6 +66,17 @@ class Client:
         return self.request("POST", path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
 
 
+def wait_until_healthy(client: Client, tries: int = 600) -> None:
+    """Wait for a server started as a process to answer /healthz (it loads its models first)."""
+    for _ in range(tries):
+        try:
+            if client.get("/healthz", timeout=5).status == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("the server did not become healthy")
+
+
 def free_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install '.[serve]')")
 
-from serve_helpers import Client, free_socket, running
+from serve_helpers import Client, free_socket, running, wait_until_healthy
 
 from i2v_cli.cli import cli
 from i2v_cli.errors import I2VError
@@ -408,12 +408,7 @@ def test_serve_command_stops_gracefully_on_sigterm(db, tag_weights, feature_weig
     )  # fmt: skip
     try:
         client = Client(f"http://127.0.0.1:{port}")
-        for _ in range(600):
-            try:
-                if client.get("/healthz", timeout=5).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
+        wait_until_healthy(client)
         good = images(collection)[0]
         assert client.post_files("/v1/tag", [(good.name, good.read_bytes())]).status == 200
         proc.send_signal(signal.SIGTERM)
@@ -608,12 +603,7 @@ def test_port_0_a_late_request_head_and_the_connection_limit(db, tag_weights, fe
         port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
         assert port != 0
         client = Client(f"http://127.0.0.1:{port}")
-        for _ in range(600):
-            try:
-                if client.get("/healthz", timeout=5).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
+        wait_until_healthy(client)
         silent = socket.create_connection(("127.0.0.1", port))
         slow = socket.create_connection(("127.0.0.1", port))
         slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and the rest never comes
