@@ -41,7 +41,7 @@ from .hashing import sha256_file
 from .sketch import DIMS as SKETCH_DIMS
 from .sketch import SEED as SKETCH_SEED
 from .sketch import make_basis, sketch
-from .store import same_weights
+from .store import how_weights_differ, same_weights
 from .writers import Record, Sink, display
 
 if TYPE_CHECKING:  # torch is imported only where a network runs: searches start fast
@@ -131,6 +131,24 @@ class FileState:
     format: str | None = None
 
 
+def _on_read_only_media(path: str) -> bool:
+    """Whether ``path``'s file system is mounted read-only (not merely a folder this user cannot write, which
+    another may be writing)."""
+    try:
+        return bool(os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def _wal_pending(path: str) -> bool:
+    """Whether a non-empty write-ahead log lies beside the index: committed changes that an immutable read would
+    skip (it read rows since deleted, and missed rows since added)."""
+    try:
+        return os.path.getsize(path + "-wal") > 0
+    except OSError:
+        return False
+
+
 def fs_path(path: str) -> bytes:
     """The exact bytes of a path (as stored in ``images.path``)."""
     return os.fsencode(path)
@@ -198,11 +216,16 @@ class Index:
             try:
                 version, app, tables = self._connect("?mode=ro" if readonly else "")
             except sqlite3.OperationalError:
-                folder = os.path.dirname(os.path.abspath(path))
-                if not (readonly and exists and not os.access(folder, os.W_OK)):
+                if not (readonly and exists and _on_read_only_media(path)):
                     raise
-                # Read-only media or folder: SQLite cannot make the index's shared-memory file (-shm) beside it.
-                # Nothing can write there either, so the file is read as it is, without locks.
+                if _wal_pending(path):
+                    raise IndexDbError(
+                        f"cannot read the index {shown} on read-only media: its write-ahead log ({shown}-wal) holds "
+                        "changes that only a writable copy can apply; copy the index and its -wal file somewhere "
+                        "writable and open it there once"
+                    ) from None
+                # SQLite cannot make the index's shared-memory file (-shm) on read-only media, and nothing can write
+                # there either: the file is read as it is, without locks.
                 version, app, tables = self._connect("?mode=ro&immutable=1")
         except sqlite3.OperationalError as exc:
             raise IndexDbError(f"cannot open the index {shown} ({exc})") from None
@@ -401,15 +424,11 @@ class Index:
                 continue
             old = json.loads(stored)
             if not same_weights(old, model):
-                other = "other tensors" if old.get("sha256") == model.get("sha256") else "another file"
                 raise IndexDbError(
                     f"{display(self.path)} was indexed with the {key.replace('_', ' ')} {old.get('source')} "
-                    f"(sha256 {str(old.get('sha256'))[:12]}), not {model.get('source')} ({other}): use the same "
-                    "weights, or another --db"
+                    f"(sha256 {str(old.get('sha256'))[:12]}), not {model.get('source')} "
+                    f"({how_weights_differ(old, model)}): use the same weights, or another --db"
                 )
-            if model.get("tensors") and not old.get("tensors"):  # recorded by an earlier version: by file only
-                with self.transaction():
-                    self.set_meta(key, json.dumps(model))
         if self.meta("tag_model") is None:
             from .tags import load_tag_list
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from .atomic import describe_oserror, resolve_target
 from .errors import OutputError
-from .store import same_weights
+from .store import how_weights_differ, same_weights
 from .writers import CSV_COLUMNS, display, record_path, writes_in_place
 
 JOB_FORMAT = "i2v-job"
@@ -128,8 +128,8 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             diffs.append(f"{key.replace('_', ' ')} {_show(old_opts.get(key))} (now {_show(new_opts.get(key))})")
     old_model, new_model = old.get("model") or {}, new.get("model") or {}
     if not same_weights(old_model, new_model):
-        other = "other tensors" if old_model.get("sha256") == new_model.get("sha256") else "another SHA-256"
-        diffs.append(f"model {old_model.get('source')} (now {new_model.get('source')}, {other})")
+        how = how_weights_differ(old_model, new_model)
+        diffs.append(f"model {old_model.get('source')} (now {new_model.get('source')}, {how})")
     return diffs
 
 

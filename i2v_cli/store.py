@@ -115,6 +115,13 @@ def same_weights(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     return old.get("sha256") == new.get("sha256")
 
 
+def how_weights_differ(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What tells two records' networks apart, for a message: the same source file edited, or another file."""
+    if old.get("sha256") == new.get("sha256"):
+        return "the same source file with other tensors: edited since?"
+    return "another SHA-256"
+
+
 def file_identity(path: str | os.PathLike[str]) -> list[int]:
     """What says a file is unchanged without reading it: device, inode, size, modification and change times
     (the change time cannot be set back by a user: any write moves it). Raises OSError when it cannot be stat'ed."""

@@ -638,3 +638,23 @@ def test_an_answer_before_the_body_ends_the_connection(base):
         while chunk := sock.recv(65536):  # until the server closes: a TimeoutError here is the bug
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 413") and b"connection: close" in reply.lower()
+
+
+def test_listening_sockets_bind_every_address_of_the_host_on_one_port():
+    """Binding only getaddrinfo's first answer broke --host "" (all interfaces) and made --host :: answer on IPv4
+    too; asyncio, which uvicorn used before, binds each address, IPv6 ones IPv6-only."""
+    import socket
+
+    from i2v_cli.serve.guard import listening_sockets
+
+    socks = listening_sockets("", 0)
+    try:
+        names = {s.getsockname()[0] for s in socks}
+        assert "0.0.0.0" in names
+        assert len({s.getsockname()[1] for s in socks}) == 1  # port 0: one free port for all of them
+        for s in socks:
+            if s.family == socket.AF_INET6:
+                assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        for s in socks:
+            s.close()

@@ -58,7 +58,7 @@ def test_resume_refuses_weights_edited_with_their_provenance_kept(tmp_path, fold
     assert weights.load_weights(w)[1].sha256 == weights.load_weights(tag_weights)[1].sha256  # provenance kept
     result = _run("tag", "-j", "0", "-w", w, folder, "-o", out, "--resume")
     assert result.exit_code == 2, result.output
-    assert "other tensors" in result.stderr
+    assert "other tensors: edited since?" in result.stderr
     assert out.read_bytes() == before
 
 
@@ -96,7 +96,7 @@ def test_index_refuses_weights_edited_in_place(tmp_path, folder, tag_weights, fe
     (folder / "img3.png").write_bytes((folder / "img0.png").read_bytes()[:-1] + b"\0")
     result = _run(*common, folder)
     assert result.exit_code == 2, result.output
-    assert "other tensors" in result.stderr
+    assert "other tensors: edited since?" in result.stderr
 
 
 def test_the_digest_is_remembered_while_the_file_is_unchanged(tmp_path, tag_weights, monkeypatch):
@@ -126,3 +126,46 @@ def test_same_weights_compares_tensors_when_both_know_them() -> None:
     assert same_weights(a, {"source": "y", "sha256": "t", "tensors": "sha256:1"})  # a caffemodel and its conversion
     assert same_weights({"source": "x", "sha256": "s"}, a)  # an earlier version's record: by sha256
     assert not same_weights({"source": "x", "sha256": "other"}, a)
+
+
+def test_serve_refuses_feature_weights_edited_in_place(tmp_path, folder, tag_weights, feature_weights):
+    """It compared the sha256 only: uploads' similarities were computed by another network than the index's."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    fw = tmp_path / "f.safetensors"
+    shutil.copy(feature_weights, fw)
+    db = tmp_path / "c.db"
+    assert (
+        _run("index", folder, "--db", db, "--tag-weights", tag_weights, "--feature-weights", fw, "-j", "0").exit_code
+        == 0
+    )
+    _edit_keeping_provenance(fw, "encode1.bias")
+    result = _run("serve", "--db", db, "--port", "0", "--tag-weights", tag_weights, "--feature-weights", fw)
+    assert result.exit_code == 2, result.output
+    assert "other tensors: edited since?" in result.stderr
+
+
+def test_an_index_of_an_earlier_version_is_not_stamped_with_unverified_tensors(tmp_path, folder, tag_weights,
+                                                                                feature_weights):  # fmt: skip
+    """A run that computed nothing recorded the (edited) weights' tensors as the index's: its rows were made by the
+    earlier weights, which were then refused."""
+    import sqlite3
+
+    fw = tmp_path / "f.safetensors"
+    shutil.copy(feature_weights, fw)
+    db = tmp_path / "c.db"
+    common = ["index", folder, "--db", db, "--tag-weights", tag_weights, "-j", "0", "--feature-weights"]
+    assert _run(*common, fw).exit_code == 0
+    con = sqlite3.connect(db)
+    for key in ("tag_model", "feature_model"):  # as an earlier version recorded them
+        (value,) = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        model = json.loads(value)
+        del model["tensors"]
+        con.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(model), key))
+    con.commit()
+    con.close()
+    edited = tmp_path / "edited.safetensors"
+    shutil.copy(fw, edited)
+    _edit_keeping_provenance(edited, "encode1.bias")
+    assert _run(*common, edited).exit_code == 0  # by sha256, as before: nothing to compute
+    assert _run(*common, fw).exit_code == 0  # the weights that made the rows are still the index's

@@ -11,7 +11,7 @@ from ..errors import I2VError
 from ..index import Index
 from ..query import Hit, like_row, parse
 from ..query import search as run_search
-from ..store import model_identity, same_weights
+from ..store import how_weights_differ, model_identity, same_weights
 from ..writers import display, one_line, open_writer
 from .common import CONTEXT_SETTINGS, SCORE, UsageFailure
 from .index import db_option
@@ -49,7 +49,8 @@ def query_feature(index: Index, image: str, feature_weights: str | None, device:
     stored = json.loads(index.meta("feature_model") or "{}")
     if stored.get("sha256") is not None and not same_weights(stored, model_identity(info)):
         raise UsageFailure(
-            f"--feature-weights {info.source} is not the feature model the index was made with ({stored.get('source')})"
+            f"--feature-weights {info.source} is not the feature model the index was made with "
+            f"({stored.get('source')}; {how_weights_differ(stored, model_identity(info))})"
         )
     ((result,),) = list(run_model(model, [image], batch_size=1))
     if result.output is None:

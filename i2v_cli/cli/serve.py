@@ -118,7 +118,7 @@ def serve(
         ) from None
     from ..errors import I2VError
     from ..inference import describe
-    from ..serve.guard import check_bind, head_deadline_protocol, listening_socket
+    from ..serve.guard import check_bind, head_deadline_protocol, listening_sockets
     from ..serve.service import Settings, load_service
     from ..writers import display
 
@@ -135,14 +135,15 @@ def serve(
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     try:  # before the models load: an address in use is said at once
-        sock = listening_socket(host, port)
+        socks = listening_sockets(host, port)
     except OSError as exc:
         raise UsageFailure(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
     try:
         service = load_service(tag_weights, feature_weights, db=db, device=device, precision=precision,
                                backend=backend, settings=settings)  # fmt: skip
     except I2VError as exc:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise UsageFailure(str(exc)) from None
     app = create_app(service, token=token)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", server_header=False,
@@ -150,6 +151,6 @@ def serve(
                             http=head_deadline_protocol(timeout_s), limit_concurrency=max_connections)  # fmt: skip
     shown = f"[{host}]" if ":" in host else host
     where = f", index {display(db)}" if db else ""
-    port = sock.getsockname()[1]  # the real one when 0 was asked for
+    port = socks[0].getsockname()[1]  # the real one when 0 was asked for
     click.echo(f"i2v: serving http://{shown}:{port}/ ({describe(service.nets['tag'])}{where})", err=True)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(config).run(sockets=socks)

@@ -15,7 +15,7 @@ from ..errors import I2VError
 from ..features import FeatureFile, binarize, read_features
 from ..inputs import expand_inputs
 from ..resume import claim_output, make_job
-from ..store import model_identity, same_weights
+from ..store import how_weights_differ, model_identity, same_weights
 from ..writers import Writer, check_output, display, format_for, one_line, open_writer
 from .common import (
     CONTEXT_SETTINGS,
@@ -169,7 +169,8 @@ def similar(
         if made_with and info.sha256 and not same_weights(index.model, model_identity(info)):
             click.echo(
                 f"i2v: warning: {index.vectors_path} was made with {index.model.get('source')} "
-                f"(sha256 {made_with[:12]}…), the query model is {info.source} (sha256 {info.sha256[:12]}…)",
+                f"(sha256 {made_with[:12]}…), the query model is {info.source} (sha256 {info.sha256[:12]}…; "
+                f"{how_weights_differ(index.model, model_identity(info))})",
                 err=True,
             )
         image_paths = [paths[i] for i in to_compute]

@@ -197,24 +197,36 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
-def listening_socket(host: str, port: int) -> Any:
-    """A socket bound to ``host:port`` and listening (port 0: a free one, read back with ``getsockname``), before
-    the server starts: an address in use is then one line naming it, and the address announced is the real one.
+def listening_sockets(host: str, port: int) -> list[Any]:
+    """Sockets bound to every address ``host`` names (``""``: every interface) at ``port`` and listening, as asyncio
+    binds them for uvicorn (IPv6 ones IPv6-only), before the server starts: an address in use is then one line
+    naming it, and the port announced is the real one (``port`` 0: a free one, the same for every address).
     Raises OSError."""
     import socket
 
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]  # fmt: skip
-    sock = socket.socket(family, kind, proto)
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    seen = set()
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(2048)
+        for family, kind, proto, _, address in infos:
+            if (family, address[:2]) in seen:
+                continue
+            seen.add((family, address[:2]))
+            if socks and port == 0:  # the port the first one took
+                address = (address[0], socks[0].getsockname()[1], *address[2:])
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(2048)
+            sock.set_inheritable(True)
     except OSError:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    sock.set_inheritable(True)
-    return sock
+    return socks
 
 
 def head_deadline_protocol(timeout_s: float) -> type:

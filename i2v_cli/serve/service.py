@@ -23,6 +23,7 @@ from ..errors import I2VError, ImageDecodeError
 from ..inference import Predictor, describe
 from ..pipeline import FeatureRecords, TagRecords
 from ..runner import Result
+from ..store import how_weights_differ, model_identity, same_weights
 from ..tags import Selection
 from ..writers import Record
 from .batcher import Batcher
@@ -269,11 +270,12 @@ def load_service(
     if db is not None:
         index = Index(db, readonly=True)
         stored = json.loads(index.meta("feature_model") or "{}")
-        if stored.get("sha256") not in (None, feature_info.sha256):
+        if stored.get("sha256") is not None and not same_weights(stored, model_identity(feature_info)):
             index.close()
             raise IndexDbError(
                 f"--feature-weights {feature_info.source} is not the feature model {db} was indexed with "
-                f"({stored.get('source')}): similarity would mean nothing"
+                f"({stored.get('source')}; {how_weights_differ(stored, model_identity(feature_info))}): similarity "
+                "would mean nothing"
             )
     nets = {
         "tag": prepare_for_inference(tag_model, precision=precision, backend=backend),
