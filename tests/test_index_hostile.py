@@ -3,7 +3,11 @@ exact duplicates in their thousands, thresholds at the ends of their range, ``--
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import sqlite3
+import subprocess
 
 import numpy as np
 import pytest
@@ -406,58 +410,50 @@ def test_text_output_keeps_a_path_a_line(tmp_path):
     assert len(result.stdout.splitlines()) == 2 and "new\\nline.png" in result.stdout, result.stdout
 
 
-def test_an_index_on_read_only_media_is_read(tmp_path):
-    """SQLite could not make the -shm file beside it: search, dupes and export said the index "is not an i2v index
-    (unable to open database file)"."""
-    import os
-    import shutil
-    import subprocess
-
+@contextlib.contextmanager
+def _read_only_media(tmp_path, files: dict[str, str]):
+    """A tmpfs holding copies of ``files`` (name -> source), remounted read-only; yields its folder."""
     if os.geteuid() != 0:
         pytest.skip("mounting a read-only file system needs root")
-    db = str(tmp_path / "c.db")
-    _tagged(db, ["/c/a.png", "/c/b.png"])
     media = tmp_path / "media"
     media.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(media)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        shutil.copy(db, media / "c.db")
+        for name, source in files.items():
+            shutil.copy(source, media / name)
         subprocess.run(["mount", "-o", "remount,ro", str(media)], check=True)
+        yield media
+    finally:
+        subprocess.run(["umount", "-l", str(media)])
+
+
+def test_an_index_on_read_only_media_is_read(tmp_path):
+    """SQLite could not make the -shm file beside it: search, dupes and export said the index "is not an i2v index
+    (unable to open database file)"."""
+    db = str(tmp_path / "c.db")
+    _tagged(db, ["/c/a.png", "/c/b.png"])
+    with _read_only_media(tmp_path, {"c.db": db}) as media:
         for args in (["search", "rating:safe"], ["dupes", "-f", "json"]):
             result = CliRunner().invoke(cli, [args[0], "--db", str(media / "c.db"), *args[1:]])
             assert result.exit_code == 0, result.output
         assert CliRunner().invoke(cli, ["search", "--db", str(media / "c.db"), "rating:safe"]).stdout.split() == [
             "/c/a.png", "/c/b.png"]  # fmt: skip
-    finally:
-        subprocess.run(["umount", "-l", str(media)])
 
 
 def test_an_index_on_read_only_media_with_a_pending_log_is_refused_not_misread(tmp_path):
     """Read immutable, SQLite skips the -wal file: rows deleted since were listed, rows added since missed, without
     a word (the review's copy listed 9 images of 5)."""
-    import os
-    import shutil
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only file system needs root")
     db = str(tmp_path / "c.db")
     _tagged(db, ["/c/a.png", "/c/b.png", "/c/c.png"])
     con = sqlite3.connect(db, isolation_level=None)
     con.execute("PRAGMA wal_autocheckpoint = 0")
     con.execute("DELETE FROM images WHERE path_text = '/c/c.png'")  # committed, in the -wal only
-    media = tmp_path / "media"
-    media.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(media)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        shutil.copy(db, media / "c.db")
-        shutil.copy(db + "-wal", media / "c.db-wal")  # as a copy made while the index was open: no -shm
-        con.close()
-        subprocess.run(["mount", "-o", "remount,ro", str(media)], check=True)
-        result = CliRunner().invoke(cli, ["search", "--db", str(media / "c.db"), "rating:safe"])
-        assert result.exit_code == 2, result.output
-        assert "write-ahead log" in result.stderr and result.stdout == ""
+    try:  # copied while the index is open, as a backup would: the -wal without the -shm
+        media_files = {"c.db": db, "c.db-wal": db + "-wal"}
+        with _read_only_media(tmp_path, media_files) as media:
+            result = CliRunner().invoke(cli, ["search", "--db", str(media / "c.db"), "rating:safe"])
+            assert result.exit_code == 2, result.output
+            assert "write-ahead log" in result.stderr and result.stdout == ""
     finally:
-        subprocess.run(["umount", "-l", str(media)])
+        con.close()
