@@ -22,6 +22,7 @@ import numpy as np
 from .atomic import write_bytes
 from .errors import I2VError, OutputError
 from .index import Index
+from .store import file_identity
 from .tags import Selection, select_tags
 from .writers import display
 
@@ -167,16 +168,16 @@ def export(index: Index, kind: str, selection: Selection) -> ExportSummary:
 MERGE_TRIES = 5
 
 
-def _identity(path: str) -> tuple[int, ...] | None:
-    """What says the sidecar was not replaced or written since it was read (another export, another program)."""
+def _identity(path: str) -> list[int] | None:
+    """What says the sidecar was not replaced or written since it was read (another export, another program):
+    :func:`~i2v_cli.store.file_identity`, None when there is none."""
     try:
-        st = os.stat(path)
+        return file_identity(path)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: any write moves it
 
 
-def _replace(target: str, text: str, seen: tuple[int, ...] | None) -> bool:
+def _replace(target: str, text: str, seen: list[int] | None) -> bool:
     """Put the merged ``text`` at ``target`` atomically, unless the sidecar changed since it was read as ``seen``
     (then False: merge again). Two exports at once lost each other's keywords, the last rename winning."""
     return write_bytes(target, text.encode("utf-8"), unless_changed=lambda: _identity(target) == seen)
