@@ -11,6 +11,36 @@ from typing import Any
 import pytest
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
+#: What a whole run of the suite leaves in its temporary folder (about 0.9 GB, measured), with room to spare.
+SUITE_DISK_BYTES = 2 << 30
+
+
+def _room() -> tuple[str, int]:
+    import shutil
+    import tempfile
+
+    where = tempfile.gettempdir()
+    return where, shutil.disk_usage(where).free
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say how much room the temporary folder has (shown without ``-q``)."""
+    where, free = _room()
+    return [f"free space in {where}: {free / 2**30:.1f} GiB"]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Warn, even under ``-q``, when the temporary folder lacks room for a run: a CI run on a nearly full disk
+    failed with hundreds of setup errors and a crash of pytest's own output capture, none of which named it."""
+    import sys
+
+    where, free = _room()
+    if free < SUITE_DISK_BYTES:
+        print(
+            f"warning: {where} has {free / 2**30:.1f} GiB free, less than the {SUITE_DISK_BYTES / 2**30:.0f} GiB "
+            "a run of this suite needs: expect errors from a full disk",
+            file=sys.stderr,
+        )
 
 
 @pytest.fixture(scope="session")
