@@ -2,14 +2,16 @@
 
 Used to say "a text file, not an image" or "a HEIC image, but Pillow has no HEIC decoder" instead of a
 library's vague error, and to tell weight formats apart by content rather than by name. Pure function of
-the bytes given: no file access here (callers read ``HEAD_BYTES`` bytes themselves).
+the bytes given (:func:`sniff`), plus one reader of a file's first bytes that never blocks (:func:`sniff_file`).
 """
 
 from __future__ import annotations
 
 import codecs
+import os
+import stat
 
-__all__ = ["HEAD_BYTES", "IMAGE_KINDS", "KINDS", "describe", "is_text", "sniff"]
+__all__ = ["FOREIGN_KINDS", "HEAD_BYTES", "IMAGE_KINDS", "KINDS", "describe", "is_text", "sniff", "sniff_file"]
 
 #: How many bytes from the start of a file :func:`sniff` wants. Fewer work (a short file is whole), but
 #: the text check and the ISO-media brand list look further than the magic numbers.
@@ -39,6 +41,7 @@ KINDS: dict[str, str] = {
     "npy": "numpy .npy",
     "hdf5": "HDF5",
     "gzip": "gzip",
+    "sqlite": "SQLite database",
     # Neither
     "text": "text",
     "empty": "empty",
@@ -47,6 +50,12 @@ KINDS: dict[str, str] = {
 
 #: Kinds that are pictures (whether or not this Pillow can decode them).
 IMAGE_KINDS = frozenset({"jpeg", "png", "gif", "webp", "bmp", "tiff", "avif", "heic", "heif", "jxl"})
+
+#: Kinds that no command of i2v writes as its output (it writes text, and ``.npy`` for features): a file of one of
+#: these kinds named by ``-o`` belongs to something else, and is not replaced.
+FOREIGN_KINDS = IMAGE_KINDS | frozenset(
+    {"video", "safetensors", "zip", "pickle", "caffemodel", "hdf5", "gzip", "sqlite"}
+)
 
 _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -63,6 +72,7 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x1f\x8b", "gzip"),
     (b"\x93NUMPY", "npy"),
     (b"\x89HDF\r\n\x1a\n", "hdf5"),
+    (b"SQLite format 3\x00", "sqlite"),
 )
 
 #: Sizes of the BMP info headers Pillow knows (OS/2 v1, Windows v1-v5, OS/2 v2).
@@ -94,7 +104,7 @@ def sniff(head: bytes) -> str:
     Weights and data: ``safetensors`` (8-byte little-endian header length, then ``{``), ``zip`` (a PyTorch
     ``.pth`` since torch 1.6), ``pickle`` (protocol 2-5: an older ``.pth``), ``caffemodel`` (starts like a
     Caffe NetParameter; protobuf has no magic number, so parsing must confirm it), ``npy``, ``hdf5``,
-    ``gzip``. Otherwise ``video`` (other ISO media), ``text`` (UTF-8 without control characters), ``empty``
+    ``gzip``, ``sqlite``. Otherwise ``video`` (other ISO media), ``text`` (UTF-8 without control characters), ``empty``
     or ``unknown``.
     """
     if not head:
@@ -117,6 +127,23 @@ def sniff(head: bytes) -> str:
     if _looks_like_caffemodel(head):
         return "caffemodel"
     return "unknown"
+
+
+def sniff_file(path: str) -> str | None:
+    """The kind of the regular file at ``path`` (symlinks followed), from its first :data:`HEAD_BYTES` bytes; None
+    when it is missing, unreadable or not a regular file. Opened without blocking, so a FIFO never hangs it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return sniff(os.read(fd, HEAD_BYTES))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def describe(kind: str) -> str:

@@ -35,6 +35,7 @@ import numpy as np
 
 from .atomic import AtomicFile, describe_oserror, is_special, std_fd
 from .errors import OutputError, WriteError
+from .sniff import FOREIGN_KINDS, describe, sniff_file
 
 FORMATS = ("json", "jsonl", "csv")
 #: Columns of the CSV format: one row per (image, tag); an image that failed has one row with its error.
@@ -459,8 +460,10 @@ def format_for(fmt: str | None, output: str | None, allowed: Iterable[str], defa
 
 
 def check_output(output: str | None, inputs: Iterable[str] = ()) -> None:
-    """Refuse, before anything is opened, an output that would destroy what the run reads: a folder, or one of
-    the inputs (the same file by device and inode: a symlink or hard link to an input counts)."""
+    """Refuse, before anything is opened, an output that would destroy what the run reads or a file that is not
+    i2v's to replace: a folder, one of the inputs (the same file by device and inode: a symlink or hard link to an
+    input counts), or an existing file whose content is an image, a database, weights or an archive
+    (:data:`i2v_cli.sniff.FOREIGN_KINDS`; a slip such as ``-o other.png`` would otherwise overwrite it)."""
     if writes_in_place(output):
         return
     assert output is not None
@@ -480,3 +483,9 @@ def check_output(output: str | None, inputs: Iterable[str] = ()) -> None:
                 f"-o {display(output)} is one of the inputs ({display(path)}): it would be destroyed; "
                 "choose another output"
             )
+    kind = sniff_file(output)
+    if kind in FOREIGN_KINDS:
+        raise OutputError(
+            f"-o {display(output)} holds something else ({describe(kind)}), not an output of i2v: it is left as it is; "
+            "choose another output, or remove it first"
+        )

@@ -164,6 +164,49 @@ def test_output_naming_an_input_is_refused(tmp_path, folder, tag_weights):
     assert victim.read_bytes() == before
 
 
+def _foreign_files(where: Path) -> dict[Path, bytes]:
+    """Files that are not i2v's outputs, each named with an extension i2v writes: a slip of ``-o`` to them must
+    leave them alone."""
+    import sqlite3
+
+    where.mkdir()
+    _picture().save(where / "photo.json", format="PNG")
+    _picture().save(where / "photo.jsonl", format="JPEG")
+    with sqlite3.connect(where / "library.csv") as db:
+        db.execute("CREATE TABLE t (x)")
+    db.close()
+    (where / "weights.json").write_bytes((12).to_bytes(8, "little") + b'{"__m": {}}')
+    return {path: path.read_bytes() for path in sorted(where.iterdir())}
+
+
+def test_an_existing_foreign_file_is_never_replaced(tmp_path, folder, tag_weights, feature_weights):
+    foreign = _foreign_files(tmp_path / "foreign")
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "foreign" / "photo.json")
+    for out in [*foreign, link]:
+        result = tag(folder, "-o", out, weights=tag_weights)
+        assert result.exit_code == 2, result.output
+        assert "not an output of i2v" in result.stderr and "\n" not in result.stderr.strip()
+    npy = tmp_path / "vectors.npy"
+    npy.write_bytes(foreign[tmp_path / "foreign" / "library.csv"])
+    result = CliRunner().invoke(cli, ["features", str(folder), "--weights", str(feature_weights), "-o", str(npy)])
+    assert result.exit_code == 2 and "SQLite database" in result.stderr
+    assert {path: path.read_bytes() for path in foreign} == foreign
+    assert not list(tmp_path.glob("foreign/.*")), "no job file beside a foreign file either"
+
+
+def test_an_earlier_output_is_still_replaced(tmp_path, folder, tag_weights, feature_weights):
+    for fmt in ("json", "jsonl", "csv"):
+        out = tmp_path / f"out.{fmt}"
+        for _ in range(2):
+            assert tag(folder, "-o", out, weights=tag_weights).exit_code == 1  # img4.txt is not an image
+    npy = tmp_path / "vectors.npy"
+    for _ in range(2):
+        result = CliRunner().invoke(cli, ["features", str(folder), "--weights", str(feature_weights), "-o", str(npy)])
+        assert result.exit_code == 1, result.output
+    assert read_features(npy).vectors.shape[0] == 4  # 3 pictures and the one with a non-UTF-8 name
+
+
 def test_resume_never_changes_a_foreign_file(tmp_path, folder, tag_weights):
     notes = tmp_path / "notes.jsonl"
     notes.write_bytes(b'{"a": 1}\n{"b": 2')
