@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .index import Index, iter_chunks
+from .index import Index, iter_chunks, stored, stored_rows
 from .sketch import DIMS as SKETCH_DIMS
 from .sketch import Candidates, candidate_blocks, candidate_threshold, unit_rows
 from .writers import path_fields
@@ -105,7 +105,7 @@ def load_features(index: Index) -> tuple[np.ndarray, np.ndarray]:
     cursor = index.conn.execute("SELECT id, feature FROM images WHERE feature IS NOT NULL ORDER BY id")
     for chunk in iter_chunks(cursor, 8192):
         ids.append(np.fromiter((r[0] for r in chunk), np.int64, len(chunk)))
-        vecs = np.frombuffer(b"".join(r[1] for r in chunk), np.float32).reshape(len(chunk), -1)
+        vecs = stored_rows([r[1] for r in chunk], "feature", index.feature_dim)
         blocks.append(unit_rows(vecs).astype(np.float32))
     if not ids:
         return np.empty(0, np.int64), np.empty((0, index.feature_dim or 0), np.float32)
@@ -298,7 +298,8 @@ class _FeatureCache:
 
 def _unit_features(index: Index, rows: np.ndarray) -> np.ndarray:
     """Unit-length features of these row ids, in their order."""
-    found = {row: np.frombuffer(blob, "<f4") for chunk in index.feature_rows(rows) for row, blob in chunk}
+    dim = index.feature_dim
+    found = {row: stored(blob, "feature", dim) for chunk in index.feature_rows(rows) for row, blob in chunk}
     vecs = np.stack([found[int(r)] for r in rows])
     return unit_rows(vecs).astype(np.float32)
 

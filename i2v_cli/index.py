@@ -118,6 +118,43 @@ class IndexDbError(OutputError):
     """An index file that cannot be opened or used: not an i2v index, another schema version, other models."""
 
 
+class DamagedIndexError(IndexDbError):
+    """A value stored in the index that i2v did not write so: a BLOB of the wrong length or type (a hand edit,
+    another tool, a damaged disk)."""
+
+
+def stored(blob: object, what: str, length: int | None = None, dtype: str = "<f4", width: int = 0) -> np.ndarray:
+    """The array a BLOB of the index holds, checked: ``length`` values when given, else a whole number of them
+    (of rows of ``width`` when given, reshaped so). Anything else raises :class:`DamagedIndexError`, one line
+    for the user instead of numpy's ``ValueError`` from wherever the BLOB was read."""
+    size = np.dtype(dtype).itemsize
+    count, rest = divmod(len(blob), size) if isinstance(blob, bytes) else (-1, 0)
+    if count < 0 or rest or (length is not None and count != length) or (width and count % width):
+        want = f"{length:,} values" if length is not None else f"rows of {width:,} values" if width else "whole values"
+        what_is = (
+            f"{len(blob):,} bytes, not {want} of {size} bytes"
+            if isinstance(blob, bytes)
+            else f"a {type(blob).__name__}, not a BLOB"
+        )
+        raise DamagedIndexError(
+            f"the index holds a damaged {what} ({what_is}): it was changed by something other than i2v; "
+            "index the folders again into a new --db"
+        )
+    array = np.frombuffer(blob, dtype)  # type: ignore[call-overload]
+    return array.reshape(-1, width) if width else array
+
+
+def stored_rows(blobs: Sequence[object], what: str, width: int | None) -> np.ndarray:
+    """BLOBs of ``width`` float32 values each (every one the same length as the first when ``width`` is None),
+    as one (len(blobs), width) array: :func:`stored` for a chunk of rows, at the cost of one join."""
+    if width is None:
+        width = len(stored(blobs[0], what)) if blobs else 0
+    for blob in blobs:
+        if not isinstance(blob, bytes) or len(blob) != 4 * width:
+            stored(blob, what, width)
+    return np.frombuffer(b"".join(blobs), "<f4").reshape(len(blobs), width)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class FileState:
     """What the index knows of a file without running a network: exact path, size, mtime, content hash, pixels."""
@@ -299,7 +336,7 @@ class Index:
                 cursor = self.conn.execute("SELECT id, feature FROM images WHERE feature IS NOT NULL ORDER BY id")
                 for chunk in iter_chunks(cursor, 4096):
                     for row, blob in chunk:
-                        self._pending[row] = np.frombuffer(blob, "<f4")
+                        self._pending[row] = stored(blob, "feature", self.feature_dim)
                     self._flush_sketches()
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -317,10 +354,10 @@ class Index:
             sketches = sketch(feats, self._make_basis(feats.shape[1]))
         for block in np.unique(rows >> SKETCH_BLOCK_SHIFT).tolist():
             old = self.conn.execute("SELECT ids, sketches FROM sketch_blocks WHERE block = ?", (block,)).fetchone()
-            ids = np.empty(0, np.int64) if old is None else np.frombuffer(old[0], "<i8")
+            ids = np.empty(0, np.int64) if old is None else stored(old[0], "sketch block", dtype="<i8")
             vecs = np.empty((0, SKETCH_DIMS), np.float16)
             if old is not None:
-                vecs = np.frombuffer(old[1], "<f2").reshape(-1, SKETCH_DIMS)
+                vecs = stored(old[1], "sketch block", len(ids) * SKETCH_DIMS, "<f2", SKETCH_DIMS)
             keep = ~np.isin(ids, rows[(rows >> SKETCH_BLOCK_SHIFT) == block])
             mine = (new_ids >> SKETCH_BLOCK_SHIFT) == block
             ids = np.concatenate([ids[keep], new_ids[mine]])
@@ -339,7 +376,8 @@ class Index:
         transaction its own rows' sketches are written first, so it reads its own writes as SQLite's reads do."""
         self._flush_sketches()
         for ids, vecs in self.conn.execute("SELECT ids, sketches FROM sketch_blocks ORDER BY block"):
-            yield np.frombuffer(ids, "<i8"), np.frombuffer(vecs, "<f2").reshape(-1, SKETCH_DIMS)
+            rows = stored(ids, "sketch block", dtype="<i8")
+            yield rows, stored(vecs, "sketch block", len(rows) * SKETCH_DIMS, "<f2", SKETCH_DIMS)
 
     def close(self) -> None:
         self.conn.close()
@@ -398,7 +436,7 @@ class Index:
         if self._basis is None and self.version >= 2:
             row = self.conn.execute("SELECT basis FROM sketch_basis WHERE id = 1").fetchone()
             if row is not None:
-                self._basis = np.frombuffer(row[0], "<f4").reshape(-1, SKETCH_DIMS).astype(np.float64)
+                self._basis = stored(row[0], "sketch basis", width=SKETCH_DIMS).astype(np.float64)
         return self._basis
 
     def _make_basis(self, dim: int) -> np.ndarray:
@@ -462,7 +500,7 @@ class Index:
 
     def scores(self, row: int) -> np.ndarray | None:
         (blob,) = self.conn.execute("SELECT scores FROM images WHERE id = ?", (row,)).fetchone() or (None,)
-        return None if blob is None else np.frombuffer(blob, np.float32)
+        return None if blob is None else stored(blob, "score vector", NUM_TAGS)
 
     def feature_rows(self, rows: Sequence[int]) -> Iterator[list[tuple[int, bytes]]]:
         """``(id, feature BLOB)`` of these row ids (those that have a feature), 900 at a time (SQLite's limit on
@@ -476,7 +514,7 @@ class Index:
 
     def feature(self, row: int) -> np.ndarray | None:
         (blob,) = self.conn.execute("SELECT feature FROM images WHERE id = ?", (row,)).fetchone() or (None,)
-        return None if blob is None else np.frombuffer(blob, np.float32)
+        return None if blob is None else stored(blob, "feature", self.feature_dim)
 
     # ---- writing (inside a transaction)
 
@@ -530,7 +568,7 @@ class Index:
             "SELECT rating, scores, feature FROM images WHERE id = ?", (source,)
         ).fetchone()
         del rating
-        self.put(state, np.frombuffer(scores, np.float32), np.frombuffer(feature, np.float32), None)
+        self.put(state, stored(scores, "score vector", NUM_TAGS), stored(feature, "feature", self.feature_dim), None)
 
     def move(self, row: int, state: FileState) -> None:
         """Row ``row``'s file is now at ``state.path`` (a move or rename, recognised by its hash)."""
@@ -560,7 +598,7 @@ class Index:
     def _drop_tag_scores(self, row: int, blob: bytes | None) -> None:
         if blob is None:
             return
-        scores = np.frombuffer(blob, np.float32)
+        scores = stored(blob, "score vector", NUM_TAGS)
         cols = np.flatnonzero(scores >= TAG_FLOOR)
         self.conn.executemany(
             "DELETE FROM tag_scores WHERE tag = ? AND score = ? AND image = ?",

@@ -17,15 +17,16 @@ import difflib
 import os
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .config import NUM_TAGS
 from .errors import I2VError
-from .index import TAG_FLOOR, Index, file_sha256, fs_path, iter_chunks
+from .index import TAG_FLOOR, DamagedIndexError, Index, file_sha256, fs_path, iter_chunks, stored, stored_rows
 from .sketch import sketch
 
 _TOKEN = re.compile(r'(?:"[^"]*"|[^\s"])+|"[^"]*$')
@@ -161,10 +162,22 @@ def _all(clauses: Sequence[str]) -> str:
     return f"({_all(clauses[:half])}) AND ({_all(clauses[half:])})"
 
 
-def _score(blob: bytes | None, column: int) -> float | None:
-    if blob is None:  # a row with an error: NULL, which no bound holds for
-        return None
-    return float(np.frombuffer(blob, np.float32, count=1, offset=4 * column)[0])
+def _score_function(damage: list[DamagedIndexError]) -> Callable[[object, int], float | None]:
+    """The SQL function ``i2v_score(scores, column)``. A damaged score BLOB stops the statement (SQLite then raises
+    its vague "user-defined function raised exception"); the reason is kept in ``damage`` to be raised instead."""
+
+    def score(blob: object, column: int) -> float | None:
+        if blob is None:  # a row with an error: NULL, which no bound holds for
+            return None
+        if not isinstance(blob, bytes) or len(blob) != 4 * NUM_TAGS:
+            try:
+                stored(blob, "score vector", NUM_TAGS)
+            except DamagedIndexError as exc:
+                damage.append(exc)
+            raise ValueError("a damaged score BLOB")
+        return float(np.frombuffer(blob, np.float32, count=1, offset=4 * column)[0])
+
+    return score
 
 
 @dataclass
@@ -191,7 +204,8 @@ def search(
     With ``like``, when more than :data:`RERANK` rows match, the matches are ranked by their sketches and the
     best :data:`RERANK` are scored on their full features (``exact=True`` scores every match on its feature:
     slower, but no ranking error); the similarities returned are always the full features' cosines."""
-    index.conn.create_function("i2v_score", 2, _score, deterministic=True)
+    damage: list[DamagedIndexError] = []
+    index.conn.create_function("i2v_score", 2, _score_function(damage), deterministic=True)
     if k is not None:
         k = min(k, MAX_K)  # "all of them": SQLite's LIMIT takes 64-bit integers only
     try:
@@ -200,6 +214,8 @@ def search(
                 return _listing(index, terms, k)
             return _like(index, terms, like, exclude, k, exact)
     except sqlite3.OperationalError as exc:
+        if damage:
+            raise damage[0] from None
         if not any(word in str(exc) for word in ("too large", "too many", "too big", "too complex", "overflow")):
             raise
         raise QueryError(f"the query is too large for SQLite ({len(terms)} terms: {exc}): use fewer") from None
@@ -387,7 +403,7 @@ def _most_similar(
         if not chunk:
             continue
         ids = np.fromiter((r[0] for r in chunk), np.int64, len(chunk))
-        vecs = np.frombuffer(b"".join(r[1] for r in chunk), np.float32).reshape(len(chunk), -1)
+        vecs = stored_rows([r[1] for r in chunk], "feature", None)
         if vecs.shape[1] != unit.shape[0]:
             raise QueryError(f"the query feature has {unit.shape[0]} values, the index's {vecs.shape[1]}")
         # einsum, not a BLAS product: each row's sum in the same order whatever the chunk's size, so --exact and the
@@ -417,7 +433,7 @@ def like_row(index: Index, path: str) -> tuple[int | None, np.ndarray | None]:
         "SELECT id, feature FROM images WHERE path = ?", (fs_path(os.path.abspath(path)),)
     ).fetchone()
     if row is not None:
-        return row[0], None if row[1] is None else np.frombuffer(row[1], np.float32)
+        return row[0], None if row[1] is None else stored(row[1], "feature", index.feature_dim)
     if not os.path.isfile(path):
         return None, None
     try:
@@ -431,9 +447,9 @@ def like_row(index: Index, path: str) -> tuple[int | None, np.ndarray | None]:
     for other, other_path, blob in same:
         try:
             if os.path.samefile(path, os.fsdecode(bytes(other_path))):
-                return other, np.frombuffer(blob, np.float32)
+                return other, stored(blob, "feature", index.feature_dim)
         except OSError:  # that copy is gone or unreadable now: its stored feature still fits this content
             pass
         if found[1] is None:
-            found = (None, np.frombuffer(blob, np.float32))
+            found = (None, stored(blob, "feature", index.feature_dim))
     return found

@@ -20,7 +20,7 @@ from i2v_cli.cli import cli
 from i2v_cli.config import NUM_TAGS
 from i2v_cli.dupes import find_dupes
 from i2v_cli.errors import WriteError
-from i2v_cli.index import FileState, Index, IndexDbError
+from i2v_cli.index import DamagedIndexError, FileState, Index, IndexDbError
 
 DIM = 64
 
@@ -457,3 +457,48 @@ def test_an_index_on_read_only_media_with_a_pending_log_is_refused_not_misread(t
             assert "write-ahead log" in result.stderr and result.stdout == ""
     finally:
         con.close()
+
+
+@pytest.mark.parametrize("column", ["scores", "feature", "both as text"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["search", "--like", "/c/00001.png"],
+        ["search", "1girl>0.000001"],  # a bound below the floor of tag_scores: the scores BLOBs are read
+        ["dupes"],
+        ["export", "--to", "xmp"],
+    ],
+)
+def test_a_hand_damaged_blob_is_a_one_line_message(tmp_path, column, command):
+    # A score or feature BLOB of the wrong length (or not a BLOB) gave numpy's ValueError as a traceback, or
+    # SQLite's "user-defined function raised exception"; it is now exit 2 and one line that says what to do.
+    db = str(tmp_path / "c.db")
+    _index(db, np.random.default_rng(0).standard_normal((6, DIM)).astype(np.float32)).close()
+    con = sqlite3.connect(db)
+    if column == "both as text":
+        con.execute("UPDATE images SET scores = 'x', feature = 'x' WHERE id = 3")
+    else:
+        con.execute(f"UPDATE images SET {column} = substr({column}, 1, 10) WHERE id = 3")
+    con.commit()
+    con.close()
+    result = CliRunner().invoke(cli, [command[0], "--db", db, *command[1:]])
+    needed = "scores" if command[0] == "export" or "1girl" in command[-1] else "feature"
+    if column not in (needed, "both as text"):
+        assert result.exit_code in (0, 1), result.output  # the damaged column is not read
+        return
+    assert result.exit_code == 2, result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the index holds a damaged" in lines[0] and "into a new --db" in lines[0], lines
+
+
+def test_a_damaged_score_blob_of_a_row_being_removed_is_a_message(tmp_path):
+    db = str(tmp_path / "c.db")
+    _index(db, np.eye(4, DIM, dtype=np.float32)).close()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE images SET scores = x'00' WHERE id = 2")
+    con.commit()
+    con.close()
+    with Index(db) as idx, pytest.raises(DamagedIndexError, match=r"score vector \(1 bytes, not 1,539 values"):
+        with idx.transaction():
+            idx.remove(2)

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 from .. import __version__
 from ..errors import I2VError
 from ..features import record_json
+from ..index import DamagedIndexError
 from ..query import QueryError
 from ..tags import Selection
 from ..writers import Record
@@ -117,6 +118,10 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
     @app.exception_handler(I2VError)
     async def i2v_error(_: Request, exc: I2VError) -> Response:
         return json_response({"error": str(exc)}, 400)
+
+    @app.exception_handler(DamagedIndexError)
+    async def damaged_index(_: Request, exc: DamagedIndexError) -> Response:
+        return json_response({"error": str(exc)}, 500)  # the server's data, not the request, is at fault
 
     @app.exception_handler(BatcherClosed)
     async def closing(_: Request, exc: BatcherClosed) -> Response:
