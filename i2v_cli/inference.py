@@ -230,7 +230,8 @@ class PackedCPUNet(_Described, nn.Module):
                 size //= 2
         if self.kind == TAG:
             self.head = _pack_conv(model.conv6_4, size)
-        else:  # the Linear layer stays as it is, sharing the model's weight (no copy of a 800 MB matrix)
+        else:  # encode1 packed in place of the model's Linear layer (no copy of a 800 MB matrix is kept)
+            pack_encode1(model)
             self.encode1 = model.encode1
         self.checked: set[tuple[int, ...]] = set()
         self.fallback: TorchNet | None = None
@@ -271,7 +272,7 @@ class PackedCPUNet(_Described, nn.Module):
         if self.kind == TAG:
             return torch.sigmoid(_conv(x, *self.head, "none").mean(dim=(2, 3)))
         flat = torch.flatten(x.contiguous(), 1)
-        return encode1_product(flat, self.encode1.weight, self.encode1.bias).contiguous()
+        return self.encode1(flat)
 
     def _disagreement(self, x: torch.Tensor, out: torch.Tensor) -> str | None:
         """None when ``out`` agrees with eager on the batch's first and last image, else what differs."""
@@ -344,19 +345,17 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def export_onnx(model: nn.Module, target: str | Path | io.BytesIO) -> None:
-    """Export a network to ONNX (dynamic batch, INPUT_SIZE x INPUT_SIZE input) with torch's exporter; a module's
-    ``extra_inputs`` (name -> example tensor) become inputs fed beside the image, not constants in the file."""
+    """Export a network to ONNX (dynamic batch, INPUT_SIZE x INPUT_SIZE input) with torch's exporter."""
     model = model.eval()
     device = model_device(model)
-    extra = getattr(model, "extra_inputs", {})
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's concern
         kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
         torch.onnx.export(
             model,
-            (torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE, device=device), *extra.values()),
+            (torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE, device=device),),
             target,
-            input_names=["input", *extra],
+            input_names=["input"],
             output_names=["output"],
             dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
             opset_version=_OPSET,
@@ -382,56 +381,95 @@ def _export_bytes(model: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-def encode1_product(flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``encode1`` (``flat @ weight.T + bias``) computed as ``(weight @ flat.T).T + bias``: with the 800 MB weight
-    as the left operand, ONNX Runtime's product and torch's stream it once. At batch 8 on a 2-core CPU that took
-    57 ms against 90-105 ms for the usual order (fed weight), as fast as ONNX Runtime's product on a pre-packed
-    constant weight (50 ms), measured; the same values to rounding (4e-6 from float64, against 1e-5)."""
-    return (weight @ flat.T).T + bias
+#: Rows of ``encode1``'s weight per panel of :class:`PackedEncode1`'s layout.
+ENCODE1_PANEL = 32
 
 
-#: The name of the feature network's export; its graph changed with :func:`encode1_product`.
-FEATURE_EXPORT = "feature-whole-wx"
-#: Names that earlier versions gave the same exports: their cached files (131 MB and its optimised graph for the
-#: real feature network) are deleted once the export under the new name is in use.
-_SUPERSEDED = {FEATURE_EXPORT: "feature-whole"}
+class PackedEncode1(nn.Module):
+    """``encode1`` (``flat @ weight.T + bias``) with its weight held in panels of :data:`ENCODE1_PANEL` rows,
+    (out / P, in, P), in place of the row-major matrix: the product then reads the 800 MB weight once, in order.
+
+    At batch 8 on a 2-core CPU (bench ``scratch``, real shape 4096 x 50176) it took 40.6 ms, as fast as ONNX
+    Runtime's own pre-packed weight (40.7 ms), where the row-major weight took 61.5 ms in torch and 78-93 ms fed to
+    ONNX Runtime; panels of 8, 16 and 128 rows took 59, 46 and 43 ms. Same sums to rounding (5e-7 relative).
+    The weight is held once: :func:`pack_encode1` swaps it for the model's ``nn.Linear``."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        out, width = weight.shape
+        panels = -(-out // ENCODE1_PANEL)
+        padded = weight
+        if panels * ENCODE1_PANEL != out:  # a last panel of zero rows, never returned
+            padded = torch.cat([weight, weight.new_zeros(panels * ENCODE1_PANEL - out, width)])
+        packed = padded.view(panels, ENCODE1_PANEL, width).transpose(1, 2).contiguous()
+        del padded, weight
+        self.register_buffer("packed", packed)
+        self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = width, out
+
+    def forward(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat @ weight.T + bias`` for (N, in) -> (N, out)."""
+        panels = torch.matmul(flat.to(self.packed.dtype), self.packed)  # (out / P, N, P)
+        out = panels.permute(1, 0, 2).reshape(len(flat), -1)[:, : self.out_features]
+        return (out + self.bias).contiguous()
+
+    def unpacked_weight(self) -> torch.Tensor:
+        """The (out, in) weight, as a new tensor (800 MB more for the real network: for tests and export only)."""
+        rows = self.packed.transpose(1, 2).reshape(-1, self.in_features)
+        return rows[: self.out_features].contiguous()
+
+
+def pack_encode1(model: Illust2VecNet) -> None:
+    """Give a feature network on the CPU its ``encode1`` as :class:`PackedEncode1` (in place; once). The model's
+    ``nn.Linear`` goes: the 800 MB weight is held once, in the packed layout."""
+    if model.arch.kind == TAG or not isinstance(model.encode1, nn.Linear) or model_device(model).type != "cpu":
+        return
+    with torch.inference_mode(False), torch.no_grad():  # a normal buffer, usable outside inference mode too
+        model.encode1 = PackedEncode1(model.encode1)
+
+
+#: The name of the feature network's export: its trunk, up to the flattened input of ``encode1``
+#: (:class:`PackedEncode1` runs in torch on the session's output).
+FEATURE_EXPORT = "feature-trunk"
+#: Names that earlier versions gave the same network's export: their cached files (131 MB and its optimised graph
+#: for the real feature network) are deleted once the export under the new name is in use.
+_SUPERSEDED = {FEATURE_EXPORT: ("feature-whole-wx", "feature-whole")}
 
 
 def _drop_superseded(export: Path, name: str) -> None:
-    """Delete the files an earlier version cached for the same network under the name ``name`` replaced."""
-    old = _SUPERSEDED.get(name)
-    if old is None or not export.stem.startswith(f"{name}-"):
+    """Delete the files earlier versions cached for the same network under the names ``name`` replaced."""
+    if not export.stem.startswith(f"{name}-"):
         return
-    stem = f"{old}-{export.stem[len(name) + 1 :]}"  # the same key: weights, torch version, opset
-    with contextlib.suppress(OSError):
-        stale = [export.with_name(f"{stem}.onnx"), *export.parent.with_name(OPTIMISED_FOLDER).glob(f"{stem}-*.onnx")]
-        for path in stale:
-            path.unlink(missing_ok=True)
+    key = export.stem[len(name) + 1 :]  # the same key: weights, torch version, opset
+    for old in _SUPERSEDED.get(name, ()):
+        with contextlib.suppress(OSError):
+            optimised = export.parent.with_name(OPTIMISED_FOLDER)
+            for path in [export.with_name(f"{old}-{key}.onnx"), *optimised.glob(f"{old}-{key}-*.onnx")]:
+                path.unlink(missing_ok=True)
 
 
-class _FeatureNet(nn.Module):
-    """The feature network with ``encode1``'s weight as a second input: exported so, the ONNX file holds
-    everything but that 800 MB matrix, which the session reads from the model's own tensor at each call
-    (:func:`encode1_product`)."""
+class FeatureTrunk(nn.Module):
+    """The feature network up to ``encode1``'s input, flattened: what ONNX Runtime runs (fp32 or int8), the
+    product of :class:`PackedEncode1` following in torch."""
 
     def __init__(self, model: Illust2VecNet) -> None:
         super().__init__()
         self.features = model.features
-        self.bias = model.encode1.bias
-        self.extra_inputs = {"encode1_weight": model.encode1.weight.detach()}
+        self.__dict__["network"] = model  # not a submodule: the export and its cache key hold the trunk alone
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return encode1_product(torch.flatten(self.features(x), 1), weight, self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.features(x), 1)
 
 
 class OnnxRuntimeNet(_Described):
     """The network as an ONNX Runtime CPU session: a callable from a (N, 3, INPUT_SIZE, INPUT_SIZE) tensor to its
     output.
 
-    Both networks run whole in the session. The feature network's ``encode1`` weight is not in it: it is fed
-    at each call from the model's own tensor, without a copy (ONNX Runtime reads the numpy view in place), so
-    the 800 MB matrix is held once, and ONNX Runtime's product is faster than torch's on it (1.3-1.9x at
-    batch 8, measured), which brings the feature network to a plain session's speed.
+    The tag network runs whole in the session. The feature network's trunk does, and its ``encode1`` follows in
+    torch on the session's output (:class:`PackedEncode1`, swapped into the model by :func:`pack_encode1`): the
+    800 MB matrix is held once, and its product is as fast as ONNX Runtime's on its own pre-packed copy, which a
+    plain session holds beside the model's.
 
     The export is cached (:func:`onnx_cache_path`). A cached file ONNX Runtime cannot load (empty, cut short by
     an interrupted write, made by another version) is deleted and exported again, with a note; a cache that
@@ -440,12 +478,12 @@ class OnnxRuntimeNet(_Described):
     """
 
     def __init__(self, model: Illust2VecNet, cache_dir: Path | None = None, threads: int | None = None) -> None:
-        self.feeds: dict[str, np.ndarray] = {}
         exported: nn.Module = model
         name = model.arch.kind
+        self.head: nn.Module | None = None
         if model.arch.kind != TAG:
-            exported, name = _FeatureNet(model), FEATURE_EXPORT
-            self.feeds = {"encode1_weight": model.encode1.weight.detach().contiguous().numpy()}  # shares memory
+            pack_encode1(model)
+            exported, name, self.head = FeatureTrunk(model), FEATURE_EXPORT, model.encode1
         self.notes = []
 
         threads = threads or torch.get_num_threads()  # as many as PyTorch would use
@@ -494,7 +532,7 @@ class OnnxRuntimeNet(_Described):
         if self.export is not None:
             _drop_superseded(self.export, name)
         self.input_name = self.session.get_inputs()[0].name
-        part = ", encode1's weight fed from the model" if self.feeds else ""
+        part = ", encode1 packed in torch" if self.head is not None else ""
         self.name = f"onnxruntime fp32 on cpu{part} ({where})"
 
     @classmethod
@@ -502,16 +540,19 @@ class OnnxRuntimeNet(_Described):
         """The predictor of a tag network's session opened on its cached ``export`` without the model in memory
         (:func:`i2v_cli.ortcache.recall_export`)."""
         net = cls.__new__(cls)
-        net.feeds, net.notes, net.export, net.session = {}, [], export, session
+        net.head, net.notes, net.export, net.session = None, [], export, session
         net.input_name = session.get_inputs()[0].name
         net.name = "onnxruntime fp32 on cpu (cached export)"
         return net
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Run a float32 CPU batch through the session."""
-        feeds = {self.input_name: x.detach().to(torch.float32).contiguous().numpy(), **self.feeds}
-        (y,) = self.session.run(None, feeds)
-        return torch.from_numpy(y)
+        (y,) = self.session.run(None, {self.input_name: x.detach().to(torch.float32).contiguous().numpy()})
+        out = torch.from_numpy(y)
+        if self.head is None:
+            return out
+        with fp32_mode("ieee"):
+            return self.head(out)
 
 
 # --------------------------------------------------------------------------------------------------------------

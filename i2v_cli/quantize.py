@@ -20,7 +20,7 @@ The recipe, each step chosen by measurement on the golden models (numbers in ben
    runs with its int8 (VNNI) kernels. The result is cached like the ONNX export, keyed by the weights, the
    calibration set, the recipe and the library versions.
 
-The feature network's ``encode1`` (a matrix-vector product per image) stays in fp32, on the model's own weight.
+The feature network's ``encode1`` (a matrix-vector product per image) stays in fp32, in torch, on the model's weight.
 """
 
 from __future__ import annotations
@@ -364,10 +364,10 @@ def _inverse_upper_cholesky(h: torch.Tensor) -> torch.Tensor:
 
 
 class _Reader:
-    """ONNX Runtime's CalibrationDataReader protocol over a tensor of network inputs (plus fixed ``feeds``)."""
+    """ONNX Runtime's CalibrationDataReader protocol over a tensor of network inputs."""
 
-    def __init__(self, inputs: torch.Tensor, name: str, feeds: dict[str, np.ndarray], batch: int = 8) -> None:
-        self.batches = iter([{name: inputs[i : i + batch].numpy(), **feeds} for i in range(0, len(inputs), batch)])
+    def __init__(self, inputs: torch.Tensor, name: str, batch: int = 8) -> None:
+        self.batches = iter([{name: inputs[i : i + batch].numpy()} for i in range(0, len(inputs), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.batches, None)
@@ -405,8 +405,7 @@ def quantize_onnx(model: nn.Module, float_onnx: bytes, images: np.ndarray) -> by
     from onnx import numpy_helper
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    net = model if isinstance(model, Illust2VecNet) else model.model
-    feeds = {k: v.numpy() for k, v in getattr(model, "extra_inputs", {}).items()}
+    net = model if isinstance(model, Illust2VecNet) else model.network  # the whole network, of a FeatureTrunk
     inputs = network_inputs(images)
     stats = calibration_statistics(net, inputs)
     proto = onnx.load_from_string(float_onnx)
@@ -440,7 +439,7 @@ def quantize_onnx(model: nn.Module, float_onnx: bytes, images: np.ndarray) -> by
             quantize_static(
                 src,
                 dst,
-                _Reader(inputs[:1], input_name, feeds),  # every range is given: the pass only satisfies the API
+                _Reader(inputs[:1], input_name),  # every range is given: the pass only satisfies the API
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["Conv", "MaxPool", "Relu"],
                 nodes_to_exclude=[n.name for n in convs[len(stats.hessians) :]],  # the tag network's conv6_4
@@ -518,19 +517,6 @@ def cached_int8(model: nn.Module, name: str, calibration: Calibration, cache_dir
 # Running it
 
 
-class _FeatureNet(nn.Module):
-    """The feature network with ``encode1``'s weight as a second input (see :class:`i2v_cli.inference.OnnxRuntimeNet`):
-    the int8 file holds the int8 trunk and ``encode1``'s bias; the fp32 product reads the model's own weight."""
-
-    def __init__(self, model: Illust2VecNet) -> None:
-        super().__init__()
-        self.model = model
-        self.extra_inputs = {"encode1_weight": model.encode1.weight.detach()}
-
-    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(torch.flatten(self.model.features(x), 1), weight, self.model.encode1.bias)
-
-
 #: What runs the int8 file: ONNX Runtime, or OpenVINO (the ``openvino`` extra) when ``$I2V_INT8_RUNTIME=openvino``.
 #: OpenVINO was 10% faster on the measured CPU, but with it loaded, a process that also forks workers and runs
 #: Ray (the test suite) died of a segmentation fault: opt-in until that is understood.
@@ -556,7 +542,8 @@ def default_runtime() -> str:
 
 class Int8Net:
     """The int8 network on the CPU: a callable from a (N, 3, 224, 224) tensor to its output (tag probabilities,
-    or ``encode1``, computed in fp32 on the model's own weight, fed in place). The QDQ file runs in ONNX Runtime or
+    or ``encode1``, computed in fp32 in torch by :class:`~i2v_cli.inference.PackedEncode1` on the int8 trunk's
+    output). The QDQ file runs in ONNX Runtime or
     OpenVINO (``runtime``; default :func:`default_runtime`), with as many threads as PyTorch uses."""
 
     def __init__(
@@ -569,9 +556,15 @@ class Int8Net:
     ) -> None:
         self.calibration = calibration or find_calibration()
         self.runtime = runtime or default_runtime()
-        exported: nn.Module = model if model.arch.kind == TAG else _FeatureNet(model)
-        feeds = {k: v.contiguous().numpy() for k, v in getattr(exported, "extra_inputs", {}).items()}  # no copy
-        onnx_model = cached_int8(exported, f"{model.arch.kind}-int8", self.calibration, cache_dir)
+        from .inference import FeatureTrunk, pack_encode1
+
+        exported: nn.Module = model
+        name = "tag-int8"
+        self.head: nn.Module | None = None
+        if model.arch.kind != TAG:  # the int8 trunk, then encode1 in fp32 in torch, packed in place of the model's
+            pack_encode1(model)
+            exported, name, self.head = FeatureTrunk(model), "feature-int8-trunk", model.encode1
+        onnx_model = cached_int8(exported, name, self.calibration, cache_dir)
         threads = threads or torch.get_num_threads()
         if self.runtime == "openvino":
             import openvino as ov
@@ -583,8 +576,8 @@ class Int8Net:
             compiled = core.compile_model(source, "CPU", config)
             self._request = compiled.create_infer_request()
             names = [next(iter(i.names)) for i in compiled.inputs]
-            # share_inputs: OpenVINO reads the arrays in place (by default it copies them: 800 MB a call for encode1)
-            self._run = lambda x: self._request.infer({names[0]: x, **feeds}, share_inputs=True)[0]
+            # share_inputs: OpenVINO reads the input in place (by default it copies it)
+            self._run = lambda x: self._request.infer({names[0]: x}, share_inputs=True)[0]
         else:
             import onnxruntime as ort
 
@@ -593,8 +586,8 @@ class Int8Net:
             options.inter_op_num_threads = 1
             options.log_severity_level = 3
             session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
-            name = session.get_inputs()[0].name
-            self._run = lambda x: session.run(None, {name: x, **feeds})[0]
+            input_name = session.get_inputs()[0].name
+            self._run = lambda x: session.run(None, {input_name: x})[0]
         #: What computes the outputs, in words, and what did not go as asked (see inference.Predictor).
         self.name = f"int8 ({self.runtime}) on cpu"
         self.notes: list[str] = []
@@ -605,7 +598,13 @@ class Int8Net:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Run a float32 CPU batch through the int8 network."""
-        return torch.from_numpy(np.asarray(self._run(x.detach().to(torch.float32).contiguous().numpy())))
+        out = torch.from_numpy(np.asarray(self._run(x.detach().to(torch.float32).contiguous().numpy())))
+        if self.head is None:
+            return out
+        from .inference import fp32_mode
+
+        with fp32_mode("ieee"), torch.inference_mode():
+            return self.head(out)
 
 
 def prepare_int8(

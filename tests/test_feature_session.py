@@ -1,29 +1,68 @@
-"""The feature network in one ONNX Runtime session that reads encode1's weight from the model, never a copy."""
+"""The feature network: its trunk in one ONNX Runtime session, ``encode1`` after it in torch with the weight in
+panels (PackedEncode1), held once: the model's own Linear layer is swapped for the packed one, never copied."""
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from i2v_cli.inference import OnnxRuntimeNet, onnxruntime_available, prepare_for_inference
+from i2v_cli.inference import (
+    ENCODE1_PANEL,
+    OnnxRuntimeNet,
+    PackedEncode1,
+    onnxruntime_available,
+    pack_encode1,
+    prepare_for_inference,
+)
 from i2v_cli.weights import load_model
 
-pytestmark = pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime is not installed (the onnx extra)")
+needs_ort = pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime is not installed (the onnx extra)")
 
 
-def test_session_reads_encode1_from_the_model_in_place(feature_weights, golden, tmp_path):
+@pytest.mark.parametrize("out", [ENCODE1_PANEL * 3, 100, 1])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_packed_encode1_equals_the_linear_layer(out, batch):
+    torch.manual_seed(out)
+    linear = nn.Linear(1568, out)
+    flat = torch.randn(batch, 1568)
+    with torch.no_grad():
+        want = linear(flat)
+        packed = PackedEncode1(linear)
+        got = packed(flat)
+    assert got.shape == (batch, out) and got.is_contiguous()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.unpacked_weight(), linear.weight.detach(), atol=0, rtol=0)
+
+
+def test_packing_keeps_one_copy_of_the_weight(feature_weights):
+    model, _ = load_model(feature_weights)
+    original = weakref.ref(model.encode1.weight)
+    pack_encode1(model)
+    pack_encode1(model)  # once: a second call changes nothing
+    gc.collect()
+    assert isinstance(model.encode1, PackedEncode1)
+    assert original() is None, "the row-major weight is still held beside the packed one"
+
+
+@needs_ort
+def test_session_runs_the_trunk_and_encode1_follows_in_torch(feature_weights, golden, tmp_path):
+    reference, _ = load_model(feature_weights)
     model, _ = load_model(feature_weights)
     x = torch.from_numpy(np.load(golden / "expected" / "inputs.npz")["inputs"][:4])
     net = prepare_for_inference(model, cache_dir=tmp_path)
-    assert isinstance(net, OnnxRuntimeNet)
+    assert isinstance(net, OnnxRuntimeNet) and net.head is model.encode1
+    assert isinstance(model.encode1, PackedEncode1)
     with torch.inference_mode():
-        torch.testing.assert_close(net(x), model(x), atol=1e-4, rtol=0)
-    weight = model.encode1.weight
-    assert np.shares_memory(net.feeds["encode1_weight"], weight.detach().numpy())  # held once
+        torch.testing.assert_close(net(x), reference(x), atol=1e-4, rtol=0)
     (exported,) = (tmp_path / "onnx").glob("feature-*.onnx")
-    assert exported.stat().st_size < weight.numel() * 4 / 2  # the file has the trunk, not the matrix
+    assert exported.stat().st_size < reference.encode1.weight.numel() * 4 / 2  # the trunk, not the matrix
     with torch.no_grad():
-        weight.mul_(-1)  # the session computes with the model's tensor as it is now
+        model.encode1.packed.mul_(-1)  # the net computes with the model's (packed) tensor as it is now
+        reference.encode1.weight.mul_(-1)
     with torch.inference_mode():
-        torch.testing.assert_close(net(x), model(x), atol=1e-4, rtol=0)
+        torch.testing.assert_close(net(x), reference(x), atol=1e-4, rtol=0)

@@ -499,6 +499,6 @@ def test_a_damaged_score_blob_of_a_row_being_removed_is_a_message(tmp_path):
     con.execute("UPDATE images SET scores = x'00' WHERE id = 2")
     con.commit()
     con.close()
-    with Index(db) as idx, pytest.raises(DamagedIndexError, match=r"score vector \(1 bytes, not 1,539 values"):
-        with idx.transaction():
-            idx.remove(2)
+    damaged = pytest.raises(DamagedIndexError, match=r"score vector \(1 bytes, not 1,539 values")
+    with Index(db) as idx, damaged, idx.transaction():
+        idx.remove(2)

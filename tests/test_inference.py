@@ -66,7 +66,7 @@ def test_onnxruntime_equals_eager_and_is_cached(loaded, inputs, tmp_path):
     files = list((tmp_path / "onnx").glob("*.onnx"))
     assert len(files) == 1 and files[0].name.startswith(loaded.arch.kind)
     if loaded.arch.kind == "feature":  # the session runs the trunk: encode1's weight is not copied into it
-        assert files[0].stat().st_size < loaded.encode1.weight.numel() * 4
+        assert files[0].stat().st_size < loaded.encode1.in_features * loaded.encode1.out_features * 4
     mtime = files[0].stat().st_mtime_ns
     OnnxRuntimeNet(loaded, tmp_path)  # a second session reuses the export
     assert [f.stat().st_mtime_ns for f in (tmp_path / "onnx").glob("*.onnx")] == [mtime]
@@ -74,8 +74,8 @@ def test_onnxruntime_equals_eager_and_is_cached(loaded, inputs, tmp_path):
 
 @needs_ort
 def test_the_feature_export_of_an_earlier_version_is_deleted(feature_weights, tmp_path):
-    """The feature network's graph changed name with encode1_product; the files cached under the old name for the
-    same weights (131 MB and as much again for the real network) stayed for good."""
+    """The feature network's graph changed name twice (with encode1's weight fed, then with the trunk alone); the
+    files cached under the old names for the same weights (131 MB and as much again for the real network) stayed."""
     from i2v_cli.inference import FEATURE_EXPORT
 
     model, _ = load_model(feature_weights)
@@ -83,13 +83,15 @@ def test_the_feature_export_of_an_earlier_version_is_deleted(feature_weights, tm
     (export,) = (tmp_path / "onnx").glob("*.onnx")
     (optimised,) = (tmp_path / "onnx-ort").glob("*.onnx")
     key = export.stem[len(FEATURE_EXPORT) + 1 :]
-    old = tmp_path / "onnx" / f"feature-whole-{key}.onnx"
-    old_optimised = tmp_path / "onnx-ort" / f"feature-whole-{key}-0123456789abcdef.onnx"
-    other = tmp_path / "onnx" / "feature-whole-0000.onnx"  # another network's: not ours to delete
-    for path in (old, old_optimised, other):
+    stale = []
+    for old_name in ("feature-whole", "feature-whole-wx"):
+        stale += [tmp_path / "onnx" / f"{old_name}-{key}.onnx",
+                  tmp_path / "onnx-ort" / f"{old_name}-{key}-0123456789abcdef.onnx"]  # fmt: skip
+    other = tmp_path / "onnx" / "feature-whole-wx-0000.onnx"  # another network's: not ours to delete
+    for path in (*stale, other):
         path.write_bytes(b"an older export")
     OnnxRuntimeNet(model, tmp_path)
-    assert not old.exists() and not old_optimised.exists()
+    assert not any(path.exists() for path in stale)
     assert other.exists() and export.exists() and optimised.exists()
 
 
@@ -309,7 +311,7 @@ def test_predictors_say_what_runs_them(tag_weights, feature_weights, tmp_path):
         assert prepare_for_inference(tag, cache_dir=tmp_path).name == "onnxruntime fp32 on cpu (cached export)"
         feature, _ = load_model(feature_weights)
         net = prepare_for_inference(feature, backend="onnxruntime", cache_dir=tmp_path)
-        assert net.describe() == "onnxruntime fp32 on cpu, encode1's weight fed from the model (cached export)"
+        assert net.describe() == "onnxruntime fp32 on cpu, encode1 packed in torch (cached export)"
         assert net.notes == []
 
 
@@ -359,9 +361,9 @@ def test_packed_path_that_fails_on_real_shapes_falls_back(monkeypatch, loaded, i
 
 
 def _cache_entry(model, tmp_path):
-    from i2v_cli.inference import FEATURE_EXPORT, _FeatureNet
+    from i2v_cli.inference import FEATURE_EXPORT, FeatureTrunk
 
-    exported = model if model.arch.kind == "tag" else _FeatureNet(model)
+    exported = model if model.arch.kind == "tag" else FeatureTrunk(model)
     name = model.arch.kind if model.arch.kind == "tag" else FEATURE_EXPORT
     path = onnx_cache_path(exported, name, tmp_path)
     path.parent.mkdir(parents=True, exist_ok=True)
