@@ -23,7 +23,7 @@ from click.testing import CliRunner
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install '.[serve]')")
 
-from serve_helpers import Client, free_socket, running, wait_until_healthy
+from serve_helpers import Client, free_socket, multipart, running, wait_until_healthy
 
 from i2v_cli.cli import cli
 from i2v_cli.errors import I2VError
@@ -658,3 +658,39 @@ def test_listening_sockets_bind_every_address_of_the_host_on_one_port():
     finally:
         for s in socks:
             s.close()
+
+
+def test_images_of_a_client_that_went_away_are_not_run(tag_weights, feature_weights, collection):
+    """A client that sent its images and left had them decoded and run all the same, for no one."""
+    import socket
+
+    settings = Settings(max_batch=16, max_wait_ms=2500, max_upload_bytes=LIMIT, max_files=16)
+    service = load_service(str(tag_weights), str(feature_weights), device="cpu", settings=settings)
+    good = images(collection)[0]
+    body, ctype = multipart([(good.name, good.read_bytes())])
+    with running(create_app(service)) as url:
+        client = Client(url)
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            head = f"POST /v1/tag HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
+            sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(0.5)  # read and queued; the batch waits max_wait_ms for company
+        time.sleep(3)  # the batch's time has come and gone
+        assert client.get("/healthz").json()["batches"]["images"] == 0
+        reply = client.post_files("/v1/tag", [(good.name, good.read_bytes())])  # a client that waits is answered
+        assert reply.status == 200 and len(reply.json()["records"]) == 1
+        assert client.get("/healthz").json()["batches"]["images"] == 1
+
+
+def test_head_healthz_and_a_body_that_is_not_multipart(client, collection):
+    """HEAD /healthz was 405; a JSON body (or none) to an upload route was a 422 about a missing field."""
+    head = client.request("HEAD", "/healthz")
+    assert head.status == 200 and head.body == b""
+    good = images(collection)[0]
+    for route in ("/v1/tag", "/v1/features", "/v1/similar"):
+        for body, headers in [(b'{"image": "x"}', {"Content-Type": "application/json"}), (good.read_bytes(), {})]:
+            reply = client.request("POST", route, body, headers)
+            assert reply.status == 415, (route, reply.body)
+            assert "multipart/form-data" in reply.json()["error"]
+    broken = client.request("POST", "/v1/tag", b"--x--\r\n", {"Content-Type": "multipart/form-data; boundary=x"})
+    assert broken.status in (400, 422)  # multipart without the field: still the usual answer

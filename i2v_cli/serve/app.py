@@ -68,6 +68,11 @@ def records_response(records: Sequence[Record]) -> Response:
     return Response(body, 200, media_type="application/json")
 
 
+#: The routes that take images as multipart uploads: any other body is 415, not a 422 about a missing field.
+UPLOAD_ROUTES = frozenset({"/v1/tag", "/v1/features", "/v1/similar"})
+#: How often a request waiting for its images checks that its client is still there (seconds).
+DISCONNECT_POLL_S = 0.1
+
 #: The largest image id: SQLite's rowids are 64-bit (a larger one was an OverflowError, a 500).
 MAX_ID = 2**63 - 1
 #: The last page of the gallery that may be asked for: far beyond any index.
@@ -100,7 +105,12 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
         return json_response({"error": str(exc.detail)}, exc.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.url.path in UPLOAD_ROUTES and ctype != "multipart/form-data":  # JSON, a raw image, nothing
+            where = f"not {ctype}" if ctype else "no Content-Type was given"
+            message = f"send the images as multipart/form-data, in the field 'image' ({where})"
+            return json_response({"error": message}, 415)
         parts = []
         for err in exc.errors():
             where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "request"
@@ -131,11 +141,24 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
     async def internal(_: Request, exc: Exception) -> Response:
         return json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
 
-    async def timed(work: Awaitable[T]) -> T:
+    async def timed(request: Request, work: Awaitable[T]) -> T:
+        """``work`` within the request timeout, cancelled when the client goes away first: the images of a request
+        nobody waits for any more are dropped from the batcher's queue, not decoded and run for nothing."""
+        task = asyncio.ensure_future(work)
+        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
         try:
-            return await asyncio.wait_for(work, settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(503, f"the request took over {settings.request_timeout_s:g} s: try again") from None
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise ApiError(503, f"the request took over {settings.request_timeout_s:g} s: try again")
+                done, _ = await asyncio.wait({task}, timeout=min(left, DISCONNECT_POLL_S))
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    raise ApiError(499, "the client went away")  # answered to no one
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def read_uploads(files: list[UploadFile]) -> list[tuple[str, bytes]]:
         if not files:
@@ -155,6 +178,7 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
             raise ApiError(404, "no index: start i2v serve with --db FILE")
         return service.index
 
+    @app.head("/healthz", include_in_schema=False)  # what load balancers and uptime checks send
     @app.get("/healthz")
     async def healthz() -> Response:
         """Models loaded (and what runs them), the index, the batches run so far."""
@@ -163,6 +187,7 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
 
     @app.post("/v1/tag")
     async def tag(
+        request: Request,
         image: list[UploadFile] = File(..., description="One or several image files."),  # noqa: B008
         threshold: float | None = Query(None, ge=0.0, le=1.0, description="Default 0.5 (0 with top_k)."),
         general_threshold: float | None = Query(None, ge=0.0, le=1.0),
@@ -175,18 +200,19 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
         selection = Selection.make(threshold, general=general_threshold, character=character_threshold,
                                    copyright=copyright_threshold, top_k=top_k)  # fmt: skip
         uploads = await read_uploads(image)
-        results = await timed(service.run("tag", uploads))
+        results = await timed(request, service.run("tag", uploads))
         return records_response(service.tag_records(results, selection))
 
     @app.post("/v1/features")
     async def features(
+        request: Request,
         image: list[UploadFile] = File(..., description="One or several image files."),  # noqa: B008
         binary: bool = Query(False, description="Packed bits (the binary feature) instead of float32 values."),
     ) -> Response:
         """The records of ``i2v features`` (``{"path", "feature": [...]}``) for the uploaded images."""
         need("feature")
         uploads = await read_uploads(image)
-        results = await timed(service.run("feature", uploads))
+        results = await timed(request, service.run("feature", uploads))
         return records_response(service.feature_records(results, binary))
 
     def run_search(q: str, like: int | None, k: int | None, threshold: float) -> Response:
@@ -210,6 +236,7 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
 
     @app.post("/v1/similar")
     async def similar(
+        request: Request,
         image: UploadFile = File(..., description="An image file."),  # noqa: B008
         q: str = Query("", description="Only images matching this query."),
         k: int = Query(10, ge=1, le=MAX_K),
@@ -218,7 +245,7 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
         """The indexed images most similar to the uploaded one (cosine of the features), best first."""
         need("feature")
         reader = index()
-        (result,) = await timed(service.run("feature", await read_uploads([image])))
+        (result,) = await timed(request, service.run("feature", await read_uploads([image])))
         if result.output is None:
             raise ApiError(422, result.error or "the image cannot be read")
         hits = await run_in_threadpool(lambda: reader.search(q, threshold=threshold, like=result.output, k=k))
