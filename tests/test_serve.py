@@ -29,7 +29,7 @@ from i2v_cli.cli import cli
 from i2v_cli.errors import I2VError
 from i2v_cli.serve.app import create_app
 from i2v_cli.serve.batcher import Batcher
-from i2v_cli.serve.guard import check_bind, is_loopback, token_ok
+from i2v_cli.serve.guard import Throttle, check_bind, is_loopback, token_ok
 from i2v_cli.serve.service import Settings, load_service
 
 LIMIT = 8 * 1024 * 1024
@@ -694,3 +694,37 @@ def test_head_healthz_and_a_body_that_is_not_multipart(client, collection):
             assert "multipart/form-data" in reply.json()["error"]
     broken = client.request("POST", "/v1/tag", b"--x--\r\n", {"Content-Type": "multipart/form-data; boundary=x"})
     assert broken.status in (400, 422)  # multipart without the field: still the usual answer
+
+
+def test_throttle_counts_wrong_tokens_per_address_within_a_window():
+    now = [0.0]
+    throttle = Throttle(limit=3, window=60, clock=lambda: now[0])
+    for _ in range(3):
+        assert throttle.wait("10.0.0.1") == 0
+        throttle.failed("10.0.0.1")
+    assert throttle.wait("10.0.0.1") == 60 and throttle.wait("10.0.0.2") == 0  # another address is not held up
+    now[0] = 59.5
+    assert throttle.wait("10.0.0.1") == 0.5
+    now[0] = 60.0
+    assert throttle.wait("10.0.0.1") == 0  # the oldest failure has left the window
+
+
+def test_guessing_the_token_is_throttled(db, tag_weights, feature_weights):
+    """Nothing bounded how fast a client could guess the token, through the API or the page's /login."""
+    service = load_service(str(tag_weights), str(feature_weights), db=str(db), device="cpu", settings=Settings())
+    with running(create_app(service, token="s3cret")) as url:
+        anonymous = Client(url)
+        for i in range(20):
+            guess = Client(url, f"guess{i}") if i % 2 else anonymous
+            if i % 2:
+                assert guess.get("/v1/search?q=").status == 401
+            else:
+                form = f"token=guess{i}".encode()
+                reply = guess.request("POST", "/login", form, {"Content-Type": "application/x-www-form-urlencoded"})
+                assert reply.status == 401
+        for _ in range(3):  # asking without a token (the page's sign-in form) is never counted
+            assert anonymous.get("/").status == 401
+        held = Client(url, "s3cret").get("/v1/search?q=")
+        assert held.status == 429 and 0 < int(held.headers["retry-after"]) <= 61
+        assert "too many wrong tokens" in held.json()["error"]
+        assert anonymous.get("/healthz").status == 200  # the health check stays open

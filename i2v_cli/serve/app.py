@@ -36,7 +36,7 @@ from ..query import QueryError
 from ..tags import Selection
 from ..writers import Record
 from .batcher import BatcherClosed
-from .guard import COOKIE, Guard, token_ok
+from .guard import COOKIE, Guard, Throttle, client_address, token_ok
 from .service import NotFound, Service
 
 T = TypeVar("T")
@@ -91,6 +91,7 @@ class SearchBody(BaseModel):
 def create_app(service: Service, *, token: str | None = None) -> Any:
     """The ASGI application: routes over ``service``, wrapped in the guard (token, Host, body limit)."""
     settings = service.settings
+    throttle = Throttle()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -287,12 +288,14 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
         return Response(found[0], media_type=found[1])
 
     @app.post("/login")
-    def login(token_value: str = Form("", alias="token")) -> Response:
+    def login(request: Request, token_value: str = Form("", alias="token")) -> Response:
         """The page's sign-in: the token, once, sets a cookie (HttpOnly, SameSite=Strict) that the page sends."""
         if not token or not token_ok(token, f"Bearer {token_value}"):
+            throttle.failed(client_address(request.scope))
             raise ApiError(401, "wrong token")
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(COOKIE, token_value, httponly=True, samesite="strict")
         return response
 
-    return Guard(app, token=token, max_body=settings.max_upload_bytes, timeout=settings.request_timeout_s)
+    return Guard(app, token=token, max_body=settings.max_upload_bytes, timeout=settings.request_timeout_s,
+                 throttle=throttle)  # fmt: skip

@@ -15,6 +15,8 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -99,14 +101,60 @@ async def send_error(send: Send, status: int, message: str, headers: list[tuple[
     await send({"type": "http.response.body", "body": body})
 
 
-class Guard:
-    """The middleware: ``token`` (None: loopback only), ``max_body`` bytes, ``timeout`` seconds for the body."""
+class Throttle:
+    """Wrong tokens counted per client address: after ``limit`` of them within ``window`` seconds, that address's
+    attempts (a token sent, or ``/login``) are 429 until the oldest counted one is ``window`` old. Guessing a token
+    then costs a minute per ``limit`` guesses. Behind a proxy every client has the proxy's address, so they share
+    one budget: a guesser slows them all down, never gets in faster."""
 
-    def __init__(self, app: ASGIApp, *, token: str | None, max_body: int, timeout: float) -> None:
+    def __init__(self, limit: int = 20, window: float = 60.0, clock: Callable[[], float] | None = None) -> None:
+        self.limit, self.window = limit, window
+        self.clock = clock or time.monotonic
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, address: str) -> deque[float] | None:
+        now = self.clock()
+        times = self._failures.get(address)
+        while times and now - times[0] >= self.window:
+            times.popleft()
+        if times is not None and not times:
+            del self._failures[address]
+            return None
+        return times
+
+    def wait(self, address: str) -> float:
+        """Seconds until ``address`` may try again (0 when it may now)."""
+        times = self._recent(address)
+        if times is None or len(times) < self.limit:
+            return 0.0
+        return max(0.0, times[0] + self.window - self.clock())
+
+    def failed(self, address: str) -> None:
+        """Count one wrong token from ``address``."""
+        if len(self._failures) > 100_000:  # many addresses: forget those whose window has passed
+            for old in list(self._failures):
+                self._recent(old)
+        self._failures.setdefault(address, deque()).append(self.clock())
+
+
+def client_address(scope: Scope) -> str:
+    """The peer's address of a request (what :class:`Throttle` counts by)."""
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+class Guard:
+    """The middleware: ``token`` (None: loopback only), ``max_body`` bytes, ``timeout`` seconds for the body;
+    ``throttle`` counts wrong tokens (shared with ``POST /login``)."""
+
+    def __init__(
+        self, app: ASGIApp, *, token: str | None, max_body: int, timeout: float, throttle: Throttle | None = None
+    ) -> None:
         self.app = app
         self.token = token or None
         self.max_body = max_body
         self.timeout = timeout
+        self.throttle = throttle or Throttle()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,9 +167,19 @@ class Guard:
                 await send_error(send, 421, f"this server answers only to loopback host names, not {host!r}")
                 return
         path = scope.get("path", "")
+        authorization, cookie = _header(scope, b"authorization"), _cookie(scope)
+        address = client_address(scope)
+        if self.token is not None and (authorization or cookie or path == "/login"):
+            wait = self.throttle.wait(address)
+            if wait > 0:
+                await send_error(send, 429, f"too many wrong tokens from this address: try again in {wait:.0f} s",
+                                 [(b"retry-after", str(int(wait) + 1).encode())])  # fmt: skip
+                return
         if not (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)) and not token_ok(
-            self.token, _header(scope, b"authorization"), _cookie(scope)
+            self.token, authorization, cookie
         ):
+            if authorization or cookie:
+                self.throttle.failed(address)
             if path == "/" and scope.get("method") == "GET":
                 from .page import login_page
 
