@@ -437,8 +437,9 @@ def doubled(folder: Path) -> Path:
     return target
 
 
-def measure_e2e(i2v: str, folder: Path, weights: Path, n: int, rounds: int, precision: str) -> dict:
-    """`i2v tag` end to end with its start-up taken out, against i2v's own model-only rate, round by round.
+def measure_e2e(i2v: str, folder: Path, weights: Path, n: int, rounds: int, precision: str, kind: str = "tag") -> dict:
+    """`i2v tag` (or `i2v features`, ``kind`` "feature") end to end with its start-up taken out, against i2v's own
+    model-only rate, round by round.
 
     Each round runs the model-only child (i2v's network, same batch size, n images), then `i2v tag` on the n
     images and on the same n twice over (:func:`doubled`). Both runs take the same path and pay the same start-up
@@ -449,12 +450,13 @@ def measure_e2e(i2v: str, folder: Path, weights: Path, n: int, rounds: int, prec
     reported as median and range."""
     one = sorted(folder.iterdir())[0]
     twice = doubled(folder)
-    base = [i2v, "tag", "-w", str(weights), "-o", str(OUT / "tags-e2e.jsonl"), "-b", str(BATCH), "--precision"]
+    command, output = ("tag", "tags-e2e.jsonl") if kind == "tag" else ("features", "features-e2e.npy")
+    base = [i2v, command, "-w", str(weights), "-o", str(OUT / output), "-b", str(BATCH), "--precision"]
     run_cli([*base, precision, str(one)])  # the caches (export, optimised graph, weights record) are warm
     name = "i2v" if precision == "fp32" else "i2v-int8"
     walls, ratios, cpu_ratios, rates, model_rates, cpu_img, net_cpu_img = [], [], [], [], [], [], []
     for _ in range(rounds):
-        model, _, _ = run_child(["model", "tag", name, "1", str(max(1, n // BATCH))])
+        model, _, _ = run_child(["model", kind, name, "1", str(max(1, n // BATCH))])
         w1, _ = run_cli([*base, precision, str(one)])
         wn, cn = run_cli([*base, precision, str(folder)])
         w2n, c2n = run_cli([*base, precision, str(twice)])
@@ -566,6 +568,11 @@ def main() -> None:
                 (f"tag, end to end: `i2v tag --precision {precision}`", args.images / wall, rss, f"{wall:.1f} s", None)
             )
         e2e = {p: measure_e2e(i2v, folder, models["tag"], args.images, args.e2e_rounds, p) for p in ("fp32", "int8")}
+        if not args.no_features:
+            for p in ("fp32", "int8"):
+                e2e[f"features {p}"] = measure_e2e(
+                    i2v, folder, models["feature"], args.images, args.e2e_rounds, p, kind="feature"
+                )
         helps = measure_help(i2v, 3)
         stages, _, _ = run_child(["stages", str(folder), str(min(args.images, 48))])
     fres = None
@@ -656,13 +663,14 @@ def _med(values: list[float], fmt: str = ".2f") -> str:
 
 def print_e2e(e2e: dict[str, dict], helps: dict[str, list[float]], stages: dict, n: int) -> None:
     """End to end without start-up against model-only, start-up times, and where the CPU time of a run goes."""
-    print(f"\n`i2v tag -b {BATCH}` end to end, start-up taken out (n / (wall(2n) - wall(n)), n = {n}), against")
-    print("i2v's own model-only rate measured in the same round; median [min-max] over rounds:\n")
-    print("| precision | e2e img/s | model-only img/s | e2e / model-only | by CPU time | CPU ms/img e2e | model-only |")
+    print(f"\n`i2v tag -b {BATCH}` (and `i2v features`) end to end, start-up taken out (n / (wall(2n) - wall(n)),")
+    print(f"n = {n}), against i2v's own model-only rate measured in the same round; median [min-max] over rounds:\n")
+    print("| run | e2e img/s | model-only img/s | e2e / model-only | by CPU time | CPU ms/img e2e | model-only |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for p, r in e2e.items():
+        run = p if p.startswith("features") else f"tag {p}"
         print(
-            f"| {p} | {_med(r['rate'], '.1f')} | {_med(r['model_rate'], '.1f')} | {_med(r['ratio'])} | "
+            f"| {run} | {_med(r['rate'], '.1f')} | {_med(r['model_rate'], '.1f')} | {_med(r['ratio'])} | "
             f"{_med(r['cpu_ratio'])} | {_med(r['cpu_ms_per_image'], '.0f')} | "
             f"{_med(r['model_cpu_ms_per_image'], '.0f')} |"
         )
