@@ -365,8 +365,11 @@ def export_onnx(model: nn.Module, target: str | Path | io.BytesIO) -> None:
 
 def onnx_cache_path(model: nn.Module, name: str, cache_dir: Path | None = None) -> Path:
     """Where ``model``'s export is cached: one file per weights, torch version and opset; ``name`` starts it."""
-    key = hashlib.sha256(f"{weights_digest(model)}:{torch.__version__}:{_OPSET}".encode()).hexdigest()[:32]
-    return onnx_cache_dir(cache_dir) / f"{name}-{key}.onnx"
+    return onnx_cache_dir(cache_dir) / f"{name}-{_cache_key(model)}.onnx"
+
+
+def _cache_key(model: nn.Module) -> str:
+    return hashlib.sha256(f"{weights_digest(model)}:{torch.__version__}:{_OPSET}".encode()).hexdigest()[:32]
 
 
 def _export_bytes(model: nn.Module) -> bytes:
@@ -437,14 +440,26 @@ FEATURE_EXPORT = "feature-trunk"
 _SUPERSEDED = {FEATURE_EXPORT: ("feature-whole-wx", "feature-whole")}
 
 
-def _drop_superseded(export: Path, name: str) -> None:
-    """Delete the files earlier versions cached for the same network under the names ``name`` replaced."""
-    if not export.stem.startswith(f"{name}-"):
+class _EarlierFeatureNet(nn.Module):
+    """The parameters of the module earlier versions exported for the feature network (its trunk, then ``bias``,
+    encode1's weight fed): their cache key, to find their files."""
+
+    def __init__(self, model: Illust2VecNet) -> None:
+        super().__init__()
+        self.features = model.features
+        self.bias = model.encode1.bias
+
+
+def _drop_superseded(export: Path, name: str, model: Illust2VecNet) -> None:
+    """Delete the files earlier versions cached for the same network (same weights, torch and opset) under the
+    names ``name`` replaced. Their key is computed only when such a file is there (it hashes the trunk)."""
+    earlier = _SUPERSEDED.get(name, ())
+    optimised = export.parent.with_name(OPTIMISED_FOLDER)
+    if not any(next(export.parent.glob(f"{old}-*.onnx"), None) for old in earlier):
         return
-    key = export.stem[len(name) + 1 :]  # the same key: weights, torch version, opset
-    for old in _SUPERSEDED.get(name, ()):
+    key = _cache_key(_EarlierFeatureNet(model))
+    for old in earlier:
         with contextlib.suppress(OSError):
-            optimised = export.parent.with_name(OPTIMISED_FOLDER)
             for path in [export.with_name(f"{old}-{key}.onnx"), *optimised.glob(f"{old}-{key}-*.onnx")]:
                 path.unlink(missing_ok=True)
 
@@ -530,7 +545,7 @@ class OnnxRuntimeNet(_Described):
                     path.unlink()
                 raise OnnxUnusableError(f"ONNX Runtime cannot load the fresh export ({_one_line(exc)})") from None
         if self.export is not None:
-            _drop_superseded(self.export, name)
+            _drop_superseded(self.export, name, model)
         self.input_name = self.session.get_inputs()[0].name
         part = ", encode1 packed in torch" if self.head is not None else ""
         self.name = f"onnxruntime fp32 on cpu{part} ({where})"

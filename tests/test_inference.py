@@ -76,23 +76,31 @@ def test_onnxruntime_equals_eager_and_is_cached(loaded, inputs, tmp_path):
 def test_the_feature_export_of_an_earlier_version_is_deleted(feature_weights, tmp_path):
     """The feature network's graph changed name twice (with encode1's weight fed, then with the trunk alone); the
     files cached under the old names for the same weights (131 MB and as much again for the real network) stayed."""
-    from i2v_cli.inference import FEATURE_EXPORT
+    import hashlib
+
+    from i2v_cli.inference import _OPSET, weights_digest
 
     model, _ = load_model(feature_weights)
-    OnnxRuntimeNet(model, tmp_path)
-    (export,) = (tmp_path / "onnx").glob("*.onnx")
-    (optimised,) = (tmp_path / "onnx-ort").glob("*.onnx")
-    key = export.stem[len(FEATURE_EXPORT) + 1 :]
+
+    class Earlier(torch.nn.Module):  # what those versions exported: the trunk, encode1's bias, the weight fed
+        def __init__(self) -> None:
+            super().__init__()
+            self.features, self.bias = model.features, model.encode1.bias
+
+    earlier = f"{weights_digest(Earlier())}:{torch.__version__}:{_OPSET}"
+    key = hashlib.sha256(earlier.encode()).hexdigest()[:32]
     stale = []
     for old_name in ("feature-whole", "feature-whole-wx"):
         stale += [tmp_path / "onnx" / f"{old_name}-{key}.onnx",
                   tmp_path / "onnx-ort" / f"{old_name}-{key}-0123456789abcdef.onnx"]  # fmt: skip
     other = tmp_path / "onnx" / "feature-whole-wx-0000.onnx"  # another network's: not ours to delete
     for path in (*stale, other):
+        path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"an older export")
     OnnxRuntimeNet(model, tmp_path)
+    (export,) = (tmp_path / "onnx").glob("feature-trunk-*.onnx")
     assert not any(path.exists() for path in stale)
-    assert other.exists() and export.exists() and optimised.exists()
+    assert other.exists() and export.exists() and list((tmp_path / "onnx-ort").glob("feature-trunk-*.onnx"))
 
 
 @needs_ort
