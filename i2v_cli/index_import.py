@@ -105,6 +105,12 @@ def _reading(folder: str, what: str) -> Iterator[None]:
         raise ImportFolderError(f"--import {display(folder)}: {what} cannot be read ({exc})") from None
 
 
+def _absolute(cwd: str, path: str) -> str:
+    """A record's path made absolute against the run's folder and normalised, the same way for tags, features and
+    failures (a run given ``./dir`` or ``dir//`` names ``/cwd/./dir/x``: matched only once normalised)."""
+    return os.path.abspath(os.path.join(cwd, path))
+
+
 def _tag_records(folder: str, manifest: dict[str, Any], cwd: str) -> Iterator[tuple[dict[str, Any], str]]:
     """The tag folder's records, shard by shard, each with the absolute path it names; a damaged shard or record
     (not JSON, not an object, a path that is not text) is an ImportFolderError naming the shard and the record."""
@@ -118,7 +124,7 @@ def _tag_records(folder: str, manifest: dict[str, Any], cwd: str) -> Iterator[tu
                     break
                 if not isinstance(record, dict) or not isinstance(record.get("error", ""), str):
                     raise ValueError("not a {path, ...} object")
-                path = os.path.abspath(os.path.join(cwd, record_path(record)))
+                path = _absolute(cwd, record_path(record))
             yield record, path
 
 
@@ -173,7 +179,7 @@ def import_ray(
                     f"--import {display(feature_folder)}: binary features; the index needs float ones"
                 )
             for row, path in enumerate(ff.paths):
-                features[os.path.join(feature_cwd, path)] = (ff, row)
+                features[_absolute(feature_cwd, path)] = (ff, row)
         errors = Path(feature_folder) / (shard["file"][: -len(".npy")] + ".errors.jsonl")
         if os.path.lexists(errors):
             with _reading(feature_folder, f"shard {display(errors.name)}"):
@@ -181,12 +187,14 @@ def import_ray(
                     record = json.loads(line)
                     if not isinstance(record.get("error"), str) or not record["error"]:
                         raise ValueError("a record without its error")
-                    failures[os.path.join(feature_cwd, record_path(record))] = record["error"]
+                    failures[_absolute(feature_cwd, record_path(record))] = record["error"]
     dim = next(iter(features.values()))[0].dim if features else 0
     index.check_models(tag_manifest.get("model", {}), feature_manifest.get("model", {}), dim)
 
     tags = index.tags
-    column = {t: i for i, t in enumerate(tags)}
+    # Column of each tag in its own category (a name may be in two: a character and a copyright can share one).
+    columns = {c.name: {tags[i]: i for i in range(c.start, c.stop)} for c in CATEGORIES}
+    seen: set[str] = set()
     summary = UpdateSummary()
     known = index.known()
     tag_cwd = cwd_of(tag_manifest)
@@ -201,6 +209,11 @@ def import_ray(
     for record, path in _tag_records(tag_folder, tag_manifest, tag_cwd):
         if on_record is not None:
             on_record()
+        if path in seen:
+            raise ImportFolderError(
+                f"--import {display(tag_folder)}: two records of {display(path)}: not the output of one run"
+            )
+        seen.add(path)
         error = record.get("error") or failures.get(path)
         state = None
         try:
@@ -230,11 +243,12 @@ def import_ray(
             n = 0
             with _reading(tag_folder, f"the record of {display(path)[:200]}"):
                 for category in CATEGORIES:
+                    column = columns[category.name]
                     for tag, score in (record.get(category.name) or {}).items():
                         if tag not in column:
-                            raise ValueError(f"unknown tag {tag!r}")
-                        if not isinstance(score, int | float) or not np.isfinite(score):
-                            raise ValueError(f"score {score!r} of {tag!r}")
+                            raise ValueError(f"{tag!r} is not a {category.name} tag")
+                        if isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1:
+                            raise ValueError(f"score {score!r} of {tag!r} (a probability from 0 to 1)")
                         scores[column[tag]] = score
                         n += 1
             if n != NUM_TAGS:

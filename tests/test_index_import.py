@@ -28,6 +28,13 @@ def _full_record(path: str, **replace: float) -> str:
     return json.dumps(record) + "\n"
 
 
+def _moved_record(path: str) -> str:
+    """A full record with one general tag listed under character instead."""
+    record = json.loads(_full_record(path))
+    record["character"][TAG0] = record["general"].pop(TAG0)
+    return json.dumps(record) + "\n"
+
+
 def _write_manifest(folder, command, fmt, shards, model, options):
     manifest = {"format": "i2v-ray-output", "version": 1, "command": command, "output_format": fmt,
                 "model": model, "options": options, **manifest_cwd(), "status": "complete",
@@ -49,8 +56,9 @@ def ray_folders(request, tmp_path, golden, tag_weights, feature_weights, monkeyp
     (images / "r4.png").write_text("broken")
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    tagged = runner.invoke(cli, ["tag", "imgs", "-t", "0", "-f", "jsonl", "-w", str(tag_weights), "-j", "0"])
-    feats = runner.invoke(cli, ["features", "imgs", "-f", "jsonl", "-w", str(feature_weights), "-j", "0"])
+    src = "./imgs//" if getattr(request, "param", "plain") == "dotted" else "imgs"  # as a user may type it
+    tagged = runner.invoke(cli, ["tag", src, "-t", "0", "-f", "jsonl", "-w", str(tag_weights), "-j", "0"])
+    feats = runner.invoke(cli, ["features", src, "-f", "jsonl", "-w", str(feature_weights), "-j", "0"])
     tag_records = [json.loads(line) for line in tagged.stdout.splitlines()]
     feature_records = [json.loads(line) for line in feats.stdout.splitlines()]
     for r in feature_records:
@@ -80,10 +88,11 @@ def _content(db):
     return out, n
 
 
-@pytest.mark.parametrize("ray_folders", ["plain", "non-utf8"], indirect=True)
+@pytest.mark.parametrize("ray_folders", ["plain", "non-utf8", "dotted"], indirect=True)
 def test_import_equals_a_local_index(ray_folders, tmp_path, tag_weights, feature_weights):
     """Also from a run started in a folder whose name is not UTF-8: its manifest gave the folder as \\xNN text, and
-    every record's path joined to it named no file (all "not reachable from here")."""
+    every record's path joined to it named no file (all "not reachable from here"); and from runs given ``./imgs//``:
+    the tag records' paths were normalised, the features' not, and every image was "no feature" (failed)."""
     tag_out, feature_out, images, _ = ray_folders
     runner = CliRunner()
     imported = tmp_path / "imported.db"
@@ -195,6 +204,10 @@ DAMAGE = {
     "a path_b64 that is not base64": ("tag", '{"path": "imgs/r0.png", "path_b64": "!!!", "error": "x"}\n'),
     "a path_b64 that is not text": ("features", '{"path": "imgs/r0.png", "path_b64": 5, "error": "x"}\n'),
     "model tensors not text": ("features", {"model": {"source": "x", "sha256": "y", "tensors": 5}}),
+    "a score above 1": ("tag", _full_record("imgs/r3.png", **{TAG0: 5.0})),
+    "a score that is true": ("tag", _full_record("imgs/r3.png", **{TAG0: True})),
+    "a tag in another category": ("tag", _moved_record("imgs/r3.png")),
+    "two records of one path": ("tag", _full_record("imgs/r0.png")),  # r0 is in the first shard already
 }
 
 
