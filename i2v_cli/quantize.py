@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_write, write_bytes
+from .atomic import atomic_write, describe_oserror, write_bytes
 from .config import CALIBRATION_COUNT, CALIBRATION_ENV, INPUT_SIZE, MEAN_BGR, TAG
-from .errors import CalibrationError, I2VError
+from .errors import CalibrationError, I2VError, WriteError
 from .hashing import sha256_file
 from .model import Illust2VecNet
 
@@ -137,8 +137,11 @@ def images_from_files(
 def save_calibration(images: np.ndarray, path: str | os.PathLike[str]) -> None:
     """Write a calibration set as an ``.npz`` holding ``images`` (uint8 (N, 224, 224, 3)), atomically."""
     _check_images(np.asarray(images), str(path))
-    with atomic_write(path) as f:
-        np.savez(f, images=np.ascontiguousarray(images, dtype=np.uint8))
+    try:
+        with atomic_write(path) as f:
+            np.savez(f, images=np.ascontiguousarray(images, dtype=np.uint8))
+    except OSError as exc:  # a full disk, a read-only folder: one line (exit 3), the old file left as it was
+        raise WriteError(describe_oserror(path, exc)) from None
 
 
 def load_calibration(path: str | os.PathLike[str]) -> np.ndarray:

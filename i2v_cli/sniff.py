@@ -11,7 +11,17 @@ import codecs
 import os
 import stat
 
-__all__ = ["FOREIGN_KINDS", "HEAD_BYTES", "IMAGE_KINDS", "KINDS", "describe", "is_text", "sniff", "sniff_file"]
+__all__ = [
+    "FOREIGN_KINDS",
+    "HEAD_BYTES",
+    "IMAGE_KINDS",
+    "KINDS",
+    "describe",
+    "is_text",
+    "read_head",
+    "sniff",
+    "sniff_file",
+]
 
 #: How many bytes from the start of a file :func:`sniff` wants. Fewer work (a short file is whole), but
 #: the text check and the ISO-media brand list look further than the magic numbers.
@@ -129,9 +139,9 @@ def sniff(head: bytes) -> str:
     return "unknown"
 
 
-def sniff_file(path: str) -> str | None:
-    """The kind of the regular file at ``path`` (symlinks followed), from its first :data:`HEAD_BYTES` bytes; None
-    when it is missing, unreadable or not a regular file. Opened without blocking, so a FIFO never hangs it."""
+def read_head(path: str) -> bytes | None:
+    """The first :data:`HEAD_BYTES` bytes of the regular file at ``path`` (symlinks followed); None when it is
+    missing, unreadable or not a regular file. Opened without blocking, so a FIFO never hangs it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -139,11 +149,17 @@ def sniff_file(path: str) -> str | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        return sniff(os.read(fd, HEAD_BYTES))
+        return os.read(fd, HEAD_BYTES)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def sniff_file(path: str) -> str | None:
+    """:func:`sniff` of the regular file at ``path`` (see :func:`read_head`); None when it cannot be read."""
+    head = read_head(path)
+    return None if head is None else sniff(head)
 
 
 def describe(kind: str) -> str:

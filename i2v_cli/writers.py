@@ -28,14 +28,14 @@ import json
 import os
 import select
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import IO, Any, TypeVar
 
 import numpy as np
 
 from .atomic import AtomicFile, describe_oserror, is_special, std_fd
 from .errors import OutputError, WriteError
-from .sniff import FOREIGN_KINDS, describe, sniff_file
+from .sniff import describe, is_text, read_head, sniff
 
 FORMATS = ("json", "jsonl", "csv")
 #: Columns of the CSV format: one row per (image, tag); an image that failed has one row with its error.
@@ -459,11 +459,13 @@ def format_for(fmt: str | None, output: str | None, allowed: Iterable[str], defa
     return implied
 
 
-def check_output(output: str | None, inputs: Iterable[str] = ()) -> None:
+def check_output(output: str | None, inputs: Iterable[str] = (), writes: Collection[str] = ("text",)) -> None:
     """Refuse, before anything is opened, an output that would destroy what the run reads or a file that is not
     i2v's to replace: a folder, one of the inputs (the same file by device and inode: a symlink or hard link to an
-    input counts), or an existing file whose content is an image, a database, weights or an archive
-    (:data:`i2v_cli.sniff.FOREIGN_KINDS`; a slip such as ``-o other.png`` would otherwise overwrite it)."""
+    input counts), or an existing file whose content is not of a kind the command writes (``writes``: ``text``,
+    ``npy``, ``safetensors``, ``zip`` for ``.npz``; empty files always pass) unless i2v's job file is beside it.
+    An allowlist, not a list of foreign kinds: ``-o other.ico`` or ``-o library.db`` by mistake is refused
+    whatever the format, and a text output whose first bytes look like a magic number still counts as text."""
     if writes_in_place(output):
         return
     assert output is not None
@@ -483,9 +485,16 @@ def check_output(output: str | None, inputs: Iterable[str] = ()) -> None:
                 f"-o {display(output)} is one of the inputs ({display(path)}): it would be destroyed; "
                 "choose another output"
             )
-    kind = sniff_file(output)
-    if kind in FOREIGN_KINDS:
-        raise OutputError(
-            f"-o {display(output)} holds something else ({describe(kind)}), not an output of i2v: it is left as it is; "
-            "choose another output, or remove it first"
-        )
+    head = read_head(output)
+    if head is None or not head or ("text" in writes and is_text(head)) or sniff(head) in writes:
+        return
+    from .resume import job_file_for  # resume builds on this module
+
+    if os.path.isfile(job_file_for(output)):  # an earlier run's output (a CSV of control-character names, say)
+        return
+    kind = sniff(head)
+    what = "text" if is_text(head) else describe(kind) if kind != "unknown" else "data of a kind i2v does not write"
+    raise OutputError(
+        f"-o {display(output)} holds something else ({what}), not an output of this command: it is left as it "
+        "is; choose another output, or remove it first"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +94,23 @@ def crashing(original: Callable[[Any], Any], pattern: str = "BOOM") -> Callable[
         return original(path)
 
     return load
+
+
+@pytest.fixture
+def full_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a 1 MB tmpfs already full (every byte taken by a file named ``fill``): writes there fail with
+    ENOSPC. Skipped where a tmpfs cannot be mounted (mounting needs root)."""
+    import contextlib
+    import subprocess
+
+    small = tmp_path / "full"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with open(small / "fill", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        yield small
+    finally:
+        subprocess.run(["umount", "-l", str(small)])

@@ -176,6 +176,8 @@ def _foreign_files(where: Path) -> dict[Path, bytes]:
         db.execute("CREATE TABLE t (x)")
     db.close()
     (where / "weights.json").write_bytes((12).to_bytes(8, "little") + b'{"__m": {}}')
+    _picture().save(where / "icon.json", format="ICO")  # kinds the sniffer has no name for are refused too
+    (where / "archive.csv").write_bytes(b"\xfd7zXZ\x00\x00" + bytes(range(256)))  # xz
     return {path: path.read_bytes() for path in sorted(where.iterdir())}
 
 
@@ -186,7 +188,7 @@ def test_an_existing_foreign_file_is_never_replaced(tmp_path, folder, tag_weight
     for out in [*foreign, link]:
         result = tag(folder, "-o", out, weights=tag_weights)
         assert result.exit_code == 2, result.output
-        assert "not an output of i2v" in result.stderr and "\n" not in result.stderr.strip()
+        assert "not an output of this command" in result.stderr and "\n" not in result.stderr.strip()
     npy = tmp_path / "vectors.npy"
     npy.write_bytes(foreign[tmp_path / "foreign" / "library.csv"])
     result = CliRunner().invoke(cli, ["features", str(folder), "--weights", str(feature_weights), "-o", str(npy)])
@@ -195,7 +197,11 @@ def test_an_existing_foreign_file_is_never_replaced(tmp_path, folder, tag_weight
     assert not list(tmp_path.glob("foreign/.*")), "no job file beside a foreign file either"
 
 
-def test_an_earlier_output_is_still_replaced(tmp_path, folder, tag_weights, feature_weights):
+def test_an_earlier_output_is_still_replaced(tmp_path, folder, tag_weights, feature_weights, monkeypatch):
+    """Also one whose text starts like an image (the first record's path is GIF89a.png: a blocklist of magic numbers
+    refused the second run), and one that is not text (a name with a control character, written raw in CSV)."""
+    for name in ("GIF89a.png", "bell\a.png"):
+        _picture(seed=5).save(folder / name)
     for fmt in ("json", "jsonl", "csv"):
         out = tmp_path / f"out.{fmt}"
         for _ in range(2):
@@ -204,7 +210,34 @@ def test_an_earlier_output_is_still_replaced(tmp_path, folder, tag_weights, feat
     for _ in range(2):
         result = CliRunner().invoke(cli, ["features", str(folder), "--weights", str(feature_weights), "-o", str(npy)])
         assert result.exit_code == 1, result.output
-    assert read_features(npy).vectors.shape[0] == 4  # 3 pictures and the one with a non-UTF-8 name
+    assert read_features(npy).vectors.shape[0] == 6  # 5 pictures and the one with a non-UTF-8 name
+    text = tmp_path / "sim.txt"
+    monkeypatch.chdir(folder)
+    for _ in range(2):
+        result = CliRunner().invoke(cli, ["similar", "GIF89a.png", "-i", str(npy), "-o", str(text)])
+        assert result.exit_code == 0, result.output
+    assert text.read_bytes().startswith(b"GIF89a")
+
+
+def test_weights_commands_never_replace_a_foreign_file(tmp_path, golden, folder, full_folder):
+    """`weights convert -o` and `weights calibrate -o` replaced an image or an index named by mistake; calibrate on
+    a full disk was an OSError traceback."""
+    run = CliRunner()
+    model = str(golden / "models" / "tag_v1.caffemodel")
+    foreign = _foreign_files(tmp_path / "foreign")
+    for out in foreign:
+        if out.name != "weights.json":  # a safetensors file: what convert writes, replaced as a re-run's would be
+            result = run.invoke(cli, ["weights", "convert", model, "-o", str(out)])
+            assert result.exit_code == 2 and "not an output of this command" in result.stderr, result.output
+        result = run.invoke(cli, ["weights", "calibrate", str(folder), "-o", str(out)])
+        assert result.exit_code == 2 and "not an output of this command" in result.stderr, result.output
+    assert {path: path.read_bytes() for path in foreign} == foreign
+    for _ in range(2):  # its own kind of file is replaced: a second conversion, a second calibration
+        assert run.invoke(cli, ["weights", "convert", model, "-o", str(tmp_path / "t.safetensors")]).exit_code == 0
+        assert run.invoke(cli, ["weights", "calibrate", str(folder), "-o", str(tmp_path / "c.npz")]).exit_code == 1
+    result = run.invoke(cli, ["weights", "calibrate", str(folder), "-o", str(full_folder / "c.npz")])
+    assert result.exit_code == 3 and "No space left on device" in result.stderr, result.output
+    assert "Traceback" not in result.output and sorted(p.name for p in full_folder.iterdir()) == ["fill"]
 
 
 def test_resume_never_changes_a_foreign_file(tmp_path, folder, tag_weights):

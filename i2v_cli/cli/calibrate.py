@@ -44,11 +44,13 @@ def calibrate(paths: tuple[str, ...], recursive: bool, nul: bool, output: Path |
       i2v weights calibrate ./my-illustrations -r
       I2V_CALIBRATION=cal.npz i2v tag ./folder --precision int8   (after: i2v weights calibrate ... -o cal.npz)
     """
-    from ..writers import display
+    from ..writers import check_output, display
 
     inputs = expand_inputs(paths, recursive=recursive, stdin=stdin_for(paths), nul=nul)
     if output is not None and any(same_file(output, p) for p in inputs):
         raise OutputError(f"{display(str(output))} is one of the input images: write the calibration set elsewhere")
+    if output is not None:
+        check_output(str(output), writes=("zip",))  # an .npz is a zip archive
     from ..quantize import default_calibration_file, images_from_files, save_calibration  # brings torch
 
     images, used, failed = images_from_files(inputs, count)

@@ -110,7 +110,7 @@ def features(
                 f"-o {display(str(output))}: name the vectors file FILE.npy (paths go to FILE.paths.jsonl)"
             )
         inputs = expand_inputs(paths, recursive=recursive, stdin=stdin_for(paths), nul=nul)
-        check_output(output, inputs)
+        check_output(output, inputs, writes=("npy",) if fmt == "npy" else ("text",))
         if fmt == "npy":
             check_output(str(paths_file_for(str(output))), inputs)
         # torch comes with these: imported once the cheap checks passed, so a usage error answers at once.

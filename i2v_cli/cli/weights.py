@@ -36,8 +36,9 @@ def convert_cmd(model: Path, output: Path) -> None:
       i2v weights convert illust2vec_tag_ver200.caffemodel -o illust2vec_tag_ver200.safetensors
     """
     from ..weights import convert
-    from ..writers import display
+    from ..writers import check_output, display
 
+    check_output(str(output), [str(model)], writes=("safetensors",))
     info = convert(model, output)
     click.echo(
         f"{display(str(output))}: {info.kind} model, widths {'/'.join(map(str, info.widths))}"
