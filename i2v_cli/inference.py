@@ -399,28 +399,57 @@ class PackedEncode1(nn.Module):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach()
-        out, width = weight.shape
-        panels = -(-out // ENCODE1_PANEL)
-        padded = weight
-        if panels * ENCODE1_PANEL != out:  # a last panel of zero rows, never returned
-            padded = torch.cat([weight, weight.new_zeros(panels * ENCODE1_PANEL - out, width)])
-        packed = padded.view(panels, ENCODE1_PANEL, width).transpose(1, 2).contiguous()
-        del padded, weight
-        self.register_buffer("packed", packed)
+        out, width = linear.weight.shape
+        self.register_buffer("packed", self._panels(linear.weight.detach()))
         self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = width, out
 
+    @staticmethod
+    def _panels(weight: torch.Tensor) -> torch.Tensor:
+        """(out, in) -> (out / P, in, P), a last panel padded with zero rows (never returned)."""
+        out, width = weight.shape
+        panels = -(-out // ENCODE1_PANEL)
+        if panels * ENCODE1_PANEL != out:
+            weight = torch.cat([weight, weight.new_zeros(panels * ENCODE1_PANEL - out, width)])
+        return weight.view(panels, ENCODE1_PANEL, width).transpose(1, 2).contiguous()
+
     def forward(self, flat: torch.Tensor) -> torch.Tensor:
-        """``flat @ weight.T + bias`` for (N, in) -> (N, out)."""
-        panels = torch.matmul(flat.to(self.packed.dtype), self.packed)  # (out / P, N, P)
-        out = panels.permute(1, 0, 2).reshape(len(flat), -1)[:, : self.out_features]
-        return (out + self.bias).contiguous()
+        """``flat @ weight.T + bias`` for (..., in) -> (..., out), as ``nn.Linear`` (an empty batch included)."""
+        lead = flat.shape[:-1]
+        rows = flat.reshape(-1, self.in_features).to(self.packed.dtype)
+        panels = torch.matmul(rows, self.packed)  # (out / P, N, P)
+        out = panels.permute(1, 0, 2).reshape(len(rows), self.packed.shape[0] * ENCODE1_PANEL)[:, : self.out_features]
+        return (out + self.bias).reshape(*lead, self.out_features).contiguous()
 
     def unpacked_weight(self) -> torch.Tensor:
-        """The (out, in) weight, as a new tensor (800 MB more for the real network: for tests and export only)."""
+        """The (out, in) weight, as a new tensor (800 MB more for the real network)."""
         rows = self.packed.transpose(1, 2).reshape(-1, self.in_features)
         return rows[: self.out_features].contiguous()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``nn.Linear``'s ``weight``, for code written against it: a new (out, in) tensor at each read (800 MB for
+        the real network); i2v itself never reads it."""
+        return self.unpacked_weight()
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        # As nn.Linear's: a packed model's state dict and digest are those of the network it computes.
+        destination[prefix + "weight"] = self.unpacked_weight()
+        destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # args: local_metadata, strict, missing_keys, unexpected_keys, error_msgs (nn.Module's protocol)
+        missing, errors = args[2], args[4]
+        weight, bias = state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias")
+        missing.extend(prefix + name for name, value in (("weight", weight), ("bias", bias)) if value is None)
+        if weight is None or bias is None:
+            return
+        if tuple(weight.shape) != (self.out_features, self.in_features) or tuple(bias.shape) != (self.out_features,):
+            errors.append(f"size mismatch for {prefix}weight/bias: {tuple(weight.shape)}, {tuple(bias.shape)}")
+            return
+        with torch.no_grad():
+            self.packed.copy_(self._panels(weight.detach().to(self.packed)))
+            self.bias.copy_(bias)
 
 
 def pack_encode1(model: Illust2VecNet) -> None:

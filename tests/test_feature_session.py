@@ -66,3 +66,26 @@ def test_session_runs_the_trunk_and_encode1_follows_in_torch(feature_weights, go
         reference.encode1.weight.mul_(-1)
     with torch.inference_mode():
         torch.testing.assert_close(net(x), reference(x), atol=1e-4, rtol=0)
+
+
+def test_packed_encode1_stands_in_for_the_linear_layer():
+    """An empty batch and a 1-D input raised; `.weight` was an AttributeError and the state dict held `packed`, so
+    code written against nn.Linear (the API's `model`) broke once a predictor had been made."""
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 70)
+    packed = PackedEncode1(linear)
+    with torch.no_grad():
+        assert packed(torch.randn(0, 40)).shape == (0, 70)
+        one = torch.randn(40)
+        torch.testing.assert_close(packed(one), linear(one), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed.weight, linear.weight, atol=0, rtol=0)
+    state = packed.state_dict()
+    assert set(state) == {"weight", "bias"}
+    torch.testing.assert_close(state["weight"], linear.weight.detach(), atol=0, rtol=0)
+    other = nn.Linear(40, 70)
+    packed.load_state_dict(other.state_dict())  # loads as nn.Linear's state dict does, repacked
+    with torch.no_grad():
+        x = torch.randn(3, 40)
+        torch.testing.assert_close(packed(x), other(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        packed.load_state_dict(nn.Linear(40, 71).state_dict())
