@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import AtomicFile
-from .errors import I2VError, OutputError
+from .atomic import AtomicFile, describe_oserror
+from .errors import I2VError, OutputError, WriteError
 from .store import same_weights
 from .writers import JsonlWriter, Record, Sink, dumps, path_fields, record_path
 
@@ -129,6 +130,9 @@ class FeatureWriter(Sink):
         self.paths_path = paths_file_for(self.path)
         if self.paths_path == self.path:
             raise FeatureFileError(f"{self.path}: name the vectors file something.npy, not *{PATHS_SUFFIX}")
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(os.stat(self.paths_path).st_mode):  # it is read back to be finished: a FIFO hung
+                raise FeatureFileError(f"{self.paths_path} is not a regular file: the paths file must be one")
         self.binary = binary
         self.dim = dim
         self.dtype = np.dtype(np.uint8 if binary else "<f4")
@@ -146,6 +150,9 @@ class FeatureWriter(Sink):
             self._vec.stream.write(_npy_header(self.dtype, 0, self.width))
             if earlier is not None:
                 self._copy(earlier)
+        except WriteError:
+            self.abort()
+            raise
         except OutputError as exc:
             self.abort()
             raise FeatureFileError(str(exc)) from None
@@ -241,6 +248,9 @@ class FeatureWriter(Sink):
                 raise
             vec.commit()
             final.commit()
+        except WriteError:
+            self.abort()
+            raise
         except OutputError as exc:
             self.abort()
             raise FeatureFileError(str(exc)) from None
@@ -259,8 +269,9 @@ class FeatureWriter(Sink):
         self._vec = self._body = None
 
 
-def _oserror(path: Path, exc: OSError) -> FeatureFileError:
-    return FeatureFileError(f"cannot write {path}: {exc.strerror or exc}")
+def _oserror(path: Path, exc: OSError) -> WriteError:
+    """A write the system refused (a full disk, an I/O error): exit 3, as every output's."""
+    return WriteError(describe_oserror(path, exc))
 
 
 # --------------------------------------------------------------------------------------------------------------

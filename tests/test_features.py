@@ -356,3 +356,22 @@ def test_a_text_file_named_npy_is_called_what_it_is(tmp_path):
     out.write_text("not an array\n")
     with pytest.raises(FeatureFileError, match=r"vecs.npy is not a .npy array \(NumPy's header is missing\)$"):
         read_features(out)
+
+
+def test_a_full_disk_midway_is_a_write_error(runner, feature_weights, golden, full_folder):
+    """A disk that filled while the rows were written was exit 2 (a usage error), not 3 (a failed write)."""
+    fill = full_folder / "fill"
+    os.truncate(fill, fill.stat().st_size - 4096)  # one page: the vectors' file starts, the paths' never fits
+    result = features(runner, golden / "images" / "sq", "-o", full_folder / "vecs.npy", weights=feature_weights)
+    assert result.exit_code == 3, result.output
+    assert result.stderr.count("\n") == 1 and "No space left on device" in result.stderr
+    left = sorted(p.name for p in full_folder.iterdir())
+    assert left == [".vecs.npy.i2v.json", "fill"]  # the run's job file; nothing half-written
+
+
+def test_a_paths_file_that_is_not_a_regular_file_is_refused(runner, feature_weights, golden, tmp_path):
+    """A FIFO as FILE.paths.jsonl hung the run for ever: the paths are read back from it to be finished."""
+    os.mkfifo(tmp_path / "vecs.paths.jsonl")
+    result = features(runner, golden / "images" / "sq", "-o", tmp_path / "vecs.npy", weights=feature_weights)
+    assert result.exit_code == 2 and "not a regular file" in result.stderr, result.output
+    assert not (tmp_path / "vecs.npy").exists()
