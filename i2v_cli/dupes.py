@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .index import Index, iter_chunks, stored, stored_rows
+from .index import Index, iter_chunks, stored, stored_name, stored_rows
 from .sketch import DIMS as SKETCH_DIMS
 from .sketch import Candidates, candidate_blocks, candidate_threshold, unit_rows
 from .writers import path_fields
@@ -387,4 +387,4 @@ def _image(index: Index, row: int) -> Image:
     path, width, height, fmt, mtime = index.conn.execute(
         "SELECT path, width, height, format, mtime_ns FROM images WHERE id = ?", (row,)
     ).fetchone()
-    return Image(row, os.fsdecode(bytes(path)), width or 0, height or 0, fmt, mtime)
+    return Image(row, stored_name(path), width or 0, height or 0, fmt, mtime)

@@ -144,6 +144,23 @@ def stored(blob: object, what: str, length: int | None = None, dtype: str = "<f4
     return array.reshape(-1, width) if width else array
 
 
+def stored_name(value: object, what: str = "path") -> str:
+    """A path stored in the index (a BLOB of its bytes) as ``os`` takes it; anything else is damage."""
+    if not isinstance(value, bytes):
+        raise DamagedIndexError(
+            f"the index holds a damaged {what} (a {type(value).__name__}, not a BLOB): it was changed by something "
+            "other than i2v; index the folders again into a new --db"
+        )
+    return os.fsdecode(value)
+
+
+def _damaged_meta(key: str, value: str) -> DamagedIndexError:
+    return DamagedIndexError(
+        f"the index's {key} record is damaged ({value[:60]!r}): it was changed by something other than i2v; index "
+        "the folders again into a new --db"
+    )
+
+
 def stored_rows(blobs: Sequence[object], what: str, width: int | None) -> np.ndarray:
     """BLOBs of ``width`` float32 values each (every one the same length as the first when ``width`` is None),
     as one (len(blobs), width) array: :func:`stored` for a chunk of rows, at the cost of one join."""
@@ -426,7 +443,13 @@ class Index:
 
                 self._tags = load_tag_list()
             else:
-                self._tags = json.loads(stored)
+                try:
+                    tags = json.loads(stored)
+                except ValueError:
+                    tags = None
+                if not isinstance(tags, list) or len(tags) != NUM_TAGS or not all(isinstance(t, str) for t in tags):
+                    raise _damaged_meta("tags", stored)
+                self._tags = tags
         return self._tags
 
     @property
@@ -452,15 +475,31 @@ class Index:
     @property
     def feature_dim(self) -> int | None:
         dim = self.meta("feature_dim")
-        return int(dim) if dim is not None else None
+        if dim is None:
+            return None
+        if not dim.isdigit() or int(dim) == 0:
+            raise _damaged_meta("feature_dim", dim)
+        return int(dim)
+
+    def model_record(self, key: str) -> dict[str, Any]:
+        """The ``tag_model`` or ``feature_model`` record of the first run (empty before one)."""
+        stored_value = self.meta(key)
+        if stored_value is None:
+            return {}
+        try:
+            model = json.loads(stored_value)
+        except ValueError:
+            model = None
+        if not isinstance(model, dict):
+            raise _damaged_meta(key, stored_value)
+        return model
 
     def check_models(self, tag_model: dict[str, str], feature_model: dict[str, str], feature_dim: int) -> None:
         """Record the models of the first run; refuse others later (scores and vectors of two models never mix)."""
         for key, model in (("tag_model", tag_model), ("feature_model", feature_model)):
-            stored = self.meta(key)
-            if stored is None:
+            if self.meta(key) is None:
                 continue
-            old = json.loads(stored)
+            old = self.model_record(key)
             if not same_weights(old, model):
                 raise IndexDbError(
                     f"{display(self.path)} was indexed with the {key.replace('_', ' ')} {old.get('source')} "
@@ -485,7 +524,12 @@ class Index:
     def known(self) -> dict[bytes, tuple[int, int, int, bytes, bool]]:
         """Every row's ``path -> (id, size, mtime_ns, sha256, failed)``; ``failed``: the row holds an error."""
         rows = self.conn.execute("SELECT path, id, size, mtime_ns, sha256, error IS NOT NULL FROM images")
-        return {bytes(p): (i, s, m, bytes(h), bool(f)) for p, i, s, m, h, f in rows}
+        known = {}
+        for p, i, s, m, h, f in rows:
+            if not isinstance(p, bytes) or not isinstance(h, bytes):
+                stored_name(p) if not isinstance(p, bytes) else stored_name(h, "content hash")
+            known[p] = (i, s, m, h, bool(f))
+        return known
 
     def with_results(self, sha256: bytes) -> int | None:
         """A row holding results (not an error) for this content, or None."""

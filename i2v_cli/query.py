@@ -26,7 +26,17 @@ import numpy as np
 
 from .config import NUM_TAGS
 from .errors import I2VError
-from .index import TAG_FLOOR, DamagedIndexError, Index, file_sha256, fs_path, iter_chunks, stored, stored_rows
+from .index import (
+    TAG_FLOOR,
+    DamagedIndexError,
+    Index,
+    file_sha256,
+    fs_path,
+    iter_chunks,
+    stored,
+    stored_name,
+    stored_rows,
+)
 from .sketch import sketch
 
 _TOKEN = re.compile(r'(?:"[^"]*"|[^\s"])+|"[^"]*$')
@@ -242,12 +252,12 @@ def _listing(index: Index, terms: Sequence[Term], k: int | None) -> list[Hit]:
         cond, params = where(terms)
         sql = f"SELECT id, path FROM images WHERE {cond} ORDER BY path" + (" LIMIT ?" if k else "")
         found = index.conn.execute(sql, [*params, *([k] if k else [])])
-        return [Hit(i, os.fsdecode(bytes(p))) for i, p in found]
+        return [Hit(i, stored_name(p)) for i, p in found]
     flags = mask.tobytes()  # indexing bytes gives a Python int: the fastest per-row test from Python
     hits = []
     for i, p in index.conn.execute("SELECT id, path FROM images ORDER BY path"):  # the path index, in order
         if i < rows and flags[i]:
-            hits.append(Hit(i, os.fsdecode(bytes(p))))
+            hits.append(Hit(i, stored_name(p)))
             if k is not None and len(hits) >= k:
                 break
     return hits
@@ -261,7 +271,7 @@ def _walk(index: Index, terms: Sequence[Term], k: int, limit: int) -> list[Hit] 
     for i, p, ok in cursor:
         walked += 1
         if ok:
-            hits.append(Hit(i, os.fsdecode(bytes(p))))
+            hits.append(Hit(i, stored_name(p)))
             if len(hits) >= k:
                 return hits
     return hits if walked < limit else None  # the whole index was walked: these are all the matches
@@ -422,7 +432,7 @@ def _most_similar(
 def _paths(index: Index, rows: Sequence[int]) -> Iterator[tuple[int, str]]:
     for row in rows:
         (p,) = index.conn.execute("SELECT path FROM images WHERE id = ?", (row,)).fetchone()
-        yield row, os.fsdecode(bytes(p))
+        yield row, stored_name(p)
 
 
 def like_row(index: Index, path: str) -> tuple[int | None, np.ndarray | None]:
@@ -446,7 +456,7 @@ def like_row(index: Index, path: str) -> tuple[int | None, np.ndarray | None]:
     )
     for other, other_path, blob in same:
         try:
-            if os.path.samefile(path, os.fsdecode(bytes(other_path))):
+            if os.path.samefile(path, stored_name(other_path)):
                 return other, stored(blob, "feature", index.feature_dim)
         except OSError:  # that copy is gone or unreadable now: its stored feature still fits this content
             pass

@@ -22,7 +22,7 @@ import numpy as np
 from .atomic import write_bytes
 from .config import NUM_TAGS
 from .errors import I2VError, OutputError
-from .index import Index, stored
+from .index import Index, stored, stored_name
 from .store import file_identity
 from .tags import Selection, select_tags
 from .writers import display
@@ -128,7 +128,7 @@ class ExportSummary:
 
 def _rows(index: Index) -> Iterator[tuple[str, np.ndarray | None]]:
     for path, scores in index.conn.execute("SELECT path, scores FROM images ORDER BY path"):
-        yield os.fsdecode(bytes(path)), None if scores is None else stored(scores, "score vector", NUM_TAGS)
+        yield stored_name(path), None if scores is None else stored(scores, "score vector", NUM_TAGS)
 
 
 def export(index: Index, kind: str, selection: Selection) -> ExportSummary:

@@ -502,3 +502,50 @@ def test_a_damaged_score_blob_of_a_row_being_removed_is_a_message(tmp_path):
     damaged = pytest.raises(DamagedIndexError, match=r"score vector \(1 bytes, not 1,539 values")
     with Index(db) as idx, damaged, idx.transaction():
         idx.remove(2)
+
+
+DAMAGED_RECORDS = {
+    "a path stored as text": "UPDATE images SET path = path_text WHERE id = 3",
+    "feature_dim not a number": "UPDATE meta SET value = 'abc' WHERE key = 'feature_dim'",
+    "tags not JSON": "UPDATE meta SET value = '[1,2' WHERE key = 'tags'",
+    "tags of another length": """UPDATE meta SET value = '["a"]' WHERE key = 'tags'""",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_RECORDS)
+@pytest.mark.parametrize(
+    "command", [["search", "--like", "/c/00001.png"], ["search", "1girl"], ["dupes"], ["export", "--to", "hydrus"]]
+)
+def test_a_hand_damaged_record_is_a_one_line_message(tmp_path, damage, command):
+    """A path stored as text was a TypeError traceback (bytes(str)); bad meta records were ValueError,
+    JSONDecodeError or IndexError tracebacks."""
+    db = str(tmp_path / "c.db")
+    with _index(db, np.random.default_rng(0).standard_normal((6, DIM)).astype(np.float32)) as idx, idx.transaction():
+        if "tags" in damage:
+            idx.set_meta("tags", "[]")  # a tags record to damage (this synthetic index relies on the default)
+    con = sqlite3.connect(db)
+    con.execute(DAMAGED_RECORDS[damage])
+    con.commit()
+    con.close()
+    result = CliRunner().invoke(cli, [command[0], "--db", db, *command[1:]])
+    assert result.exit_code in (0, 1, 2), result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    if result.exit_code == 2:
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "damaged" in lines[0] and "into a new --db" in lines[0], lines
+
+
+def test_damaged_paths_hashes_and_model_records_are_damage_for_the_indexer(tmp_path):
+    db = str(tmp_path / "c.db")
+    _index(db, np.eye(4, DIM, dtype=np.float32)).close()
+    for change, what in [("UPDATE images SET sha256 = 'abc' WHERE id = 2", "content hash"),
+                         ("UPDATE images SET path = 42 WHERE id = 2", "path"),
+                         ("UPDATE meta SET value = '{bad' WHERE key = 'feature_model'", "feature_model")]:  # fmt: skip
+        shutil.copy(db, tmp_path / "d.db")
+        con = sqlite3.connect(tmp_path / "d.db")
+        con.execute(change)
+        con.commit()
+        con.close()
+        with Index(str(tmp_path / "d.db")) as idx, pytest.raises(DamagedIndexError, match=what):
+            idx.known()
+            idx.check_models({"source": "t", "sha256": "0"}, {"source": "t", "sha256": "0"}, DIM)

@@ -38,7 +38,6 @@ def query_feature(index: Index, image: str, feature_weights: str | None, device:
     if not os.path.isfile(image):
         what = "not a file (a folder, a device or a pipe)" if os.path.exists(image) else "no such file"
         raise UsageFailure(f"--like {display(image)}: {what}, and not an indexed path")
-    import json
 
     from ..runner import resolve_device, run_model
     from ..weights import load_model, resolve_weights
@@ -46,7 +45,7 @@ def query_feature(index: Index, image: str, feature_weights: str | None, device:
     model, info = load_model(
         resolve_weights(feature_weights, FEATURE, "--feature-weights"), kind=FEATURE, device=str(resolve_device(device))
     )
-    stored = json.loads(index.meta("feature_model") or "{}")
+    stored = index.model_record("feature_model")
     if stored.get("sha256") is not None and not same_weights(stored, model_identity(info)):
         raise UsageFailure(
             f"--feature-weights {info.source} is not the feature model the index was made with "

@@ -203,7 +203,7 @@ def tag(
         fmt = format_for(fmt, output, ("json", "jsonl", "csv"), "jsonl")
         inputs = expand_inputs(paths, recursive=recursive, stdin=stdin_for(paths), nul=nul)
         if wants_records:
-            check_output(output, inputs)
+            check_output(output, inputs, writes=None)  # its content once the weights are known (below)
         tags = load_tag_list(tag_list)
         given = {n for n in caption_params if ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE}
         request = caption_request(

@@ -184,7 +184,9 @@ class IndexReader:
             raise NotFound(f"no indexed image {image}")
         keys = ("path", "size", "mtime_ns", "width", "height", "format", "error", "rating")
         row = dict(zip(keys, found, strict=True))
-        row["path"] = os.fsdecode(bytes(row["path"]))
+        from ..index import stored_name
+
+        row["path"] = stored_name(row["path"])
         return row
 
     def info(self, image: int, selection: Selection, tags: Sequence[str]) -> Record:
@@ -251,7 +253,6 @@ def load_service(
 ) -> Service:
     """Both models loaded once (``--tag-weights``/``--feature-weights``, else ``$I2V_WEIGHTS``, else the cache, as
     ``i2v index`` finds them) and the index ``db`` opened read-only; its feature model must be the one served."""
-    import json
 
     from ..config import FEATURE, TAG
     from ..index import Index, IndexDbError
@@ -269,7 +270,7 @@ def load_service(
     index = None
     if db is not None:
         index = Index(db, readonly=True)
-        stored = json.loads(index.meta("feature_model") or "{}")
+        stored = index.model_record("feature_model")
         if stored.get("sha256") is not None and not same_weights(stored, model_identity(feature_info)):
             index.close()
             raise IndexDbError(
