@@ -188,8 +188,8 @@ def _fetch(
         validator = _if_range(meta)
         if validator:
             headers["If-Range"] = validator
-    request = urllib.request.Request(url, headers=headers)
     try:
+        request = urllib.request.Request(url, headers=headers)  # ValueError for a URL of no known scheme
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:

@@ -42,7 +42,7 @@ from google.protobuf.message import DecodeError, Message
 
 from .atomic import AtomicFile, describe_oserror, same_file
 from .config import CONV_NAMES, FEATURE, TAG
-from .errors import ModelKindError, OutputError, WeightsError, WeightsNotFoundError
+from .errors import ModelKindError, OutputError, WeightsError, WeightsNotFoundError, WriteError
 from .hashing import sha256_file
 from .model import Architecture, Illust2VecNet, build_model, check_state_dict, layer_key, remap_legacy_state_dict
 from .sniff import IMAGE_KINDS, describe, sniff
@@ -390,6 +390,8 @@ def _to_own_naming(state_dict: Mapping[str, torch.Tensor], path: Path) -> dict[s
             raise WeightsError(f"{path}: {key} is a sparse tensor ({value.layout}); i2v reads dense tensors only")
         if not isinstance(value, torch.Tensor) or not (value.is_floating_point() and value.dim() > 0):
             raise WeightsError(f"{path}: {key} is not a floating-point tensor")
+        if value.is_meta:
+            raise WeightsError(f"{path}: {key} is a meta tensor (a shape without data): not a weight file to use")
     if not set(state_dict) <= _OWN_KEYS:
         try:
             state_dict = remap_legacy_state_dict(state_dict)
@@ -424,9 +426,12 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: PathLike, met
         for tensor in tensors.values():
             if tensor.numel():
                 out.stream.write(memoryview(tensor.numpy()).cast("B"))
-    except OSError as exc:
+    except BrokenPipeError:  # the reader of a pipe went away: exit 141, quietly, as every command
         out.discard()
-        raise OutputError(describe_oserror(path, exc)) from None
+        raise
+    except OSError as exc:  # a full disk, an I/O error: exit 3
+        out.discard()
+        raise WriteError(describe_oserror(path, exc)) from None
     except BaseException:
         out.discard()
         raise

@@ -233,6 +233,12 @@ def test_unreachable_server(tmp_path: Path) -> None:
     assert "\n" not in str(exc.value)
 
 
+def test_a_url_of_no_known_scheme_is_one_line(tmp_path: Path) -> None:
+    """`--base-url notaurl` was a ValueError traceback ('unknown url type')."""
+    with pytest.raises(DownloadError, match="cannot reach notaurl/x: unknown url type"):
+        download("notaurl/x", tmp_path / "x", timeout=5)
+
+
 class FakeBar:
     """What download() uses of a tqdm bar."""
 

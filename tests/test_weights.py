@@ -318,7 +318,8 @@ def test_cli_convert_onto_its_input_is_a_usage_error(tmp_path: Path) -> None:
     src = _copy(MODELS / "tag_v2.caffemodel", tmp_path / "m.caffemodel")
     result = CliRunner().invoke(cli, ["weights", "convert", str(src), "-o", str(src)])
     assert result.exit_code == 2
-    assert result.output == f"Error: {src} is the input file {src}: write the safetensors file under another name\n"
+    want = f"Error: -o {src} is one of the inputs ({src}): it would be destroyed; choose another output\n"
+    assert result.output == want
     assert src.read_bytes() == (MODELS / "tag_v2.caffemodel").read_bytes()
 
 
@@ -413,6 +414,14 @@ def test_pth_in_half_precision_is_read_as_float32(tmp_path: Path, golden_sd: dic
     sd = read_state_dict_pth(path)
     assert all(v.dtype == torch.float32 for v in sd.values())
     assert torch.equal(sd["conv6_4.bias"], golden_sd["tag_v2"]["conv6_4.bias"].half().float())
+
+
+def test_meta_tensors_are_refused_cleanly(tmp_path: Path, golden_sd: dict) -> None:
+    """A state dict of meta tensors (shapes, no data) was NotImplementedError 'Cannot copy out of meta tensor'."""
+    path = tmp_path / "meta.pth"
+    torch.save({k: v.to("meta") for k, v in golden_sd["tag_v2"].items()}, path)
+    with pytest.raises(WeightsError, match="is a meta tensor"):
+        load_weights(path)
 
 
 def test_pickled_module_is_refused_cleanly(tmp_path: Path) -> None:

@@ -49,6 +49,8 @@ def calibrate(paths: tuple[str, ...], recursive: bool, nul: bool, output: Path |
     inputs = expand_inputs(paths, recursive=recursive, stdin=stdin_for(paths), nul=nul)
     if output is not None and any(same_file(output, p) for p in inputs):
         raise OutputError(f"{display(str(output))} is one of the input images: write the calibration set elsewhere")
+    if output is not None and str(output) == "-":
+        raise OutputError("-o -: the calibration set is a file that int8 reads later; name one (cal.npz)")
     if output is not None:
         check_output(str(output), writes=("zip",))  # an .npz is a zip archive
     from ..quantize import default_calibration_file, images_from_files, save_calibration  # brings torch

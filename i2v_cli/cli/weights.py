@@ -38,6 +38,8 @@ def convert_cmd(model: Path, output: Path) -> None:
     from ..weights import convert
     from ..writers import check_output, display
 
+    if str(output) == "-":  # stdout, as everywhere else (a terminal is refused by the writer)
+        output = Path("/dev/stdout")
     check_output(str(output), [str(model)], writes=("safetensors",))
     info = convert(model, output)
     click.echo(
