@@ -410,8 +410,8 @@ def _read_existing(dest: Path, options: CaptionOptions) -> _Existing:
             kind = sniff(head)
             if kind in FOREIGN_KINDS:
                 raise CaptionError(
-                    f"{_show(dest)} holds {describe(kind)}, not a caption: it is left as it is (remove it, or "
-                    "choose another caption extension or folder)"
+                    f"{_show(dest)} holds something else ({describe(kind)}), not a caption: it is left as it is "
+                    "(remove it, or choose another caption extension or folder)"
                 )
             data = head + f.read()
     except OSError as exc:
