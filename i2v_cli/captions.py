@@ -366,11 +366,13 @@ def _foreign_separator(text: str, options: CaptionOptions, new: Sequence[str]) -
 @dataclass(frozen=True)
 class _Existing:
     """What is at a caption path: whether a file is there (through a symlink: a dangling one leads to none), its
-    text (None when it is not UTF-8) and its identity when read (:func:`i2v_cli.store.file_identity`'s fields)."""
+    text (None when it is not UTF-8), its identity when read (:func:`i2v_cli.store.file_identity`'s fields), and,
+    when appending, the descriptor that holds its lock until the merge is in place (the caller closes it)."""
 
     is_file: bool = False
     text: str | None = None
     identity: list[int] | None = None
+    lock: int | None = None
 
 
 def _identity(st: os.stat_result) -> list[int]:
@@ -384,11 +386,39 @@ def _current_identity(dest: StrPath) -> list[int] | None:
         return None
 
 
-def _read_existing(dest: Path, options: CaptionOptions) -> _Existing:
-    """The file at ``dest``. CaptionError for a folder, a device or pipe (never read or replaced: captions go
-    only to regular files), a file that cannot be read, one whose content is an image, a database, weights or an
-    archive (:data:`i2v_cli.sniff.FOREIGN_KINDS`: a caption name that is a link to such a file must never replace
-    it), or, when appending, one that is not UTF-8 text."""
+def _lock(fd: int, dest: Path) -> bool:
+    """Take the exclusive lock of the open caption file ``fd`` (waiting for another i2v merging into it), and say
+    whether ``dest`` still names that file: False when the other writer replaced it meanwhile (merge again). Where
+    the file system has no locks, the identity check at the rename is what remains."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # no locks here (some network file systems)
+        return True
+    held = os.fstat(fd)
+    try:
+        now = os.stat(dest)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _read_existing(dest: Path, options: CaptionOptions) -> _Existing | None:
+    """The file at ``dest``; None when appending and another writer replaced it while this one waited for its lock.
+    CaptionError for a folder, a device or pipe (never read or replaced: captions go only to regular files), a file
+    that cannot be read, one whose content is an image, a database, weights or an archive
+    (:data:`i2v_cli.sniff.FOREIGN_KINDS`: a caption name that is a link to such a file must never replace it), or,
+    when appending, one that is not UTF-8 text."""
     try:
         fd = os.open(dest, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -396,32 +426,49 @@ def _read_existing(dest: Path, options: CaptionOptions) -> _Existing:
     except OSError as exc:
         raise CaptionError(f"cannot read {_show(dest)}: {exc.strerror or exc}") from None
     try:
+        read = _read_open(fd, dest, options)
+    except BaseException:
+        os.close(fd)
+        raise
+    if read is None or options.existing != "append":
+        os.close(fd)  # the lock of an appended file is held until its merge is in place
+        if read is None:
+            return None
+    text, identity = read
+    return _Existing(True, text, identity, fd if options.existing == "append" else None)
+
+
+def _read_open(fd: int, dest: Path, options: CaptionOptions) -> tuple[str | None, list[int]] | None:
+    """:func:`_read_existing` on the open file: its text and identity, or None (replaced while waiting for its
+    lock)."""
+    try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            what = "it is a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, pipe or socket)"
+            raise CaptionError(f"cannot write {_show(dest)}: {what}")
+        head = os.read(fd, HEAD_BYTES)
+        kind = sniff(head)
+        if kind in FOREIGN_KINDS:
+            raise CaptionError(
+                f"{_show(dest)} holds something else ({describe(kind)}), not a caption: it is left as it is "
+                "(remove it, or choose another caption extension or folder)"
+            )
+        if options.existing == "append":
+            if not _lock(fd, dest):
+                return None
+            os.lseek(fd, 0, os.SEEK_SET)  # read again under the lock: another writer may have changed it
+            data = _read_all(fd)
+        else:
+            data = head + _read_all(fd)
+        identity = _identity(os.fstat(fd))
     except OSError as exc:
-        os.close(fd)
-        raise CaptionError(f"cannot read {_show(dest)}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        what = "it is a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, pipe or socket)"
-        raise CaptionError(f"cannot write {_show(dest)}: {what}")
-    try:
-        with open(fd, "rb") as f:
-            head = f.read(HEAD_BYTES)
-            kind = sniff(head)
-            if kind in FOREIGN_KINDS:
-                raise CaptionError(
-                    f"{_show(dest)} holds something else ({describe(kind)}), not a caption: it is left as it is "
-                    "(remove it, or choose another caption extension or folder)"
-                )
-            data = head + f.read()
-    except OSError as exc:
         raise CaptionError(f"cannot read {_show(dest)}: {exc.strerror or exc}") from None
     try:
-        return _Existing(True, data.decode("utf-8"), _identity(st))
+        return data.decode("utf-8"), identity
     except UnicodeDecodeError:
         if options.existing == "append":
             raise CaptionError(f"{_show(dest)}: the caption file there is not UTF-8 text; not appending") from None
-        return _Existing(True, None, _identity(st))
+        return None, identity
 
 
 def _appended(old: str, new: Sequence[str], options: CaptionOptions, dest: Path) -> str:
@@ -497,6 +544,17 @@ def _write_once(dest: Path, tags: Sequence[str], options: CaptionOptions) -> Out
     """One read-merge-write of a caption file; None when, appending, another writer changed (or created) the file
     meanwhile and nothing was written: the caller merges again."""
     old = _read_existing(dest, options) if os.path.lexists(dest) else _Existing()
+    if old is None:
+        return None
+    try:
+        return _merge_and_write(dest, tags, options, old)
+    finally:
+        if old.lock is not None:
+            os.close(old.lock)  # releases the lock, once the merge is in place (or was dropped)
+
+
+def _merge_and_write(dest: Path, tags: Sequence[str], options: CaptionOptions, old: _Existing) -> Outcome | None:
+    """The caption of ``tags`` merged with (or replacing) ``old`` and put in place; None as in :func:`_write_once`."""
     outcome: Outcome
     if old.text is not None and options.existing == "append":
         present = {tag_key(t) for t in parse_caption(old.text, options.separator)}

@@ -1011,6 +1011,35 @@ def test_append_gives_up_on_a_file_that_keeps_changing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.txt"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="flock")
+def test_append_holds_the_lock_of_the_file_until_the_merge_is_in_place(tmp_path, monkeypatch):
+    """Another i2v appending waits for the lock: a check of the file's identity just before the rename cannot
+    close the window between the check and the rename on its own (one caption in 600 lost tags)."""
+    import fcntl
+
+    import i2v_cli.captions as captions
+
+    (tmp_path / "img.txt").write_text("mine\n")
+    held = []
+
+    class Checking(captions.AtomicFile):
+        def commit(self, **kwargs):
+            with open(self.target, "rb") as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held.append(True)
+                else:
+                    held.append(False)
+            return super().commit(**kwargs)
+
+    monkeypatch.setattr(captions, "AtomicFile", Checking)
+    assert write_caption(record(str(tmp_path / "img.png")), opts(existing="append")) == "appended"
+    assert held == [True]
+    with open(tmp_path / "img.txt", "rb") as after:  # released once done
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 # --- a full disk (hostile review: captions point 4) ----------------------------------------------------------
 
 
