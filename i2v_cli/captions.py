@@ -269,19 +269,25 @@ def find_collisions(paths: Iterable[StrPath], options: CaptionOptions) -> dict[P
     case are not reported. Raises CaptionError for an image outside ``root``.
     """
     folders: dict[str, str] = {}
-    images: dict[_Key, str] = {}  # the file -> its path as first given, in input order
+    names: dict[str, tuple[str, _Key]] = {}  # absolute name -> (the name as first given, its file), in input order
     for path in paths:
-        images.setdefault(_file_key(path, folders), os.fspath(path))
-    order = {image: i for i, image in enumerate(images.values())}
-    claims: dict[_Key, tuple[Path, set[str]]] = {}
-    for image in images.values():
-        dest = _dest(image, options)
-        claims.setdefault(_file_key(dest, folders), (dest, set()))[1].add(image)
+        full = _abs(path)
+        if full not in names:
+            names[full] = (os.fspath(path), _file_key(path, folders))
+    inputs: dict[_Key, str] = {}  # each input file -> its first name
+    for given, key in names.values():
+        inputs.setdefault(key, given)
+    order = {given: i for i, (given, _) in enumerate(names.values())}
+    claims: dict[_Key, tuple[Path, dict[str, _Key]]] = {}  # caption file -> (its path, {image name: image file})
+    for given, key in names.values():
+        dest = _dest(given, options)
+        claims.setdefault(_file_key(dest, folders), (dest, {}))[1][given] = key
     out: dict[Path, list[str]] = {}
-    for key, (dest, involved) in claims.items():
-        if key in images:  # the caption would replace an input image
-            involved.add(images[key])
-        if len(involved) > 1 or key in images:
+    for dest_key, (dest, involved) in claims.items():
+        replaced = inputs.get(dest_key)  # the caption would replace an input image
+        if replaced is not None:
+            involved.setdefault(replaced, dest_key)
+        if len(set(involved.values())) > 1 or replaced is not None:
             out[dest] = sorted(involved, key=order.__getitem__)
     return out
 

@@ -937,6 +937,13 @@ def test_the_same_image_by_two_names_is_not_a_collision(tmp_path):
     assert find_collisions([images[0], str(tmp_path / "l" / "a.png")], opts()) == {}
 
 
+def test_an_image_by_a_second_name_still_has_its_caption_checked(tmp_path):
+    images = _images(tmp_path, "a.png", "b.jpg")
+    (tmp_path / "b.png").symlink_to("a.png")
+    paths = [images[0], str(tmp_path / "b.png"), images[1]]
+    assert find_collisions(paths, opts()) == {tmp_path / "b.txt": paths[1:]}
+
+
 @pytest.mark.parametrize("existing", ["overwrite", "append"])
 def test_write_caption_never_replaces_the_image_through_a_link(tmp_path, existing):
     images = _images(tmp_path, "a.png")
