@@ -14,6 +14,7 @@ line checked and resolved, warnings returned), :func:`check_captions_dir`, and :
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import stat
@@ -25,9 +26,10 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from .atomic import AtomicFile, describe_oserror
-from .errors import CaptionError, OutputError
+from .atomic import AtomicFile, describe_oserror, same_file
+from .errors import CaptionError, OutputError, WriteError
 from .inputs import IMAGE_EXTENSIONS
+from .sniff import FOREIGN_KINDS, HEAD_BYTES, describe, sniff
 from .tags import closest_tags, tag_key
 
 #: What to do with a caption file that is already there.
@@ -78,6 +80,12 @@ class CaptionOptions:
         ext = check_extension(self.extension)
         if not self.separator:
             raise CaptionError("the caption separator is empty; tags would run together")
+        try:
+            self.separator.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CaptionError(
+                f"the caption separator {_show(self.separator)!r} is not UTF-8 text; caption files are UTF-8"
+            ) from None
         if not self.separator.strip() and "\n" not in self.separator and not self.underscores:
             raise CaptionError(
                 f"separator {self.separator!r} cannot be told from the spaces inside tags; add underscores"
@@ -220,34 +228,66 @@ def caption_path(image_path: StrPath, options: CaptionOptions) -> Path:
     under ``captions_dir`` at the image's path relative to ``root`` (``root/x/b.png`` -> ``captions_dir/x/b.txt``).
 
     Raises CaptionError for an image outside ``root`` (rather than flattening it, which could put two
-    images' captions in one file) and for a caption path that is the image itself.
+    images' captions in one file) and for a caption path that is the image itself (by name, or through a
+    symlink or hard link).
     """
     dest = _dest(image_path, options)
-    if _abs(dest) == _abs(image_path):
-        raise CaptionError(f"the caption of {os.fspath(image_path)} would be the image itself")
+    if _abs(dest) == _abs(image_path) or same_file(dest, image_path):
+        raise CaptionError(f"the caption of {_show(image_path)} would be the image itself")
     return dest
+
+
+_Key = tuple[Any, ...]
+
+
+def _file_key(path: StrPath, folders: dict[str, str]) -> _Key:
+    """What names one file however it is reached: its device and inode when it exists (through symlinks, and a
+    hard link is the same file), else the path with its folder's symlinks resolved (``folders`` caches them) or,
+    for a dangling symlink, the path it leads to (where a write through it would create the file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        pass
+    else:
+        return ("file", st.st_dev, st.st_ino)
+    full = _abs(path)
+    if os.path.islink(full):
+        return ("path", os.path.realpath(full))
+    parent, name = os.path.split(full)
+    if parent not in folders:
+        folders[parent] = os.path.realpath(parent)
+    return ("path", os.path.join(folders[parent], name))
 
 
 def find_collisions(paths: Iterable[StrPath], options: CaptionOptions) -> dict[Path, list[str]]:
     """Caption files that would be written for more than one image, or that are one of the images: each
-    with the images involved, in input order. The same image given twice is not a collision.
+    with the images involved, in input order. The same image given twice (by one name or two) is not a collision.
 
-    Paths compare as written, made absolute (not case-folded): on a case-insensitive file system, images
-    whose names differ only in case are not reported. Raises CaptionError for an image outside ``root``.
+    Files compare by device and inode when they exist, so a caption name that is a symlink or hard link to an
+    image counts as that image; a caption file not yet there compares by its path with symlinks resolved.
+    Names are not case-folded: on a case-insensitive file system, new captions whose names differ only in
+    case are not reported. Raises CaptionError for an image outside ``root``.
     """
-    images: dict[str, str] = {}  # absolute path -> the path as first given, in input order
+    folders: dict[str, str] = {}
+    names: dict[str, tuple[str, _Key]] = {}  # absolute name -> (the name as first given, its file), in input order
     for path in paths:
-        images.setdefault(_abs(path), os.fspath(path))
-    order = {image: i for i, image in enumerate(images.values())}
-    claims: dict[str, tuple[Path, set[str]]] = {}
-    for image in images.values():
-        dest = _dest(image, options)
-        claims.setdefault(_abs(dest), (dest, set()))[1].add(image)
+        full = _abs(path)
+        if full not in names:
+            names[full] = (os.fspath(path), _file_key(path, folders))
+    inputs: dict[_Key, str] = {}  # each input file -> its first name
+    for given, key in names.values():
+        inputs.setdefault(key, given)
+    order = {given: i for i, (given, _) in enumerate(names.values())}
+    claims: dict[_Key, tuple[Path, dict[str, _Key]]] = {}  # caption file -> (its path, {image name: image file})
+    for given, key in names.values():
+        dest = _dest(given, options)
+        claims.setdefault(_file_key(dest, folders), (dest, {}))[1][given] = key
     out: dict[Path, list[str]] = {}
-    for key, (dest, involved) in claims.items():
-        if key in images:  # the caption would replace an input image
-            involved.add(images[key])
-        if len(involved) > 1 or key in images:
+    for dest_key, (dest, involved) in claims.items():
+        replaced = inputs.get(dest_key)  # the caption would replace an input image
+        if replaced is not None:
+            involved.setdefault(replaced, dest_key)
+        if len(set(involved.values())) > 1 or replaced is not None:
             out[dest] = sorted(involved, key=order.__getitem__)
     return out
 
@@ -329,28 +369,112 @@ def _foreign_separator(text: str, options: CaptionOptions, new: Sequence[str]) -
     return None
 
 
-def _read_existing(dest: Path, options: CaptionOptions) -> tuple[bool, str | None]:
-    """Whether a file is at ``dest`` (through a symlink: a dangling one leads to none) and its text (None when
-    it is not UTF-8). CaptionError for a folder, a device or pipe (never read or replaced: captions go only to
-    regular files), a file that cannot be read, or, when appending, one that is not UTF-8 text."""
+@dataclass(frozen=True)
+class _Existing:
+    """What is at a caption path: whether a file is there (through a symlink: a dangling one leads to none), its
+    text (None when it is not UTF-8), its identity when read (:func:`i2v_cli.store.file_identity`'s fields), and,
+    when appending, the descriptor that holds its lock until the merge is in place (the caller closes it)."""
+
+    is_file: bool = False
+    text: str | None = None
+    identity: list[int] | None = None
+    lock: int | None = None
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _current_identity(dest: StrPath) -> list[int] | None:
     try:
-        st = os.stat(dest)
+        return _identity(os.stat(dest))
+    except OSError:
+        return None
+
+
+def _lock(fd: int, dest: Path) -> bool:
+    """Take the exclusive lock of the open caption file ``fd`` (waiting for another i2v merging into it), and say
+    whether ``dest`` still names that file: False when the other writer replaced it meanwhile (merge again). Where
+    the file system has no locks, the identity check at the rename is what remains."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # no locks here (some network file systems)
+        return True
+    held = os.fstat(fd)
+    try:
+        now = os.stat(dest)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _read_existing(dest: Path, options: CaptionOptions) -> _Existing | None:
+    """The file at ``dest``; None when appending and another writer replaced it while this one waited for its lock.
+    CaptionError for a folder, a device or pipe (never read or replaced: captions go only to regular files), a file
+    that cannot be read, one whose content is an image, a database, weights or an archive
+    (:data:`i2v_cli.sniff.FOREIGN_KINDS`: a caption name that is a link to such a file must never replace it), or,
+    when appending, one that is not UTF-8 text."""
+    try:
+        fd = os.open(dest, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False, None  # a dangling symbolic link: written through, creating the file it names
-    if stat.S_ISDIR(st.st_mode):
-        raise CaptionError(f"cannot write {_show(dest)}: it is a folder")
-    if not stat.S_ISREG(st.st_mode):
-        raise CaptionError(f"cannot write {_show(dest)}: not a regular file (a device, pipe or socket)")
-    try:
-        data = dest.read_bytes()
+        return _Existing()  # a dangling symbolic link: written through, creating the file it names
     except OSError as exc:
         raise CaptionError(f"cannot read {_show(dest)}: {exc.strerror or exc}") from None
     try:
-        return True, data.decode("utf-8")
+        read = _read_open(fd, dest, options)
+    except BaseException:
+        os.close(fd)
+        raise
+    if read is None or options.existing != "append":
+        os.close(fd)  # the lock of an appended file is held until its merge is in place
+        if read is None:
+            return None
+    text, identity = read
+    return _Existing(True, text, identity, fd if options.existing == "append" else None)
+
+
+def _read_open(fd: int, dest: Path, options: CaptionOptions) -> tuple[str | None, list[int]] | None:
+    """:func:`_read_existing` on the open file: its text and identity, or None (replaced while waiting for its
+    lock)."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            what = "it is a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, pipe or socket)"
+            raise CaptionError(f"cannot write {_show(dest)}: {what}")
+        head = os.read(fd, HEAD_BYTES)
+        kind = sniff(head)
+        if kind in FOREIGN_KINDS:
+            raise CaptionError(
+                f"{_show(dest)} holds something else ({describe(kind)}), not a caption: it is left as it is "
+                "(remove it, or choose another caption extension or folder)"
+            )
+        if options.existing == "append":
+            if not _lock(fd, dest):
+                return None
+            os.lseek(fd, 0, os.SEEK_SET)  # read again under the lock: another writer may have changed it
+            data = _read_all(fd)
+        else:
+            data = head + _read_all(fd)
+        identity = _identity(os.fstat(fd))
+    except OSError as exc:
+        raise CaptionError(f"cannot read {_show(dest)}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8"), identity
     except UnicodeDecodeError:
         if options.existing == "append":
             raise CaptionError(f"{_show(dest)}: the caption file there is not UTF-8 text; not appending") from None
-        return True, None
+        return None, identity
 
 
 def _appended(old: str, new: Sequence[str], options: CaptionOptions, dest: Path) -> str:
@@ -368,6 +492,12 @@ def _appended(old: str, new: Sequence[str], options: CaptionOptions, dest: Path)
     return (body + options.separator if body else "") + options.separator.join(new) + "\n"
 
 
+#: Merges of one caption file tried while another writer keeps changing it (``append``).
+MERGE_TRIES = 5
+#: Errors of a write that say the file system itself cannot take more (not this one file): the run stops.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
+
+
 def write_caption(record: Mapping[str, Any], options: CaptionOptions) -> Outcome:
     """Write one record's caption file (UTF-8, a trailing newline; an empty file for no tags), atomically.
 
@@ -375,9 +505,14 @@ def write_caption(record: Mapping[str, Any], options: CaptionOptions) -> Outcome
     already held exactly this, or every tag when appending), ``skipped`` (a file was there, policy ``skip``,
     or one appeared there while this one was written), or ``failed`` for an error record, which gets no file.
     A caption path that is a symlink is written through (the link stays, its target gets the text). Folders
-    under ``captions_dir`` are created. Raises CaptionError when a file cannot be read or written, is not a
-    regular file, when a tag holds the separator (:func:`unreadable_tags`), or when appending to a file that
-    seems to use another separator (appending would repeat its tags).
+    under ``captions_dir`` are created. When appending, a file that another writer changed between the read and
+    the rename is read and merged again (:data:`MERGE_TRIES` times), so that no writer's tags are lost.
+
+    Raises CaptionError when a file cannot be read or written, is not a regular file, is the image itself or
+    holds something other than text (an image, a database, ...: never replaced), when a tag holds the separator
+    (:func:`unreadable_tags`), when appending to a file that seems to use another separator (appending would
+    repeat its tags) or that other writers kept changing; WriteError when the disk refuses the write (full, an
+    I/O error): the caller stops there, as every other caption would fail the same way.
     """
     if "error" in record:
         return "failed"
@@ -393,35 +528,68 @@ def write_caption(record: Mapping[str, Any], options: CaptionOptions) -> Outcome
                 f"{_show(dest)}: the separator {options.separator!r} occurs in the tag(s) "
                 f"{', '.join(map(repr, unreadable))}; the caption could not be split back into its tags"
             )
-        is_file, old = _read_existing(dest, options) if exists else (False, None)
-        outcome: Outcome
-        if old is not None and options.existing == "append":
-            present = {tag_key(t) for t in parse_caption(old, options.separator)}
-            new = [t for t in tags if tag_key(t) not in present]
-            if not new:
-                return "unchanged"
-            content = _appended(old, new, options, dest)
-            outcome = "appended"
-        else:
-            text = options.separator.join(tags)
-            content = text + "\n" if text else ""
-            if old == content:
-                return "unchanged"
-            outcome = "overwritten" if is_file else "written"
-        if options.captions_dir is not None:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-        # Where no file was, only a new one is put in place: one that appeared meanwhile is left alone.
-        f = AtomicFile(dest, exclusive=not is_file)
-        try:
-            f.stream.write(content.encode("utf-8"))
-        except BaseException:
-            f.discard()
-            raise
-        return outcome if f.commit() else "skipped"
+        for _ in range(MERGE_TRIES):
+            outcome = _write_once(dest, tags, options)
+            if outcome is not None:
+                return outcome
+        raise CaptionError(
+            f"{_show(dest)}: another program kept changing the caption file while its tags were merged "
+            f"({MERGE_TRIES} tries); left as it is"
+        )
+    except WriteError:
+        raise
     except OutputError as exc:
         raise CaptionError(str(exc)) from None
     except OSError as exc:
+        if exc.errno in _DISK_ERRNOS:
+            raise WriteError(describe_oserror(dest, exc)) from None
         raise CaptionError(describe_oserror(dest, exc)) from None
+
+
+def _write_once(dest: Path, tags: Sequence[str], options: CaptionOptions) -> Outcome | None:
+    """One read-merge-write of a caption file; None when, appending, another writer changed (or created) the file
+    meanwhile and nothing was written: the caller merges again."""
+    old = _read_existing(dest, options) if os.path.lexists(dest) else _Existing()
+    if old is None:
+        return None
+    try:
+        return _merge_and_write(dest, tags, options, old)
+    finally:
+        if old.lock is not None:
+            os.close(old.lock)  # releases the lock, once the merge is in place (or was dropped)
+
+
+def _merge_and_write(dest: Path, tags: Sequence[str], options: CaptionOptions, old: _Existing) -> Outcome | None:
+    """The caption of ``tags`` merged with (or replacing) ``old`` and put in place; None as in :func:`_write_once`."""
+    outcome: Outcome
+    if old.text is not None and options.existing == "append":
+        present = {tag_key(t) for t in parse_caption(old.text, options.separator)}
+        new = [t for t in tags if tag_key(t) not in present]
+        if not new:
+            return "unchanged"
+        content = _appended(old.text, new, options, dest)
+        outcome = "appended"
+    else:
+        text = options.separator.join(tags)
+        content = text + "\n" if text else ""
+        if old.text == content:
+            return "unchanged"
+        outcome = "overwritten" if old.is_file else "written"
+    if options.captions_dir is not None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    # Where no file was, only a new one is put in place: one that appeared meanwhile is left alone (merged with,
+    # when appending). Appending to a file puts the merge in place only if the file is still the one read.
+    appending = options.existing == "append"
+    unless_changed = (lambda: _current_identity(dest) == old.identity) if appending and old.is_file else None
+    f = AtomicFile(dest, exclusive=not old.is_file)
+    try:
+        f.stream.write(content.encode("utf-8"))
+    except BaseException:
+        f.discard()
+        raise
+    if f.commit(unless_changed=unless_changed):
+        return outcome
+    return None if appending else "skipped"
 
 
 def check_captions_dir(options: CaptionOptions | None) -> None:

@@ -78,7 +78,9 @@ class FeatureRecords:
 
 class CaptionSink(Sink):
     """A caption file per tag record (:func:`i2v_cli.captions.write_caption`); counts what happened to each,
-    and keeps the failures (``errors``: path, message) for the caller to report."""
+    and keeps the failures (``errors``: path, message) for the caller to report. A WriteError (a full disk) is
+    not one image's failure: it is raised, and the run stops there. Put it before the records' sink in a
+    :class:`~i2v_cli.writers.Tee`, so that a record is written only once its caption is."""
 
     def __init__(self, options: CaptionOptions) -> None:
         self.options = options

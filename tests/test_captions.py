@@ -506,9 +506,9 @@ def _appearing(monkeypatch, text):
     import i2v_cli.captions as captions
 
     class Racing(captions.AtomicFile):
-        def commit(self):
+        def commit(self, **kwargs):
             self.target.write_text(text)
-            return super().commit()
+            return super().commit(**kwargs)
 
     monkeypatch.setattr(captions, "AtomicFile", Racing)
 
@@ -881,3 +881,209 @@ def test_request_checks_collisions_and_outputs(tmp_path):
         caption_request({**DEFAULTS, "captions": True}, ["a.png"], outputs=["a.txt"])
     with pytest.raises(CaptionError, match=r"caption extension \.txt\.png ends in \.png"):
         request(captions=True, caption_ext=".txt.png")
+
+
+# --- links to images, foreign files (hostile review: captions point 1) --------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
+
+
+def _images(tmp_path: Path, *names: str) -> list[str]:
+    for name in names:
+        (tmp_path / name).write_bytes(PNG)
+    return [str(tmp_path / n) for n in names]
+
+
+@pytest.mark.parametrize("link_to", ["a.png", "b.png"])
+def test_a_caption_symlink_to_an_input_is_a_collision(tmp_path, link_to):
+    images = _images(tmp_path, "a.png", "b.png")
+    (tmp_path / "a.txt").symlink_to(link_to)
+    collisions = find_collisions(images, opts())
+    assert collisions == {tmp_path / "a.txt": sorted({images[0], str(tmp_path / link_to)})}
+    with pytest.raises(CaptionError, match="would serve more than one image or replace an image"):
+        check_collisions(images, opts(existing="overwrite"))
+
+
+def test_a_caption_hard_link_to_an_input_is_a_collision(tmp_path):
+    images = _images(tmp_path, "a.png", "b.png")
+    os.link(tmp_path / "b.png", tmp_path / "a.txt")
+    assert find_collisions(images, opts()) == {tmp_path / "a.txt": images}
+
+
+def test_a_captions_dir_link_to_an_input_is_a_collision(tmp_path):
+    (tmp_path / "rp").mkdir()
+    images = _images(tmp_path / "rp", "a.png")
+    (tmp_path / "caps").mkdir()
+    (tmp_path / "caps" / "a.txt").symlink_to(tmp_path / "rp" / "a.png")
+    options = opts(captions_dir=tmp_path / "caps", root=tmp_path / "rp", existing="overwrite")
+    with pytest.raises(CaptionError, match="replace an image"):
+        check_collisions(images, options)
+
+
+def test_captions_in_a_linked_folder_collide_by_their_real_path(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").symlink_to("x")
+    images = _images(tmp_path / "x", "a.png")
+    (tmp_path / "x" / "a.jpg").write_bytes(PNG)
+    # y/a.jpg and x/a.png: different images (one a jpg), captions y/a.txt and x/a.txt: one file.
+    assert find_collisions([images[0], str(tmp_path / "y" / "a.jpg")], opts()) == {
+        tmp_path / "x" / "a.txt": [images[0], str(tmp_path / "y" / "a.jpg")]
+    }
+
+
+def test_the_same_image_by_two_names_is_not_a_collision(tmp_path):
+    images = _images(tmp_path, "a.png")
+    (tmp_path / "l").symlink_to(".")
+    assert find_collisions([images[0], str(tmp_path / "l" / "a.png")], opts()) == {}
+
+
+def test_an_image_by_a_second_name_still_has_its_caption_checked(tmp_path):
+    images = _images(tmp_path, "a.png", "b.jpg")
+    (tmp_path / "b.png").symlink_to("a.png")
+    paths = [images[0], str(tmp_path / "b.png"), images[1]]
+    assert find_collisions(paths, opts()) == {tmp_path / "b.txt": paths[1:]}
+
+
+@pytest.mark.parametrize("existing", ["overwrite", "append"])
+def test_write_caption_never_replaces_the_image_through_a_link(tmp_path, existing):
+    images = _images(tmp_path, "a.png")
+    (tmp_path / "a.txt").symlink_to("a.png")
+    with pytest.raises(CaptionError, match="would be the image itself"):
+        write_caption(record(images[0]), opts(existing=existing))
+    assert (tmp_path / "a.png").read_bytes() == PNG
+
+
+@pytest.mark.parametrize("existing", ["overwrite", "append"])
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [(PNG, "PNG"), (b"SQLite format 3\x00" + bytes(100), "SQLite"), (b"\xff\xd8\xff\xe0" + bytes(60), "JPEG")],
+    ids=["png", "sqlite", "jpeg"],
+)
+def test_a_caption_file_holding_an_image_or_database_is_never_replaced(tmp_path, existing, content, kind):
+    (tmp_path / "other.bin").write_bytes(content)
+    (tmp_path / "a.txt").symlink_to("other.bin")
+    with pytest.raises(
+        CaptionError, match=rf"a\.txt holds something else \({kind}.*\), not a caption: it is left as it is"
+    ):
+        write_caption(record(str(tmp_path / "a.png")), opts(existing=existing))
+    assert (tmp_path / "other.bin").read_bytes() == content
+    assert (tmp_path / "a.txt").is_symlink()
+
+
+# --- two writers appending at once (hostile review: captions point 3) ---------------------------------------
+
+
+def _changing(monkeypatch, times: int, text: str = "theirs") -> list[int]:
+    """Make another writer replace each caption file (a new inode, as a rename does) just before the first
+    ``times`` commits of this one; returns the count of commits tried."""
+    import i2v_cli.captions as captions
+
+    tried = [0]
+
+    class Racing(captions.AtomicFile):
+        def commit(self, **kwargs):
+            tried[0] += 1
+            if tried[0] <= times:
+                other = self.target.with_name("other-writer")
+                other.write_text(f"{text}{tried[0]}\n")
+                os.replace(other, self.target)
+            return super().commit(**kwargs)
+
+    monkeypatch.setattr(captions, "AtomicFile", Racing)
+    return tried
+
+
+def test_append_merges_again_when_another_writer_got_there_first(tmp_path, monkeypatch):
+    (tmp_path / "img.txt").write_text("mine\n")
+    tried = _changing(monkeypatch, 2)
+    assert write_caption(record(str(tmp_path / "img.png")), opts(existing="append")) == "appended"
+    assert tried[0] == 3
+    assert (tmp_path / "img.txt").read_text() == "theirs2, 1girl, hatsune miku, long hair, vocaloid, solo\n"
+
+
+def test_append_where_a_file_appears_meanwhile_merges_with_it(tmp_path, monkeypatch):
+    _changing(monkeypatch, 1)
+    assert write_caption(record(str(tmp_path / "img.png")), opts(existing="append")) == "appended"
+    assert (tmp_path / "img.txt").read_text() == "theirs1, 1girl, hatsune miku, long hair, vocaloid, solo\n"
+
+
+def test_append_gives_up_on_a_file_that_keeps_changing(tmp_path, monkeypatch):
+    import i2v_cli.captions as captions
+
+    (tmp_path / "img.txt").write_text("mine\n")
+    _changing(monkeypatch, 100)
+    with pytest.raises(CaptionError, match=rf"kept changing .* \({captions.MERGE_TRIES} tries\); left as it is"):
+        write_caption(record(str(tmp_path / "img.png")), opts(existing="append"))
+    assert (tmp_path / "img.txt").read_text() == f"theirs{captions.MERGE_TRIES}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.txt"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock")
+def test_append_holds_the_lock_of_the_file_until_the_merge_is_in_place(tmp_path, monkeypatch):
+    """Another i2v appending waits for the lock: a check of the file's identity just before the rename cannot
+    close the window between the check and the rename on its own (one caption in 600 lost tags)."""
+    import fcntl
+
+    import i2v_cli.captions as captions
+
+    (tmp_path / "img.txt").write_text("mine\n")
+    held = []
+
+    class Checking(captions.AtomicFile):
+        def commit(self, **kwargs):
+            with open(self.target, "rb") as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held.append(True)
+                else:
+                    held.append(False)
+            return super().commit(**kwargs)
+
+    monkeypatch.setattr(captions, "AtomicFile", Checking)
+    assert write_caption(record(str(tmp_path / "img.png")), opts(existing="append")) == "appended"
+    assert held == [True]
+    with open(tmp_path / "img.txt", "rb") as after:  # released once done
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# --- a full disk (hostile review: captions point 4) ----------------------------------------------------------
+
+
+def test_a_full_disk_is_a_write_error_not_a_caption_error(tmp_path, monkeypatch):
+    import errno
+
+    from i2v_cli.errors import WriteError
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(WriteError, match=r"img\.txt: No space left on device"):
+        write_caption(record(str(tmp_path / "img.png")), opts())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_caption_sink_stops_at_a_write_error(tmp_path, monkeypatch):
+    import errno
+
+    from i2v_cli.errors import WriteError
+    from i2v_cli.pipeline import CaptionSink
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    sink = CaptionSink(opts())
+    with pytest.raises(WriteError):
+        sink.write([record(str(tmp_path / "a.png")), record(str(tmp_path / "b.png"))])
+    assert sink.errors == [] and list(tmp_path.iterdir()) == []
+
+
+# --- separators (hostile review: captions point 5) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("separator", ["\udcff", ", \udc80"])
+def test_a_separator_that_is_not_utf8_is_refused(separator):
+    with pytest.raises(CaptionError, match=r"the caption separator .* is not UTF-8 text"):
+        opts(separator=separator)

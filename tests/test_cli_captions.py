@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -182,3 +183,98 @@ def test_skip_existing_does_not_run_images_whose_captions_exist(dataset, tag_wei
     assert "broken.png" not in result.stderr
     assert "1 written" in result.stderr and "2 skipped" in result.stderr
     assert (dataset / "a" / "broken.txt").read_text() == "kept\n"
+
+
+# --- hostile review of captions ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("link_to", ["one.png", "other.png"])
+def test_a_caption_that_links_to_an_input_is_refused_before_the_network_runs(dataset, tag_weights, link_to):
+    shutil.copy(dataset / "a" / "one.png", dataset / "a" / "other.png")
+    (dataset / "a" / "one.txt").symlink_to(link_to)
+    before = (dataset / "a" / link_to).read_bytes()
+    result = tag(dataset / "a", "--captions", "--overwrite", "-o", dataset / "out.jsonl", weights=tag_weights)
+    assert result.exit_code == 2, result.stderr
+    assert "caption file(s) would serve more than one image or replace an image" in result.stderr
+    assert (dataset / "a" / link_to).read_bytes() == before
+    assert not (dataset / "out.jsonl").exists()
+
+
+def test_a_captions_dir_entry_that_links_to_an_input_is_refused(dataset, tag_weights, tmp_path):
+    (tmp_path / "caps").mkdir()
+    (tmp_path / "caps" / "one.txt").symlink_to(dataset / "a" / "one.png")
+    before = (dataset / "a" / "one.png").read_bytes()
+    result = tag(dataset / "a", "--captions-dir", tmp_path / "caps", "--overwrite", weights=tag_weights)
+    assert result.exit_code == 2, result.stderr
+    assert "replace an image" in result.stderr
+    assert (dataset / "a" / "one.png").read_bytes() == before
+
+
+def test_a_caption_that_links_to_another_image_fails_that_image_only(dataset, tag_weights, tmp_path):
+    shutil.copy(dataset / "a" / "one.png", tmp_path / "not-an-input.png")
+    (dataset / "a" / "one.txt").symlink_to(tmp_path / "not-an-input.png")
+    before = (tmp_path / "not-an-input.png").read_bytes()
+    result = tag(dataset, "-r", "--captions", "--append", weights=tag_weights)
+    assert result.exit_code == 1, result.stderr
+    assert "one.txt holds something else (PNG), not a caption: it is left as it is" in result.stderr
+    assert (tmp_path / "not-an-input.png").read_bytes() == before
+    assert (dataset / "b" / "two.txt").exists()
+    assert "1 written" in result.stderr
+
+
+def test_records_reach_the_output_only_after_their_captions(dataset, tag_weights, golden, monkeypatch):
+    """A run stopped while writing a batch's captions (SIGTERM) records none of that batch, so --resume
+    captions every image."""
+    import signal
+
+    import i2v_cli.pipeline as pipeline
+    from i2v_cli.errors import Interrupted
+
+    for i in range(2, 4):
+        shutil.copy(golden / "images" / "sq" / f"img00{i - 2}.png", dataset / "a" / f"img{i}.png")
+    real, calls = pipeline.write_caption, [0]
+
+    def killed_at_the_third(record, options):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise Interrupted(signal.SIGTERM)
+        return real(record, options)
+
+    out = dataset / "out.jsonl"
+    monkeypatch.setattr(pipeline, "write_caption", killed_at_the_third)
+    result = tag(dataset / "a", "--captions", "-b", "2", "-o", out, weights=tag_weights)
+    assert result.exit_code == 128 + signal.SIGTERM, result.stderr
+    recorded = [json.loads(line)["path"] for line in out.read_text().splitlines()]
+    assert len(recorded) == 2 and all(os.path.exists(os.path.splitext(p)[0] + ".txt") for p in recorded)
+    monkeypatch.setattr(pipeline, "write_caption", real)
+    result = tag(dataset / "a", "--captions", "-b", "2", "-o", out, "--resume", weights=tag_weights)
+    assert result.exit_code == 0, result.stderr
+    assert len(list((dataset / "a").glob("*.txt"))) == 3
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_the_captions_of_a_batch_are_written_before_its_records_fail(dataset, tag_weights):
+    result = tag(dataset, "-r", "--captions", "-b", "1", "-o", "/dev/full", "-f", "jsonl", weights=tag_weights)
+    assert result.exit_code == 3, result.stderr
+    assert (dataset / "a" / "one.txt").exists() and not (dataset / "b" / "two.txt").exists()
+
+
+def test_a_full_disk_stops_at_the_first_caption(dataset, tag_weights, monkeypatch):
+    import errno
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    result = tag(dataset, "-r", "--captions", "-b", "1", weights=tag_weights)
+    assert result.exit_code == 3, result.stderr
+    assert result.stderr.count("No space left on device") == 1
+    assert "one.txt: No space left on device (free some space, or write elsewhere)" in result.stderr
+    assert "Traceback" not in result.stderr and not list(dataset.rglob("*.txt"))
+
+
+def test_a_separator_that_is_not_utf8_is_refused_up_front(dataset, tag_weights):
+    result = tag(dataset, "-r", "--captions", "--caption-sep", "\udcff", weights=tag_weights)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.strip().endswith("is not UTF-8 text; caption files are UTF-8")
+    assert "Traceback" not in result.stderr and not list(dataset.rglob("*.txt"))

@@ -285,7 +285,9 @@ def tag(
                 model,
                 todo,
                 records=TagRecords(tags, selection, exclude),
-                sink=Tee(writer, caption_sink),
+                # Captions first: a record reaches -o only once its image's caption is written (or failed), so
+                # that --resume after a kill, which skips the recorded images, leaves none without its caption.
+                sink=Tee(caption_sink, writer),
                 batch_size=batch_size,
                 workers=default_workers(model) if workers is None else workers,
                 net=net,
