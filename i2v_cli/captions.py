@@ -423,7 +423,8 @@ def _read_existing(dest: Path, options: CaptionOptions) -> _Existing | None:
     """The file at ``dest``; None when appending and another writer replaced it while this one waited for its lock.
     CaptionError for a folder, a device or pipe (never read or replaced: captions go only to regular files), a file
     that cannot be read, one whose content is an image, a database, weights or an archive
-    (:data:`i2v_cli.sniff.FOREIGN_KINDS`: a caption name that is a link to such a file must never replace it), or,
+    (:data:`i2v_cli.sniff.FOREIGN_KINDS`: a caption name that is a link to such a file must never replace it) or
+    other binary data (a NUL byte in its first bytes: text in a legacy 8-bit encoding is still replaced), or,
     when appending, one that is not UTF-8 text."""
     try:
         fd = os.open(dest, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -454,9 +455,10 @@ def _read_open(fd: int, dest: Path, options: CaptionOptions) -> tuple[str | None
             raise CaptionError(f"cannot write {_show(dest)}: {what}")
         head = os.read(fd, HEAD_BYTES)
         kind = sniff(head)
-        if kind in FOREIGN_KINDS:
+        if kind in FOREIGN_KINDS or (b"\0" in head and kind != "text"):  # binary data of a kind with no name too
+            what = describe(kind) if kind in FOREIGN_KINDS else "binary data"
             raise CaptionError(
-                f"{_show(dest)} holds something else ({describe(kind)}), not a caption: it is left as it is "
+                f"{_show(dest)} holds something else ({what}), not a caption: it is left as it is "
                 "(remove it, or choose another caption extension or folder)"
             )
         if options.existing == "append":

@@ -956,8 +956,13 @@ def test_write_caption_never_replaces_the_image_through_a_link(tmp_path, existin
 @pytest.mark.parametrize("existing", ["overwrite", "append"])
 @pytest.mark.parametrize(
     ("content", "kind"),
-    [(PNG, "PNG"), (b"SQLite format 3\x00" + bytes(100), "SQLite"), (b"\xff\xd8\xff\xe0" + bytes(60), "JPEG")],
-    ids=["png", "sqlite", "jpeg"],
+    [
+        (PNG, "PNG"),
+        (b"SQLite format 3\x00" + bytes(100), "SQLite"),
+        (b"\xff\xd8\xff\xe0" + bytes(60), "JPEG"),
+        (b"\x00\x00\x01\x00\x01\x00\x10\x10" + bytes(40), "binary data"),
+    ],  # an ICO: no name in the sniffer
+    ids=["png", "sqlite", "jpeg", "ico"],
 )
 def test_a_caption_file_holding_an_image_or_database_is_never_replaced(tmp_path, existing, content, kind):
     (tmp_path / "other.bin").write_bytes(content)
