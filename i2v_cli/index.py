@@ -123,42 +123,38 @@ class DamagedIndexError(IndexDbError):
     another tool, a damaged disk)."""
 
 
+def _damaged(what: str, detail: str) -> DamagedIndexError:
+    """The one message for damage, whatever was damaged."""
+    return DamagedIndexError(
+        f"the index holds a damaged {what} ({detail}): it was changed by something other than i2v; index the "
+        "folders again into a new --db"
+    )
+
+
 def stored(blob: object, what: str, length: int | None = None, dtype: str = "<f4", width: int = 0) -> np.ndarray:
     """The array a BLOB of the index holds, checked: ``length`` values when given, else a whole number of them
     (of rows of ``width`` when given, reshaped so). Anything else raises :class:`DamagedIndexError`, one line
     for the user instead of numpy's ``ValueError`` from wherever the BLOB was read."""
+    if not isinstance(blob, bytes):
+        raise _damaged(what, f"a {type(blob).__name__}, not a BLOB")
     size = np.dtype(dtype).itemsize
-    count, rest = divmod(len(blob), size) if isinstance(blob, bytes) else (-1, 0)
-    if count < 0 or rest or (length is not None and count != length) or (width and count % width):
+    count, rest = divmod(len(blob), size)
+    if rest or (length is not None and count != length) or (width and count % width):
         want = f"{length:,} values" if length is not None else f"rows of {width:,} values" if width else "whole values"
-        what_is = (
-            f"{len(blob):,} bytes, not {want} of {size} bytes"
-            if isinstance(blob, bytes)
-            else f"a {type(blob).__name__}, not a BLOB"
-        )
-        raise DamagedIndexError(
-            f"the index holds a damaged {what} ({what_is}): it was changed by something other than i2v; "
-            "index the folders again into a new --db"
-        )
-    array = np.frombuffer(blob, dtype)  # type: ignore[call-overload]
+        raise _damaged(what, f"{len(blob):,} bytes, not {want} of {size} bytes")
+    array = np.frombuffer(blob, dtype)
     return array.reshape(-1, width) if width else array
 
 
 def stored_name(value: object, what: str = "path") -> str:
     """A path stored in the index (a BLOB of its bytes) as ``os`` takes it; anything else is damage."""
     if not isinstance(value, bytes):
-        raise DamagedIndexError(
-            f"the index holds a damaged {what} (a {type(value).__name__}, not a BLOB): it was changed by something "
-            "other than i2v; index the folders again into a new --db"
-        )
+        raise _damaged(what, f"a {type(value).__name__}, not a BLOB")
     return os.fsdecode(value)
 
 
 def _damaged_meta(key: str, value: str) -> DamagedIndexError:
-    return DamagedIndexError(
-        f"the index's {key} record is damaged ({value[:60]!r}): it was changed by something other than i2v; index "
-        "the folders again into a new --db"
-    )
+    return _damaged(f"{key} record", repr(value[:60]))
 
 
 def stored_rows(blobs: Sequence[object], what: str, width: int | None) -> np.ndarray:
@@ -526,8 +522,10 @@ class Index:
         rows = self.conn.execute("SELECT path, id, size, mtime_ns, sha256, error IS NOT NULL FROM images")
         known = {}
         for p, i, s, m, h, f in rows:
-            if not isinstance(p, bytes) or not isinstance(h, bytes):
-                stored_name(p) if not isinstance(p, bytes) else stored_name(h, "content hash")
+            if not isinstance(p, bytes):
+                stored_name(p)  # raises: the path is damaged
+            if not isinstance(h, bytes):
+                stored_name(h, "content hash")
             known[p] = (i, s, m, h, bool(f))
         return known
 

@@ -2,7 +2,7 @@
 
 Used to say "a text file, not an image" or "a HEIC image, but Pillow has no HEIC decoder" instead of a
 library's vague error, and to tell weight formats apart by content rather than by name. Pure function of
-the bytes given (:func:`sniff`), plus one reader of a file's first bytes that never blocks (:func:`sniff_file`).
+the bytes given (:func:`sniff`), plus one reader of a file's first bytes that never blocks (:func:`read_head`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ __all__ = [
     "is_text",
     "read_head",
     "sniff",
-    "sniff_file",
 ]
 
 #: How many bytes from the start of a file :func:`sniff` wants. Fewer work (a short file is whole), but
@@ -154,12 +153,6 @@ def read_head(path: str) -> bytes | None:
         return None
     finally:
         os.close(fd)
-
-
-def sniff_file(path: str) -> str | None:
-    """:func:`sniff` of the regular file at ``path`` (see :func:`read_head`); None when it cannot be read."""
-    head = read_head(path)
-    return None if head is None else sniff(head)
 
 
 def describe(kind: str) -> str:

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from i2v_cli.sniff import FOREIGN_KINDS, HEAD_BYTES, IMAGE_KINDS, KINDS, describe, sniff, sniff_file
+from i2v_cli.sniff import FOREIGN_KINDS, HEAD_BYTES, IMAGE_KINDS, KINDS, describe, read_head, sniff
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 
@@ -101,8 +101,8 @@ def test_sqlite_databases_and_files_read_without_blocking(tmp_path):
     with sqlite3.connect(tmp_path / "a.db") as db:
         db.execute("CREATE TABLE t (x)")
     db.close()
-    assert sniff_file(str(tmp_path / "a.db")) == "sqlite" and "sqlite" in FOREIGN_KINDS
+    assert sniff(read_head(str(tmp_path / "a.db"))) == "sqlite" and "sqlite" in FOREIGN_KINDS
     os.mkfifo(tmp_path / "fifo")  # opening it for reading would block without O_NONBLOCK
-    assert sniff_file(str(tmp_path / "fifo")) is None
-    assert sniff_file(str(tmp_path)) is None and sniff_file(str(tmp_path / "missing")) is None
+    assert read_head(str(tmp_path / "fifo")) is None
+    assert read_head(str(tmp_path)) is None and read_head(str(tmp_path / "missing")) is None
     assert not {"text", "npy", "empty", "unknown"} & FOREIGN_KINDS  # what i2v writes, or might have
