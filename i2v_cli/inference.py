@@ -384,25 +384,56 @@ def _export_bytes(model: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-#: Rows of ``encode1``'s weight per panel of :class:`PackedEncode1`'s layout.
+#: Rows of ``encode1``'s weight per panel of :class:`PackedEncode1`'s portable layout.
 ENCODE1_PANEL = 32
 
 
-class PackedEncode1(nn.Module):
-    """``encode1`` (``flat @ weight.T + bias``) with its weight held in panels of :data:`ENCODE1_PANEL` rows,
-    (out / P, in, P), in place of the row-major matrix: the product then reads the 800 MB weight once, in order.
+def _onednn_encode1(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` (out, in) reordered into oneDNN's layout for its matrix product, or None where this torch has no
+    such operators, the weight is not a float32 CPU tensor, or oneDNN computes something else on a probe."""
+    ops = torch.ops.mkldnn
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
+        return None
+    try:
+        packed = ops._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
+        # A private operator is trusted only once seen to agree: a probe against the plain product of a few rows.
+        probe = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        rows = sorted({0, weight.shape[0] // 2, weight.shape[0] - 1})
+        with fp32_mode("ieee"):
+            got = ops._linear_pointwise(probe, packed, None, "none", [], "")[:, rows]
+        want = probe.double() @ weight[rows].double().T
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):  # what a private operator raises
+        return None
+    tolerance = 1e-4 * max(1.0, float(want.abs().max()))
+    return packed if got.shape == want.shape and torch.allclose(got.double(), want, atol=tolerance, rtol=1e-4) else None
 
-    At batch 8 on a 2-core CPU (bench ``scratch``, real shape 4096 x 50176) it took 40.6 ms, as fast as ONNX
-    Runtime's own pre-packed weight (40.7 ms), where the row-major weight took 61.5 ms in torch and 78-93 ms fed to
-    ONNX Runtime; panels of 8, 16 and 128 rows took 59, 46 and 43 ms. Same sums to rounding (5e-7 relative).
-    The weight is held once: :func:`pack_encode1` swaps it for the model's ``nn.Linear``."""
+
+class PackedEncode1(nn.Module):
+    """``encode1`` (``flat @ weight.T + bias``) with its 800 MB weight held once, in the layout the CPU's fastest
+    product reads: oneDNN's reordered weight where this torch has the operators (checked on a probe), else panels of
+    :data:`ENCODE1_PANEL` rows, (out / P, in, P), which any torch and device multiply in order.
+
+    At batch 8 on a 2-core CPU (real shape 4096 x 50176, ``bench/encode1.py``): oneDNN's layout 26-31 ms, ONNX
+    Runtime's own pre-packed copy 35 ms, the panels 55-63 ms, the row-major matrix in torch 98 ms. Same sums to
+    rounding (about 5e-7 relative). :func:`pack_encode1` swaps it for the model's ``nn.Linear``; its state dict
+    is ``nn.Linear``'s, so a packed model saves, copies and loads as the plain one does."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         out, width = linear.weight.shape
-        self.register_buffer("packed", self._panels(linear.weight.detach()))
-        self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = width, out
+        self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("packed", torch.empty(0))
+        self.layout = "panels"
+        self._pack(linear.weight.detach())
+
+    def _pack(self, weight: torch.Tensor) -> None:
+        """Hold the (out, in) ``weight`` in the fastest layout available for it (see the class)."""
+        onednn = _onednn_encode1(weight)
+        self.layout = "onednn" if onednn is not None else "panels"
+        self.packed = onednn if onednn is not None else self._panels(weight)
 
     @staticmethod
     def _panels(weight: torch.Tensor) -> torch.Tensor:
@@ -416,6 +447,12 @@ class PackedEncode1(nn.Module):
     def forward(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat @ weight.T + bias`` for (..., in) -> (..., out), as ``nn.Linear`` (an empty batch included)."""
         lead = flat.shape[:-1]
+        if self.layout == "onednn":
+            rows = flat.reshape(-1, self.in_features).to(torch.float32).contiguous()
+            if len(rows) == 0:
+                return self.bias.new_empty(*lead, self.out_features)
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+            return out.reshape(*lead, self.out_features)
         rows = flat.reshape(-1, self.in_features).to(self.packed.dtype)
         panels = torch.matmul(rows, self.packed)  # (out / P, N, P)
         out = panels.permute(1, 0, 2).reshape(len(rows), self.packed.shape[0] * ENCODE1_PANEL)[:, : self.out_features]
@@ -423,6 +460,8 @@ class PackedEncode1(nn.Module):
 
     def unpacked_weight(self) -> torch.Tensor:
         """The (out, in) weight, as a new tensor (800 MB more for the real network)."""
+        if self.layout == "onednn":
+            return self.packed.to_dense()
         rows = self.packed.transpose(1, 2).reshape(-1, self.in_features)
         return rows[: self.out_features].contiguous()
 
@@ -431,6 +470,36 @@ class PackedEncode1(nn.Module):
         """``nn.Linear``'s ``weight``, for code written against it: a new (out, in) tensor at each read (800 MB for
         the real network); i2v itself never reads it."""
         return self.unpacked_weight()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PackedEncode1:
+        # .to(), .cuda(), .double(), ... : oneDNN's opaque tensor goes nowhere, so the weight is repacked for where
+        # ``fn`` sends a float32 CPU tensor (kept as it is when that is where it already lives).
+        if self.layout == "onednn":
+            target = fn(torch.empty(0))
+            if target.device.type != "cpu" or target.dtype != torch.float32:
+                self.layout, self.packed = "panels", self._panels(self.packed.to_dense())
+        return super()._apply(fn, recurse) if self.layout == "panels" else self._apply_to_bias(fn)
+
+    def _apply_to_bias(self, fn: Any) -> PackedEncode1:
+        """``fn`` applied to the bias alone: the oneDNN weight stays where it is, as it is."""
+        packed, self.packed = self.packed, torch.empty(0)
+        try:
+            super()._apply(fn)
+        finally:
+            self.packed = packed
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling and copy.deepcopy: oneDNN's opaque tensor has no storage to copy; the plain weight travels instead.
+        state = self.__dict__.copy()
+        state["_buffers"] = {**self._buffers, "packed": self.unpacked_weight()}
+        state["layout"] = "dense"
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.layout == "dense":
+            self._pack(self._buffers["packed"])
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         # As nn.Linear's: a packed model's state dict and digest are those of the network it computes.
@@ -448,8 +517,11 @@ class PackedEncode1(nn.Module):
             errors.append(f"size mismatch for {prefix}weight/bias: {tuple(weight.shape)}, {tuple(bias.shape)}")
             return
         with torch.no_grad():
-            self.packed.copy_(self._panels(weight.detach().to(self.packed)))
             self.bias.copy_(bias)
+            if self.layout == "onednn":
+                self._pack(weight.detach().to(torch.float32, copy=True))
+            else:
+                self.packed.copy_(self._panels(weight.detach().to(self.packed)))
 
 
 def pack_encode1(model: Illust2VecNet) -> None:

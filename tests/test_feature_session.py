@@ -1,5 +1,6 @@
 """The feature network: its trunk in one ONNX Runtime session, ``encode1`` after it in torch with the weight in
-panels (PackedEncode1), held once: the model's own Linear layer is swapped for the packed one, never copied."""
+oneDNN's layout or in panels (PackedEncode1), held once: the model's own Linear layer is swapped for the packed
+one, never copied."""
 
 from __future__ import annotations
 
@@ -89,3 +90,72 @@ def test_packed_encode1_stands_in_for_the_linear_layer():
         torch.testing.assert_close(packed(x), other(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="size mismatch"):
         packed.load_state_dict(nn.Linear(40, 71).state_dict())
+
+
+needs_onednn = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")),
+    reason="this torch build has no oneDNN linear operators (the panels layout is used)",
+)
+
+
+@needs_onednn
+def test_encode1_uses_onednn_where_torch_has_it():
+    """The oneDNN layout reads the 800 MB weight about twice as fast as the panels at batch 8 (bench/encode1.py)."""
+    packed = PackedEncode1(nn.Linear(300, 70))
+    assert packed.layout == "onednn" and packed.packed.layout == torch._mkldnn
+
+
+@pytest.mark.parametrize("layout", ["onednn", "panels"])
+def test_both_layouts_compute_the_linear_layer(monkeypatch, layout):
+    if layout == "panels":
+        monkeypatch.setattr("i2v_cli.inference._onednn_encode1", lambda weight: None)
+    elif not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    torch.manual_seed(1)
+    linear = nn.Linear(300, 70)
+    packed = PackedEncode1(linear)
+    assert packed.layout == layout
+    with torch.no_grad():
+        for shape in [(8, 300), (1, 300), (300,), (2, 3, 300)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)
+        assert packed(torch.randn(0, 300)).shape == (0, 70)
+
+
+@needs_onednn
+def test_a_onednn_operator_that_disagrees_is_not_used(monkeypatch):
+    """A private operator is trusted only once seen to agree on a probe; otherwise the panels are used."""
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, w, b, *rest: real(x, w, b, *rest) * 1.01)
+    assert PackedEncode1(nn.Linear(300, 70)).layout == "panels"
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: (_ for _ in ()).throw(RuntimeError("no")))
+    assert PackedEncode1(nn.Linear(300, 70)).layout == "panels"
+
+
+@needs_onednn
+def test_onednn_layout_copies_pickles_and_moves():
+    """oneDNN's opaque tensor has no storage: deepcopy and torch.save failed on it, and .to() of another dtype or
+    device would have sent it nowhere; the plain weight travels instead and is packed again where it lands."""
+    import copy
+    import io
+
+    torch.manual_seed(2)
+    linear = nn.Linear(300, 70)
+    packed = PackedEncode1(linear)
+    x = torch.randn(4, 300)
+    with torch.no_grad():
+        want = linear(x)
+        for other in (copy.deepcopy(packed), _saved_and_loaded(packed, io.BytesIO())):
+            assert other.layout == "onednn"
+            torch.testing.assert_close(other(x), want, atol=1e-5, rtol=1e-5)
+        assert packed.to("cpu").share_memory().layout == "onednn"  # where it already lives: left as it is
+        wide = copy.deepcopy(packed).double()
+        assert wide.layout == "panels" and wide.packed.dtype == torch.float64
+        torch.testing.assert_close(wide(x.double()), want.double(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed(x), want, atol=1e-5, rtol=1e-5)  # the original untouched
+
+
+def _saved_and_loaded(module: nn.Module, buffer) -> nn.Module:
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
