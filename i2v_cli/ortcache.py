@@ -43,16 +43,19 @@ def ort_errors() -> tuple[type[BaseException], ...]:
 
 
 def session_options(threads: int, save_to: Path | None = None, optimised: bool = False) -> Any:
-    """ONNX Runtime options for i2v's sessions: ``threads`` intra-op threads that do not spin while waiting (a
-    spinning thread takes a core from the decoding workers between calls), one inter-op thread; ``save_to``
-    saves the optimised graph; ``optimised`` loads one without optimising it again."""
+    """ONNX Runtime options for i2v's sessions: ``threads`` intra-op threads that spin between the operators of a
+    call, as a plain session's do, and stop when it returns (a thread spinning between calls takes a core from the
+    decoding workers); one inter-op thread; ``save_to`` saves the optimised graph; ``optimised`` loads one without
+    optimising it again. Spinning within calls only: the feature network 0.996x a plain session model-only, against
+    0.984x with no spinning at all (median of 7 alternating rounds)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     if save_to is not None:
         options.optimized_model_filepath = str(save_to)
     if optimised:

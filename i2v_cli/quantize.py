@@ -584,10 +584,9 @@ class Int8Net:
         else:
             import onnxruntime as ort
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.log_severity_level = 3
+            from .ortcache import session_options
+
+            options = session_options(threads)
             session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
             input_name = session.get_inputs()[0].name
             self._run = lambda x: session.run(None, {input_name: x})[0]
