@@ -474,11 +474,19 @@ class PackedEncode1(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> PackedEncode1:
         # .to(), .cuda(), .double(), ... : oneDNN's opaque tensor goes nowhere, so the weight is repacked for where
         # ``fn`` sends a float32 CPU tensor (kept as it is when that is where it already lives).
+        # Back to a float32 CPU tensor from elsewhere (.double().float(), .cuda().cpu()): oneDNN's layout again.
         if self.layout == "onednn":
             target = fn(torch.empty(0))
             if target.device.type != "cpu" or target.dtype != torch.float32:
                 self.layout, self.packed = "panels", self._panels(self.packed.to_dense())
-        return super()._apply(fn, recurse) if self.layout == "panels" else self._apply_to_bias(fn)
+        if self.layout == "onednn":
+            return self._apply_to_bias(fn)
+        before = (self.packed.device, self.packed.dtype)
+        super()._apply(fn, recurse)
+        after = (self.packed.device, self.packed.dtype)
+        if after != before and after == (torch.device("cpu"), torch.float32):
+            self._pack(self.unpacked_weight())
+        return self
 
     def _apply_to_bias(self, fn: Any) -> PackedEncode1:
         """``fn`` applied to the bias alone: the oneDNN weight stays where it is, as it is."""

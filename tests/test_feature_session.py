@@ -152,6 +152,9 @@ def test_onednn_layout_copies_pickles_and_moves():
         wide = copy.deepcopy(packed).double()
         assert wide.layout == "panels" and wide.packed.dtype == torch.float64
         torch.testing.assert_close(wide(x.double()), want.double(), atol=1e-5, rtol=1e-5)
+        back = wide.float()  # back where oneDNN's layout serves it: packed so again, not left on the slower panels
+        assert back.layout == "onednn"
+        torch.testing.assert_close(back(x), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(packed(x), want, atol=1e-5, rtol=1e-5)  # the original untouched
 
 
