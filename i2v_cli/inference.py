@@ -472,15 +472,14 @@ class PackedEncode1(nn.Module):
         return self.unpacked_weight()
 
     def _apply(self, fn: Any, recurse: bool = True) -> PackedEncode1:
-        # .to(), .cuda(), .double(), ... : oneDNN's opaque tensor goes nowhere, so the weight is repacked for where
-        # ``fn`` sends a float32 CPU tensor (kept as it is when that is where it already lives).
-        # Back to a float32 CPU tensor from elsewhere (.double().float(), .cuda().cpu()): oneDNN's layout again.
+        # .to(), .cuda(), .double(), ... : oneDNN's opaque tensor goes nowhere. Where ``fn`` keeps a float32 CPU
+        # tensor, it stays as it is; elsewhere the weight moves as panels, and back to float32 on the CPU from
+        # elsewhere (.double().float(), .cuda().cpu()) it is packed for oneDNN again.
         if self.layout == "onednn":
             target = fn(torch.empty(0))
-            if target.device.type != "cpu" or target.dtype != torch.float32:
-                self.layout, self.packed = "panels", self._panels(self.packed.to_dense())
-        if self.layout == "onednn":
-            return self._apply_to_bias(fn)
+            if target.device.type == "cpu" and target.dtype == torch.float32:
+                return self._apply_to_bias(fn)
+            self.layout, self.packed = "panels", self._panels(self.packed.to_dense())
         before = (self.packed.device, self.packed.dtype)
         super()._apply(fn, recurse)
         after = (self.packed.device, self.packed.dtype)
