@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -27,11 +28,8 @@ def products(weight: torch.Tensor, bias: torch.Tensor) -> dict:
         linear.weight.copy_(weight)
         linear.bias.copy_(bias)
     onednn = PackedEncode1(linear)
-    panels = PackedEncode1.__new__(PackedEncode1)
-    torch.nn.Module.__init__(panels)
-    panels.in_features, panels.out_features, panels.bias = IN, OUT, onednn.bias
-    panels.register_buffer("packed", PackedEncode1._panels(weight))
-    panels.layout = "panels"
+    with mock.patch("i2v_cli.inference._onednn_encode1", return_value=None):  # as on a torch without oneDNN
+        panels = PackedEncode1(linear)
     out = {f"i2v {onednn.layout}": onednn, "i2v panels": panels, "torch row-major": linear}
     try:
         import onnxruntime as ort
