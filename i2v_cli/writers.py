@@ -34,7 +34,7 @@ from typing import IO, Any, TypeVar
 import numpy as np
 
 from .atomic import AtomicFile, describe_oserror, is_special, std_fd
-from .errors import OutputError, WriteError
+from .errors import I2VError, OutputError, WriteError
 from .sniff import describe, is_text, read_head, sniff
 
 FORMATS = ("json", "jsonl", "csv")
@@ -415,19 +415,33 @@ class Tee(Sink):
 
     def __init__(self, *sinks: Sink | None) -> None:
         self.sinks = [s for s in sinks if s is not None]
+        self._refused: Sink | None = None  # the sink whose disk refused a write
 
     def write(self, records: Iterable[Record]) -> None:
         batch = list(records)
         for sink in self.sinks:
-            sink.write(batch)
+            try:
+                sink.write(batch)
+            except WriteError:
+                self._refused = sink
+                raise
 
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
 
     def abort(self) -> None:
+        """Give up. When one sink's disk refused a write (captions on a full disk), the others keep what they were
+        given, as on an interruption: a JSON file on another disk gets the records written so far. A second failure
+        while keeping them is not reported over the first, which is what stops the run."""
         for sink in self.sinks:
-            sink.abort()
+            if self._refused is None or sink is self._refused:
+                sink.abort()
+                continue
+            try:
+                sink.close()
+            except (I2VError, OSError):
+                sink.abort()
 
 
 #: Output formats an ``-o`` file's extension stands for.

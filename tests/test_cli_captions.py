@@ -273,6 +273,39 @@ def test_a_full_disk_stops_at_the_first_caption(dataset, tag_weights, monkeypatc
     assert "Traceback" not in result.stderr and not list(dataset.rglob("*.txt"))
 
 
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_a_full_disk_under_the_captions_keeps_the_records_written_so_far(
+    dataset, tag_weights, golden, tmp_path, monkeypatch, fmt
+):
+    """The images' disk fills at the third caption; -o on another disk keeps the two records whose captions were
+    written (a JSON file was thrown away before), and exit 3 names the caption."""
+    import errno
+
+    import i2v_cli.pipeline as pipeline
+    from i2v_cli.atomic import describe_oserror
+    from i2v_cli.errors import WriteError
+
+    for i in range(2, 4):
+        shutil.copy(golden / "images" / "sq" / f"img00{i - 2}.png", dataset / "a" / f"img{i}.png")
+    real, calls = pipeline.write_caption, [0]
+
+    def full_at_the_third(record, options):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise WriteError(describe_oserror(record["path"], OSError(errno.ENOSPC, "No space left on device")))
+        return real(record, options)
+
+    out = tmp_path / f"out.{fmt}"
+    monkeypatch.setattr(pipeline, "write_caption", full_at_the_third)
+    result = tag(dataset / "a", "--captions", "-b", "1", "-o", out, weights=tag_weights)
+    assert result.exit_code == 3, result.stderr
+    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+    text = out.read_text()
+    records = json.loads(text) if fmt == "json" else [json.loads(line) for line in text.splitlines()]
+    assert len(records) == 2
+    assert all(os.path.exists(os.path.splitext(r["path"])[0] + ".txt") for r in records)
+
+
 def test_a_separator_that_is_not_utf8_is_refused_up_front(dataset, tag_weights):
     result = tag(dataset, "-r", "--captions", "--caption-sep", "\udcff", weights=tag_weights)
     assert result.exit_code == 2, result.stderr
