@@ -9,7 +9,8 @@ written with other options is refused in one line naming the difference. Then th
 at a time (memory bounded by the number of paths, not the file's size) for the paths it holds, and the
 record cut off by a kill is left out so that the resumed run writes it whole.
 
-The job file is written in place (never renamed) because the lock lives on its inode. Nothing here prints.
+The job file is written in place (never renamed) because the lock lives on its inode, each status in one write
+over the last. Nothing here prints.
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ class JobLock:
             return
         data = (json.dumps({**self.job, "status": status}, ensure_ascii=False, indent=1) + "\n").encode()
         try:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, data, 0)
+            # One write over the old record, padded with spaces to its length (JSON ignores them), not a truncation
+            # then a write: a run killed between the two, or a disk that filled after the truncation, left the file
+            # empty, and --resume then refused the output as not i2v's.
+            os.pwrite(self._fd, data.ljust(os.fstat(self._fd).st_size), 0)
             os.fsync(self._fd)
         except OSError as exc:  # named by its output: the job file is i2v's business, the output the user's
             raise OutputError(describe_oserror(self.output, exc)) from None

@@ -26,6 +26,7 @@ from conftest import crashing
 from PIL import Image
 
 from i2v_cli.cli import cli
+from i2v_cli.errors import OutputError
 from i2v_cli.features import FeatureFileError, read_features
 from i2v_cli.resume import JobLock, make_job, read_progress
 from i2v_cli.writers import CSV_COLUMNS, record_path
@@ -362,6 +363,36 @@ def test_a_second_writer_is_refused(tmp_path, folder, tag_weights):
     finally:
         lock.release()
     assert tag(folder, "-o", out, weights=tag_weights).exit_code == 1
+
+
+def test_a_job_file_whose_update_fails_keeps_the_last_status(tmp_path, monkeypatch):
+    """A full disk (or a kill) while the status is updated leaves the previous record whole, not an empty file that
+    --resume would refuse as not i2v's."""
+    import errno
+
+    out = tmp_path / "out.jsonl"
+    job = make_job("tag", "jsonl", {"threshold": 0.5}, {})
+    lock = JobLock(str(out), job)
+    try:
+        lock.record("interrupted")
+        lock.record("running")  # shorter than the last: padded, still one JSON document
+
+        def full(fd, data, offset):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwrite", full)
+        with pytest.raises(OutputError, match="No space left"):
+            lock.record("complete")
+    finally:
+        lock.release()
+    monkeypatch.undo()
+    kept = json.loads((tmp_path / ".out.jsonl.i2v.json").read_text())
+    assert kept == {**job, "status": "running"}
+    again = JobLock(str(out), job)
+    try:
+        assert again.previous == kept
+    finally:
+        again.release()
 
 
 # 7. Write errors are messages ----------------------------------------------------------------------------------
