@@ -473,12 +473,19 @@ def format_for(fmt: str | None, output: str | None, allowed: Iterable[str], defa
     return implied
 
 
-def check_output(output: str | None, inputs: Iterable[str] = (), writes: Collection[str] | None = ("text",)) -> None:
+def check_output(
+    output: str | None,
+    inputs: Iterable[str] = (),
+    writes: Collection[str] | None = ("text",),
+    *,
+    pair: bool = False,
+) -> None:
     """Refuse, before anything is opened, an output that would destroy what the run reads or a file that is not
     i2v's to replace: a folder, one of the inputs (the same file by device and inode: a symlink or hard link to an
-    input counts), or an existing file whose content is not of a kind the command writes (``writes``: ``text``,
-    ``npy``, ``safetensors``, ``zip`` for ``.npz``; empty files always pass; None: not looked at) unless i2v's job
-    file is beside it.
+    input counts), the paths file of a feature pair (``vecs.paths.jsonl``: its vectors would lose their paths)
+    unless ``pair`` says the pair itself is being written, or an existing file whose content is not of a kind the
+    command writes (``writes``: ``text``, ``npy``, ``safetensors``, ``zip`` for ``.npz``; empty files always pass;
+    None: not looked at) unless i2v's job file is beside it.
     An allowlist, not a list of foreign kinds: ``-o other.ico`` or ``-o library.db`` by mistake is refused
     whatever the format, and a text output whose first bytes look like a magic number still counts as text."""
     if writes_in_place(output):
@@ -500,9 +507,14 @@ def check_output(output: str | None, inputs: Iterable[str] = (), writes: Collect
                 f"-o {display(output)} is one of the inputs ({display(path)}): it would be destroyed; "
                 "choose another output"
             )
+    head = read_head(output)
+    if not pair and head is not None and head.startswith(b'{"format": "i2v-features"'):
+        raise OutputError(
+            f"-o {display(output)} is the paths file of a feature pair (i2v features -o FILE.npy): writing it "
+            "would part the vectors from their paths; choose another output"
+        )
     if writes is None:  # a first check, before all the inputs are known: the content is looked at later
         return
-    head = read_head(output)
     if head is None or not head or ("text" in writes and is_text(head)) or sniff(head) in writes:
         return
     from .resume import job_file_for  # resume builds on this module

@@ -375,3 +375,21 @@ def test_a_paths_file_that_is_not_a_regular_file_is_refused(runner, feature_weig
     result = features(runner, golden / "images" / "sq", "-o", tmp_path / "vecs.npy", weights=feature_weights)
     assert result.exit_code == 2 and "not a regular file" in result.stderr, result.output
     assert not (tmp_path / "vecs.npy").exists()
+
+
+def test_the_paths_file_of_a_pair_is_never_an_output(runner, feature_weights, tag_weights, golden, tmp_path):
+    """-o vecs.paths.jsonl (features as JSONL, or tags) would part vecs.npy from its paths: refused, the pair stays
+    readable; writing the pair again is fine."""
+    npy = tmp_path / "vecs.npy"
+    images = golden / "images" / "sq"
+    assert features(runner, images, "-o", npy, weights=feature_weights).exit_code == 0
+    paths = paths_file_for(npy)
+    before = paths.read_bytes()
+    for command, weights in (("features", feature_weights), ("tag", tag_weights)):
+        result = runner.invoke(
+            cli, [command, "--workers", "0", "--weights", str(weights), str(images), "-o", str(paths)]
+        )
+        assert result.exit_code == 2, result.output
+        assert "is the paths file of a feature pair" in result.stderr and "Traceback" not in result.stderr
+    assert paths.read_bytes() == before and len(read_features(npy).paths) == 3
+    assert features(runner, images, "-o", npy, weights=feature_weights).exit_code == 0

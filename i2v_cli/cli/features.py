@@ -112,7 +112,7 @@ def features(
         inputs = expand_inputs(paths, recursive=recursive, stdin=stdin_for(paths), nul=nul)
         check_output(output, inputs, writes=("npy",) if fmt == "npy" else ("text",))
         if fmt == "npy":
-            check_output(str(paths_file_for(str(output))), inputs)
+            check_output(str(paths_file_for(str(output))), inputs, pair=True)
         # torch comes with these: imported once the cheap checks passed, so a usage error answers at once.
         from ..gpudecode import check_gpu_decoding
         from ..inference import describe, prepare_for_inference, resolve_backend
