@@ -33,6 +33,7 @@ import io
 import logging
 import math
 import os
+import re
 import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -477,15 +478,16 @@ def _multiply_output(proto, node, factor: np.ndarray) -> None:
     proto.graph.node.extend(nodes)
 
 
-def int8_cache_key(model: nn.Module, calibration: Calibration) -> str:
-    """Key of a cached int8 model: the weights, the calibration set, the recipe and the library versions."""
+def int8_cache_key(model: nn.Module, calibration: Calibration, digest: str | None = None) -> str:
+    """Key of a cached int8 model: the weights (``digest``, their :func:`~i2v_cli.inference.weights_digest` when
+    known), the calibration set, the recipe and the library versions."""
     import onnx
     import onnxruntime
 
     from .inference import weights_digest
 
     parts = [
-        weights_digest(model),
+        digest or weights_digest(model),
         calibration.key,
         RECIPE,
         torch.__version__,
@@ -495,14 +497,22 @@ def int8_cache_key(model: nn.Module, calibration: Calibration) -> str:
     return hashlib.sha256(":".join(parts).encode()).hexdigest()[:32]
 
 
+#: Names of int8 files before the weights' digest was part of them (``NAME-KEY.onnx``): no run opens them again.
+_LEGACY_INT8 = re.compile(r"(tag-int8|feature-int8|feature-int8-trunk)-[0-9a-f]{32}\.onnx")
+
+
 def cached_int8(model: nn.Module, name: str, calibration: Calibration, cache_dir: Path | None = None) -> str | bytes:
-    """``model``'s int8 ONNX file in the cache (``int8/NAME-KEY.onnx``, made once), or its bytes when the cache
-    cannot be written or its name is not UTF-8 (the runtimes take file names as UTF-8 text only)."""
-    from .inference import _is_utf8, export_onnx
+    """``model``'s int8 ONNX file in the cache (``int8/NAME-WEIGHTS-KEY.onnx``, made once), or its bytes when the
+    cache cannot be written or its name is not UTF-8 (the runtimes take file names as UTF-8 text only). Making one
+    removes the files no run will open again: the same weights' with another calibration set, recipe or library
+    version, and those named before the weights were in the name (tens of MB each)."""
+    from .inference import _is_utf8, export_onnx, weights_digest
     from .weights import default_weights_dir
 
     folder = (cache_dir or default_weights_dir()) / "int8"
-    path = folder / f"{name}-{int8_cache_key(model, calibration)}.onnx"
+    digest = weights_digest(model)
+    same_weights = f"{name}-{digest[:16]}-"
+    path = folder / f"{same_weights}{int8_cache_key(model, calibration, digest)}.onnx"
     if path.is_file():
         return str(path) if _is_utf8(str(path)) else path.read_bytes()
     buffer = io.BytesIO()
@@ -513,6 +523,10 @@ def cached_int8(model: nn.Module, name: str, calibration: Calibration, cache_dir
         write_bytes(path, data)
     except (OSError, I2VError):  # a read-only or full cache: run from memory, quantise again next time
         return data
+    for old in folder.glob("*.onnx"):
+        if old != path and (old.name.startswith(same_weights) or _LEGACY_INT8.fullmatch(old.name)):
+            with contextlib.suppress(OSError):
+                old.unlink()
     return str(path) if _is_utf8(str(path)) else data
 
 

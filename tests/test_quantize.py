@@ -218,8 +218,15 @@ def test_int8_model_is_cached_per_weights_and_calibration(tag_weights, inputs, t
     monkeypatch.undo()
     cal = tmp_path / "cal.npz"
     quantize.save_calibration(quantize.synthetic_images(4, seed=3), cal)
+    others = [tmp_path / "int8" / n for n in ("tag-int8-" + "0" * 16 + "-" + "1" * 32 + ".onnx", "notes.onnx")]
+    legacy = [tmp_path / "int8" / f"{n}-{'a' * 32}.onnx" for n in ("tag-int8", "feature-int8", "feature-int8-trunk")]
+    for p in others + legacy:
+        p.write_bytes(b"x")
     quantize.Int8Net(model, quantize.find_calibration(cal), tmp_path)  # another set, another file
-    assert len(list((tmp_path / "int8").glob("*.onnx"))) == 2
+    left = sorted((tmp_path / "int8").glob("*.onnx"))
+    # the same weights' file of the other set is gone (no run opens it again), as are the files named before the
+    # weights were in the name; another network's and a file that is not i2v's stay
+    assert len(left) == 3 and files[0] not in left and all(p in left for p in others)
     assert not [p for p in (tmp_path / "int8").iterdir() if p.suffix != ".onnx"]  # no temporary file left
 
 
