@@ -79,6 +79,11 @@ def is_special(path: PathLike) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+#: Errors of a write that say the file system itself cannot take more (not this one file): full (blocks or inodes),
+#: over quota, failing. A run that meets one stops there, as every other write would fail the same way.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
+
+
 def describe_oserror(path: PathLike, exc: OSError) -> str:
     """One line for a failed write: the file and the reason in words (``No space left on device``)."""
     shown = os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
@@ -129,8 +134,8 @@ class AtomicFile:
             else:
                 fd, self.tmp = self._create_tmp()
                 raw = open(fd, "wb")  # noqa: SIM115
-        except OSError as exc:
-            raise OutputError(describe_oserror(path, exc)) from None
+        except OSError as exc:  # a full disk (no inode left for the temporary file) is a write error, as in commit
+            raise (WriteError if exc.errno in DISK_ERRNOS else OutputError)(describe_oserror(path, exc)) from None
         self.stream: IO[Any] = (
             io.TextIOWrapper(raw, encoding=encoding, errors=errors, newline=newline, write_through=True)
             if text

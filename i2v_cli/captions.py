@@ -14,7 +14,6 @@ line checked and resolved, warnings returned), :func:`check_captions_dir`, and :
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import stat
@@ -26,7 +25,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from .atomic import AtomicFile, describe_oserror, same_file
+from .atomic import DISK_ERRNOS, AtomicFile, describe_oserror, same_file
 from .errors import CaptionError, OutputError, WriteError
 from .inputs import IMAGE_EXTENSIONS
 from .sniff import FOREIGN_KINDS, HEAD_BYTES, describe, sniff
@@ -496,8 +495,6 @@ def _appended(old: str, new: Sequence[str], options: CaptionOptions, dest: Path)
 
 #: Merges of one caption file tried while another writer keeps changing it (``append``).
 MERGE_TRIES = 5
-#: Errors of a write that say the file system itself cannot take more (not this one file): the run stops.
-_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
 
 
 def write_caption(record: Mapping[str, Any], options: CaptionOptions) -> Outcome:
@@ -543,7 +540,7 @@ def write_caption(record: Mapping[str, Any], options: CaptionOptions) -> Outcome
     except OutputError as exc:
         raise CaptionError(str(exc)) from None
     except OSError as exc:
-        if exc.errno in _DISK_ERRNOS:
+        if exc.errno in DISK_ERRNOS:
             raise WriteError(describe_oserror(dest, exc)) from None
         raise CaptionError(describe_oserror(dest, exc)) from None
 

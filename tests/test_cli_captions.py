@@ -273,6 +273,22 @@ def test_a_full_disk_stops_at_the_first_caption(dataset, tag_weights, monkeypatc
     assert "Traceback" not in result.stderr and not list(dataset.rglob("*.txt"))
 
 
+def test_no_inode_left_for_a_caption_stops_the_run_once(dataset, tag_weights, monkeypatch):
+    """Creating the temporary file fails with ENOSPC (inodes exhausted, blocks free): each image failed on its own,
+    one message each, instead of one stop with exit 3."""
+    import errno
+
+    from i2v_cli.atomic import AtomicFile
+
+    def no_inode(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(AtomicFile, "_create_tmp", no_inode)
+    result = tag(dataset, "-r", "--captions", "-b", "1", weights=tag_weights)
+    assert result.exit_code == 3, result.stderr
+    assert result.stderr.count("No space left on device") == 1 and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("fmt", ["json", "jsonl"])
 def test_a_full_disk_under_the_captions_keeps_the_records_written_so_far(
     dataset, tag_weights, golden, tmp_path, monkeypatch, fmt
