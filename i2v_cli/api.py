@@ -112,6 +112,11 @@ def network_input(item: ImageLike | ImagePath, index: int | None = None) -> torc
         raise ImageInputError(f"{where or 'the image: '}cannot use this {kind}: {exc}", index=index) from exc
 
 
+#: Sessions a forked child inherited and replaced by its own: never destroyed, as a destructor would wait for
+#: their threads, which were not forked.
+_INHERITED: list[Predictor] = []
+
+
 class Illustration2Vec:
     """One loaded network (tag or feature model) with the original Illustration2Vec methods.
 
@@ -143,6 +148,7 @@ class Illustration2Vec:
         self.precision = precision
         self.backend = backend
         self._net: Predictor | None = None  # prepared on first use (packing or exporting takes a moment)
+        self._pid = os.getpid()  # the process _net was prepared in (see _predict)
         self.tags = list(tags) if tags is not None else load_tag_list()
         if len(self.tags) != NUM_TAGS:
             raise TagListError(f"the tag list holds {len(self.tags)} tags; Illustration2Vec's list has {NUM_TAGS}")
@@ -186,9 +192,21 @@ class Illustration2Vec:
             yield self._predict(batch)
 
     def _predict(self, batch: list[torch.Tensor]) -> np.ndarray:
+        if self._pid != os.getpid():
+            self._forked()
         if self._net is None:
             self._net = prepare_for_inference(self.model, precision=self.precision, backend=self.backend)
         return predict(self._net, batch, self.device, self.batch_size)
+
+    def _forked(self) -> None:
+        """First use in a child forked from the process that ran the network (``multiprocessing``'s fork): the
+        threads of OpenMP and of an ONNX Runtime session did not come along, and the next parallel call waited for
+        them forever. The child runs on one thread, as PyTorch's DataLoader workers do, and opens its own session."""
+        torch.set_num_threads(1)
+        if self._net is not None and not isinstance(self._net, torch.nn.Module):
+            _INHERITED.append(self._net)
+            self._net = None
+        self._pid = os.getpid()
 
     def _run(self, images: Images, kind: str, method: str) -> np.ndarray:
         outs = list(self._batches(images, kind, method))

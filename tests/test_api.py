@@ -413,3 +413,33 @@ def test_a_score_equal_to_the_threshold_is_kept_as_by_the_cli(tagger, images):
     assert np.float32(between) == score or np.float32(between) < score
     assert tagger.tags[i] in dict(tagger.estimate_plausible_tags(images[:1], threshold=between)[0]["general"])
     assert all(type(s) is float for _, s in tagger.estimate_plausible_tags(images[:1])[0]["general"])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_model_used_before_a_fork_works_in_the_children(tag_weights, images, backend):
+    """multiprocessing's fork after a prediction: the children waited for ever for the OpenMP or ONNX Runtime
+    threads that did not come along; now each runs on one thread with a session of its own, and scores the same."""
+    import multiprocessing
+
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    model = i2v.load(str(tag_weights), backend=backend)
+    want = model.estimate_probabilities(images[:2])
+    _INHERITED_BY_CHILDREN[:] = [model, images[:2]]  # inherited by the fork, not pickled
+    try:
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            got = pool.map_async(_probabilities_in_child, range(2)).get(timeout=60)
+    finally:
+        _INHERITED_BY_CHILDREN.clear()
+    for scores in got:
+        np.testing.assert_allclose(scores, want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(model.estimate_probabilities(images[:2]), want)  # the parent is as it was
+
+
+_INHERITED_BY_CHILDREN: list = []
+
+
+def _probabilities_in_child(_):
+    model, images = _INHERITED_BY_CHILDREN
+    return model.estimate_probabilities(images)
