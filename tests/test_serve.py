@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -608,7 +609,9 @@ def test_port_0_a_late_request_head_and_the_connection_limit(db, tag_weights, fe
         slow = socket.create_connection(("127.0.0.1", port))
         slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and the rest never comes
         time.sleep(0.3)
-        assert client.get("/healthz").status == 503  # two connections held: the limit
+        over = client.get("/healthz")
+        assert over.status == 503  # two connections held: the limit
+        assert "--max-connections" in over.json()["error"] and over.headers["retry-after"] == "1"  # was plain text
         for sock in (silent, slow):
             sock.settimeout(10)
             t = time.monotonic()
@@ -619,6 +622,70 @@ def test_port_0_a_late_request_head_and_the_connection_limit(db, tag_weights, fe
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.timeout(180)
+def test_a_client_that_stops_reading_its_answer_loses_its_connection(tag_weights, feature_weights, tmp_path):
+    """Clients that asked for a large image and never read the answer held their slots for ever: with two of them
+    every other request was 503 until they left. Now a connection whose answer is not taken for --timeout (to twice
+    that) is aborted. A request that is not HTTP gets a JSON 400 (it was plain text)."""
+    import socket
+
+    from PIL import Image
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (2500, 2500, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "noise.png", compress_level=0)  # 18.7 MB: far beyond the socket buffers
+    db = tmp_path / "big.db"
+    result = CliRunner().invoke(cli, ["index", str(folder), "--db", str(db), "--tag-weights", str(tag_weights),
+                                      "--feature-weights", str(feature_weights), "-j", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "i2v_cli", "serve", "--db", str(db), "--port", str(port), "--timeout", "1",
+         "--max-connections", "3", "--tag-weights", str(tag_weights), "--feature-weights", str(feature_weights),
+         "--device", "cpu"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    readers = []
+    try:
+        client = Client(f"http://127.0.0.1:{port}")
+        wait_until_healthy(client)
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.settimeout(10)
+            raw.sendall(b"\x16\x03\x01 not http\r\n\r\n")  # a TLS hello, say
+            reply = b""
+            while chunk := raw.recv(65536):  # until the server closes
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 400 Bad Request") and b'{"error": "not an HTTP request' in reply
+        for _ in range(2):
+            r = socket.socket()
+            r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            r.connect(("127.0.0.1", port))
+            r.sendall(b"GET /v1/images/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # and never read
+            readers.append(r)
+        time.sleep(0.5)
+        assert client.get("/healthz").status == 503  # the two readers and this one: the limit
+        time.sleep(3)  # two periods of --timeout, and some
+        assert client.get("/healthz").status == 200  # their slots are free again
+        for r in readers:
+            r.settimeout(10)
+            got = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := r.recv(1 << 20):  # what the kernel still held, then the end
+                    got += len(chunk)
+            assert got < (folder / "noise.png").stat().st_size  # the answer was cut off
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM
+    finally:
+        for r in readers:
+            r.close()
         if proc.poll() is None:
             proc.kill()
 

@@ -118,7 +118,7 @@ def serve(
         ) from None
     from ..errors import I2VError
     from ..inference import describe
-    from ..serve.guard import check_bind, head_deadline_protocol, listening_sockets
+    from ..serve.guard import check_bind, guarded_protocol, listening_sockets
     from ..serve.service import Settings, load_service
     from ..writers import display
 
@@ -148,7 +148,7 @@ def serve(
     app = create_app(service, token=token)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", server_header=False,
                             timeout_graceful_shutdown=int(timeout_s) + 1, timeout_keep_alive=5,
-                            http=head_deadline_protocol(timeout_s), limit_concurrency=max_connections)  # fmt: skip
+                            http=guarded_protocol(timeout_s, max_connections), ws="none")  # fmt: skip
     shown = f"[{host}]" if ":" in host else host
     where = f", index {display(db)}" if db else ""
     port = socks[0].getsockname()[1]  # the real one when 0 was asked for

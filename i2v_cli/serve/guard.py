@@ -287,18 +287,36 @@ def listening_sockets(host: str, port: int) -> list[Any]:
     return socks
 
 
-def head_deadline_protocol(timeout_s: float) -> type:
-    """uvicorn's h11 protocol with a deadline on each request's head: a connection that sends nothing, or its
-    headers a byte at a time, is closed after ``timeout_s`` (uvicorn waited for ever; the body and the answer have
-    their own limits, :class:`Guard` and the application's)."""
+def guarded_protocol(timeout_s: float, max_connections: int | None = None) -> type:
+    """uvicorn's h11 protocol with what it lacks against clients that stall, and JSON for its own errors:
+
+    - a deadline on each request's head: a connection that sends nothing, or its headers a byte at a time, is
+      closed after ``timeout_s`` (uvicorn waited for ever; the body and the answer have their own limits,
+      :class:`Guard` and the application's);
+    - an answer the client stops reading (nothing of it taken for ``timeout_s`` to twice that) aborts the
+      connection: uvicorn waited for ever, the slot held, and a few such clients made every other request 503;
+    - ``max_connections`` (connections and requests at once, counted as uvicorn's ``limit_concurrency`` does)
+      answered with a JSON 503 and ``Retry-After``, and a request that is not HTTP with a JSON 400: uvicorn's
+      own answers were plain text, where the API promises a JSON body for every error.
+    """
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeadDeadline(H11Protocol):  # type: ignore[misc]
+    class Guarded(H11Protocol):  # type: ignore[misc]
         _deadline: asyncio.TimerHandle | None = None
+        _stall: asyncio.TimerHandle | None = None
+        _pending = 0  # bytes of answers waiting to be sent at the last look
+        _drained = False  # whether the transport took more since then
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.limit_concurrency = None  # counted here instead, to answer in JSON
+            if max_connections is not None:
+                self.app = _limited(self.app, self.connections, self.tasks, max_connections)
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm()
+            self._watch()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -306,7 +324,24 @@ def head_deadline_protocol(timeout_s: float) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
             super().connection_lost(exc)
+
+        def resume_writing(self) -> None:
+            self._drained = True
+            super().resume_writing()
+
+        def send_400_response(self, msg: str) -> None:
+            import h11
+
+            body = json.dumps({"error": f"not an HTTP request i2v can read: {msg}"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]  # fmt: skip
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def _arm(self) -> None:
             self._disarm()
@@ -323,4 +358,30 @@ def head_deadline_protocol(timeout_s: float) -> type:
             if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
                 self.transport.close()  # no request under way: its head is late
 
-    return HeadDeadline
+        def _watch(self) -> None:
+            self._stall = self.loop.call_later(timeout_s, self._look_at_writes)
+
+        def _look_at_writes(self) -> None:
+            pending = self.transport.get_write_buffer_size()
+            if pending and self._pending and pending >= self._pending and not self._drained:
+                self.transport.abort()  # a whole period without taking a byte: the client stopped reading
+                return
+            self._pending, self._drained = pending, False
+            self._watch()
+
+    return Guarded
+
+
+def _limited(app: ASGIApp, connections: Any, tasks: Any, limit: int) -> ASGIApp:
+    """``app`` behind uvicorn's ``limit_concurrency`` rule (``limit`` connections or request tasks at once, this
+    connection included), answered with a JSON 503 and ``Retry-After``. Checked as the request's task starts, so
+    its own task counts too (uvicorn checked just before creating it)."""
+
+    async def limited(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (len(connections) >= limit or len(tasks) > limit):
+            await send_error(send, 503, f"the server has {limit} connections or requests at once (--max-connections): "
+                             "try again shortly", [(b"retry-after", b"1"), (b"connection", b"close")])  # fmt: skip
+            return
+        await app(scope, receive, send)
+
+    return limited
