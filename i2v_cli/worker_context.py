@@ -12,6 +12,11 @@ each closing a way a run could hang for ever when it starts or loses a DataLoade
   the feeder is midway through that batch, the stdlib queue's reader waited for the rest of the message for ever,
   and torch's check for dead workers, made when a read times out, never came. :class:`ResumableQueue` times out
   inside a message too and goes on from the same byte at the next read.
+- A worker leaves when its parent dies. With the parent killed (SIGKILL, the out-of-memory killer), torch's worker
+  noticed and stopped, then waited at its exit for its queue's feeder thread, itself blocked for ever on a full pipe
+  whose reading end the worker holds too: the orphan kept the run's files open, its output's lock with them, and
+  the next run was refused as "another i2v run". Each worker watches its parent's pid and exits at once
+  (``os._exit``) within :data:`PARENT_CHECK_S` of its death.
 """
 
 from __future__ import annotations
@@ -50,15 +55,32 @@ if hasattr(os, "register_at_fork"):  # what runs between these two, in the forki
     os.register_at_fork(before=_freeze_before_fork, after_in_parent=_thaw_in_parent)
 
 
+#: Seconds between a worker's looks at whether its parent is alive.
+PARENT_CHECK_S = 0.5
+
+
+def _leave_with(parent: int) -> None:
+    """Exit this process as soon as ``parent`` is no longer its parent (it died: the process was re-parented)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
+
+
 class _WorkerProcess(context.ForkProcess if sys.platform != "win32" else context.Process):  # type: ignore[misc]
-    """A forked worker that starts with the parent's objects out of reach of its garbage collector."""
+    """A forked worker that starts with the parent's objects out of reach of its garbage collector, and leaves when
+    its parent dies."""
 
     def start(self) -> None:
         _forking.worker = True
+        self._i2v_parent = os.getpid()  # copied into the child by the fork
         try:
             super().start()
         finally:
             _forking.worker = False
+
+    def run(self) -> None:
+        threading.Thread(target=_leave_with, args=(self._i2v_parent,), name="i2v-parent-watch", daemon=True).start()
+        super().run()
 
 
 class ResumableQueue(queues.Queue):

@@ -3,6 +3,7 @@ sending a batch nor garbage left in the parent can hang a run. Each test here hu
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import queue
@@ -179,3 +180,48 @@ def test_a_worker_killed_while_the_reader_is_not_reading_costs_one_image(tmp_pat
     got.extend(batches)
     assert [b.ok for b in got] == [[0], [1], [2], [3], [4], [], [6], [7]]
     assert got[5].errors == {5: f"{paths[5]}: the image decoder crashed on this file (its worker process died)"}
+
+
+def _children(pid: int) -> set[int]:
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            kids |= {int(k) for k in (task / "children").read_text().split()}
+    return kids
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_leaves_when_its_run_is_killed(tmp_path, tag_weights):
+    """SIGKILL of `i2v tag -j 1`: its decoding worker lived on for ever (blocked at exit on its queue's full pipe),
+    holding the output's lock, so the next run was refused as "another i2v run is writing"."""
+    import subprocess
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (900, 900, 3), dtype=np.uint8)
+    for i in range(80):
+        Image.fromarray(np.roll(noise, i, axis=1)).save(folder / f"p{i:02d}.png", compress_level=1)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "i2v_cli", "tag", str(folder), "-w", str(tag_weights), "-j", "1", "-b", "1", "-o",
+           str(out)]  # fmt: skip
+    run = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (workers := _children(run.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert workers, "no decoding worker started"
+        time.sleep(1.0)  # it decodes ahead: its batches fill the pipe that nobody will read
+        run.kill()
+        run.wait()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [w for w in workers if Path(f"/proc/{w}").exists()]
+        for w in left:
+            os.kill(w, signal.SIGKILL)
+        assert not left, "the worker outlived its killed run"
+    finally:
+        run.kill()
+    again = subprocess.run([*cmd, "--resume", "-j", "0"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert len(out.read_text().splitlines()) == 80
