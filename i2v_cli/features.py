@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import AtomicFile, describe_oserror
+from .atomic import AtomicFile, describe_oserror, resolve_target
 from .errors import I2VError, OutputError, WriteError
 from .store import same_weights
 from .writers import JsonlWriter, Record, Sink, dumps, path_fields, record_path
@@ -60,10 +60,16 @@ class FeatureFileError(I2VError):
 
 
 def paths_file_for(vectors: PathLike) -> Path:
-    """The paths file that goes with a vectors file: ``vecs.npy`` -> ``vecs.paths.jsonl``."""
+    """The paths file that goes with a vectors file: ``vecs.npy`` -> ``vecs.paths.jsonl``, beside the file a symlink
+    leads to (``-o link.npy`` writes the vectors through the link: their paths must go with them, or the pair at
+    the target would be split)."""
     p = Path(vectors)
-    stem = p.name[: -len(".npy")] if p.name.lower().endswith(".npy") else p.name
-    return p.with_name(stem + PATHS_SUFFIX)
+    return _beside(resolve_target(p) if p.is_symlink() else p)
+
+
+def _beside(vectors: Path) -> Path:
+    stem = vectors.name[: -len(".npy")] if vectors.name.lower().endswith(".npy") else vectors.name
+    return vectors.with_name(stem + PATHS_SUFFIX)
 
 
 def _npy_header(dtype: np.dtype, rows: int, width: int) -> bytes:
@@ -216,7 +222,7 @@ class FeatureWriter(Sink):
             "rows": self.rows,
             "dim": self.dim,
             "dtype": "uint8" if self.binary else "float32",
-            **path_fields("vectors", self.path.name),  # a name that is not UTF-8: shown, plus its exact bytes
+            **path_fields("vectors", resolve_target(self.path).name),  # not UTF-8: shown, plus its exact bytes
             "model": self.model,
             **path_fields("cwd", os.getcwd()),
             "fingerprint": fingerprint,
@@ -370,6 +376,9 @@ def read_features(path: PathLike, *, mmap: bool = True) -> FeatureFile:
         vectors_path = path.with_name(path.name[: -len(PATHS_SUFFIX)] + ".npy")
     else:
         vectors_path, paths_path = path, paths_file_for(path)
+        beside_link = _beside(path)
+        if not paths_path.exists() and beside_link.exists():  # written through the link by i2v before 2026-11-28
+            paths_path = beside_link
     if path != paths_path and not vectors_path.exists():
         raise FeatureFileError(f"{vectors_path}: no such file (write one with `i2v features IMAGES -o {vectors_path}`)")
     header, paths = _read_paths_file(paths_path)

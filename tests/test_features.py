@@ -393,3 +393,24 @@ def test_the_paths_file_of_a_pair_is_never_an_output(runner, feature_weights, ta
         assert "is the paths file of a feature pair" in result.stderr and "Traceback" not in result.stderr
     assert paths.read_bytes() == before and len(read_features(npy).paths) == 3
     assert features(runner, images, "-o", npy, weights=feature_weights).exit_code == 0
+
+
+def test_a_pair_written_through_a_symlink_stays_whole(runner, feature_weights, golden, tmp_path):
+    """-o link.npy (a link to a.npy) replaced a.npy but wrote link.paths.jsonl: a.npy and a.paths.jsonl no longer
+    belonged together and the earlier pair was lost. Both halves now go beside the target; the link stays."""
+    sq, mixed = golden / "images" / "sq", golden / "images" / "mixed"
+    target = tmp_path / "a.npy"
+    assert features(runner, sq, "-o", target, weights=feature_weights).exit_code == 0
+    link = tmp_path / "link.npy"
+    link.symlink_to("a.npy")
+    n = len(list(mixed.iterdir()))
+    result = features(runner, mixed, "-o", link, weights=feature_weights)
+    assert result.exit_code in (0, 1), result.output
+    assert link.is_symlink() and not (tmp_path / "link.paths.jsonl").exists()
+    for name in (target, link, tmp_path / "a.paths.jsonl"):
+        pair = read_features(name)
+        assert len(pair.paths) == pair.vectors.shape[0] and 0 < len(pair.paths) <= n
+    resumed = features(runner, mixed, "-o", link, "--resume", weights=feature_weights)
+    assert resumed.exit_code in (0, 1) and "already in" in resumed.stderr, resumed.output
+    (tmp_path / "a.paths.jsonl").rename(tmp_path / "link.paths.jsonl")  # as i2v wrote it through a link before
+    assert len(read_features(link).paths) == read_features(link).vectors.shape[0]
