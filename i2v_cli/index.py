@@ -120,7 +120,7 @@ class IndexDbError(OutputError):
 
 class DamagedIndexError(IndexDbError):
     """A value stored in the index that i2v did not write so: a BLOB of the wrong length or type (a hand edit,
-    another tool, a damaged disk)."""
+    another tool, a damaged disk), or a file whose pages SQLite finds damaged."""
 
 
 def _damaged(what: str, detail: str) -> DamagedIndexError:
@@ -292,11 +292,15 @@ class Index:
                 f"{shown} is an i2v index of schema version {version}; this i2v reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))}: index the images again into a new file"
             )
-        self._meta = dict(self.conn.execute("SELECT key, value FROM meta"))
-        self._tags: list[str] | None = None
-        self.version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if self.version < SCHEMA_VERSION and not readonly:
-            self._upgrade()
+        try:
+            self._meta = dict(self.conn.execute("SELECT key, value FROM meta"))
+            self._tags: list[str] | None = None
+            self.version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if self.version < SCHEMA_VERSION and not readonly:
+                self._upgrade()
+        except sqlite3.Error as exc:
+            self.conn.close()
+            raise damaged(path, exc) or IndexDbError(f"cannot read the index {shown} ({exc})") from None
 
     def _connect(self, query: str) -> tuple[int, int, int]:
         """Open ``self.path`` with the URI ``query``: its schema version, application id and number of tables."""
@@ -398,8 +402,10 @@ class Index:
     def __enter__(self) -> Index:
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, *_: object) -> None:
         self.close()
+        if isinstance(exc, sqlite3.Error) and (message := damaged(self.path, exc)) is not None:
+            raise message from None  # a damaged file met midway (a search, dupes, an export): one line, not a traceback
 
     # ---- transactions and metadata
 
@@ -648,6 +654,17 @@ class Index:
         )
 
 
+def damaged(path: str, exc: sqlite3.Error) -> DamagedIndexError | None:
+    """The message for an index file SQLite finds damaged (its own DatabaseError, not a subclass: "database disk image
+    is malformed", "file is not a database"), or None for any other error."""
+    if type(exc) is not sqlite3.DatabaseError:
+        return None
+    return DamagedIndexError(
+        f"the index {display(path)} is damaged ({exc}): restore it from a backup, or index the folders again into a "
+        "new --db"
+    )
+
+
 def _uri_path(path: str) -> str:
     from urllib.parse import quote
 
@@ -671,7 +688,9 @@ class _Transaction:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):  # a read-only file or folder, a full disk: a message, not a traceback
-                raise WriteError(f"{display(self.index.path)}: cannot write to the index: {exc}") from None
+                raise damaged(self.index.path, exc) or WriteError(
+                    f"{display(self.index.path)}: cannot write to the index: {exc}"
+                ) from None
             return
         try:
             self.index._flush_sketches()

@@ -549,3 +549,28 @@ def test_damaged_paths_hashes_and_model_records_are_damage_for_the_indexer(tmp_p
         with Index(str(tmp_path / "d.db")) as idx, pytest.raises(DamagedIndexError, match=what):
             idx.known()
             idx.check_models({"source": "t", "sha256": "0"}, {"source": "t", "sha256": "0"}, DIM)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["search", "solo"], ["search", "--like", "/c/00001.png"], ["dupes"], ["export", "--to", "hydrus"], ["index"]],
+)
+def test_an_index_file_damaged_on_disk_is_a_one_line_message(tmp_path, command, golden, tag_weights, feature_weights):
+    """Garbage over the file's pages (a bad disk, a partial copy): SQLite's "database disk image is malformed" was a
+    traceback with exit 1 from every command."""
+    db = str(tmp_path / "c.db")
+    _index(db, np.random.default_rng(0).standard_normal((300, DIM)).astype(np.float32)).close()
+    with open(db, "r+b") as f:
+        f.seek(4096)
+        f.write(b"garbage" * 600)
+    args = [command[0], *command[1:]]
+    if command == ["index"]:
+        (tmp_path / "imgs").mkdir()
+        shutil.copy(golden / "images" / "sq" / "img000.png", tmp_path / "imgs")
+        args = ["index", str(tmp_path / "imgs"), "--tag-weights", str(tag_weights), "--feature-weights",
+                str(feature_weights), "-j", "0"]  # fmt: skip
+    result = CliRunner().invoke(cli, [*args, "--db", db])
+    assert result.exit_code == 2, result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is damaged (database disk image is malformed)" in lines[0], lines
