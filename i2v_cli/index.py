@@ -114,6 +114,10 @@ CREATE TABLE tag_scores (
 )
 
 
+#: SQLite's result code for a full disk (sqlite3.SQLITE_FULL from Python 3.11 on).
+_SQLITE_FULL = 13
+
+
 class IndexDbError(OutputError):
     """An index file that cannot be opened or used: not an i2v index, another schema version, other models."""
 
@@ -282,7 +286,7 @@ class Index:
         except sqlite3.DatabaseError as exc:
             raise IndexDbError(f"{shown} is not an i2v index ({exc})") from None
         if tables == 0 and not readonly:
-            self._create()
+            self._create(made_here=not exists)
         elif app != APPLICATION_ID:
             self.conn.close()
             raise IndexDbError(f"{shown} is an SQLite file, but not an i2v index: choose another --db")
@@ -316,7 +320,9 @@ class Index:
             raise
         return version, app, tables
 
-    def _create(self) -> None:
+    def _create(self, made_here: bool = False) -> None:
+        """Make the tables of a new index. When that fails (a full disk), a file this run ``made_here`` is removed,
+        with SQLite's files beside it: left empty, it was refused later as "not an i2v index"."""
         try:
             self.conn.execute("PRAGMA journal_mode = WAL")
             with self.transaction():
@@ -327,7 +333,16 @@ class Index:
                 self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 self.conn.execute("INSERT INTO meta VALUES ('format', 'i2v-index'), ('tag_floor', ?)", (TAG_FLOOR,))
         except sqlite3.Error as exc:
-            raise IndexDbError(f"cannot create the index {display(self.path)}: {exc}") from None
+            self.conn.close()
+            if made_here:
+                for leftover in (self.path, *(self.path + end for end in ("-wal", "-shm", "-journal"))):
+                    with contextlib.suppress(OSError):
+                        os.unlink(leftover)
+            full = getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "disk is full" in str(exc)
+            message = f"cannot create the index {display(self.path)}: {exc}"
+            if full:
+                raise WriteError(message + " (free some space, or write elsewhere)") from None
+            raise IndexDbError(message) from None
 
     def _upgrade(self) -> None:
         """Version 1 to 2: add the sketch tables and sketch every stored feature (one transaction: a killed

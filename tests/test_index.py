@@ -443,3 +443,13 @@ def test_a_bound_in_scientific_notation_is_a_bound():
     t = TAGS.index
     assert parse("solo>1e-3 long_hair<=5E-1", TAGS) == [
         TagTerm(t("solo"), ">", 1e-3), TagTerm(t("long hair"), "<=", 0.5)]  # fmt: skip
+
+
+def test_a_new_index_on_a_full_disk_is_a_write_error_and_leaves_no_file(runner, weights, collection, full_folder):
+    """SQLite could not make the tables: exit 2 and an empty new.db left behind, which every later command refused as
+    "not an i2v index". Now exit 3, as for a full disk midway, and the half-made file is removed."""
+    db = full_folder / "new.db"
+    result = index(runner, collection, "--db", db, weights=weights)
+    assert result.exit_code == 3, result.output
+    assert "database or disk is full (free some space" in result.stderr and "Traceback" not in result.output
+    assert not any(p.name.startswith("new.db") for p in full_folder.iterdir())
