@@ -21,7 +21,7 @@ import numpy as np
 
 from .atomic import write_bytes
 from .config import NUM_TAGS
-from .errors import I2VError, OutputError
+from .errors import I2VError, OutputError, WriteError
 from .index import Index, stored, stored_name
 from .store import file_identity
 from .tags import Selection, select_tags
@@ -160,6 +160,8 @@ def export(index: Index, kind: str, selection: Selection) -> ExportSummary:
                     break
             else:
                 raise SidecarError(f"{display(target)}: changed by another program at each of {MERGE_TRIES} merges")
+        except WriteError:  # the disk is full (or failing): every other sidecar would fail the same way
+            raise
         except (SidecarError, OutputError) as exc:
             summary.failures.append((target, str(exc)))
     return summary

@@ -164,8 +164,9 @@ def test_a_sidecar_holding_every_keyword_is_left_byte_for_byte():
     assert merge_xmp(SEQ_XMP, ["mytag"]) == SEQ_XMP
 
 
-def test_a_full_disk_is_a_failure_per_sidecar_not_a_traceback(indexed, full_folder):
-    """The disk refusing the write inside write_bytes was a raw OSError traceback."""
+def test_a_full_disk_stops_the_export_with_exit_3(indexed, full_folder):
+    """The disk refusing the write inside write_bytes was a raw OSError traceback, then a failure per sidecar (exit 1,
+    every other one failing the same way); it stops the export at once, exit 3, as for `i2v tag`."""
     folder, db = indexed
     small = full_folder
     os.unlink(small / "fill")  # room for the image, then none for its sidecar
@@ -177,8 +178,8 @@ def test_a_full_disk_is_a_failure_per_sidecar_not_a_traceback(indexed, full_fold
         moved = (os.fsencode(small / "p0.png"), str(small / "p0.png"), str(folder / "p0.png"))
         idx.conn.execute("UPDATE images SET path = ?, path_text = ? WHERE path_text = ?", moved)
     result = export(db, "--to", "xmp", "-t", "0.0")
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and "No space left on device" in result.stderr
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output and result.stderr.count("No space left on device") == 1
     assert sorted(p.name for p in small.iterdir()) == ["fill", "p0.png"]  # no temporary file left
 
 

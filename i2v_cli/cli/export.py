@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..errors import I2VError
+from ..errors import I2VError, WriteError
 from ..index import Index
 from ..sidecars import SIDECAR_KINDS
 from ..sidecars import export as write_sidecars
@@ -56,6 +56,8 @@ def export(db: str, kind: str, threshold: float, fmt: str) -> None:
     try:
         with Index(db, readonly=True) as idx:
             summary = write_sidecars(idx, kind, Selection.make(threshold))
+    except WriteError:  # a full disk: exit 3 (the group says so)
+        raise
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     for path, error in summary.failures:
