@@ -56,19 +56,31 @@ class JobLock:
     def __post_init__(self) -> None:
         self.path = job_file_for(self.output)
         shown = display(self.output)
-        try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as exc:  # the output's folder is missing or not writable: name the output
-            raise OutputError(describe_oserror(self.output, exc)) from None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
-            raise OutputError(
-                f"another i2v run is writing {shown} right now: wait for it to end, or choose another output"
-            ) from None
+        while True:
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except OSError as exc:  # the output's folder is missing or not writable: name the output
+                raise OutputError(describe_oserror(self.output, exc)) from None
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._fd)
+                self._fd = None
+                raise OutputError(
+                    f"another i2v run is writing {shown} right now: wait for it to end, or choose another output"
+                ) from None
+            if self._still_at_path():
+                break
+            os.close(self._fd)  # a run that never started removed it meanwhile (see release): lock the new one
         self.previous = self._read()
+
+    def _still_at_path(self) -> bool:
+        """Whether the file locked is still the one at :attr:`path` (not removed by :meth:`release` meanwhile)."""
+        assert self._fd is not None
+        try:
+            return os.path.samestat(os.fstat(self._fd), os.stat(self.path))
+        except OSError:
+            return False
 
     def _read(self) -> dict[str, Any] | None:
         assert self._fd is not None
@@ -94,8 +106,13 @@ class JobLock:
             raise OutputError(describe_oserror(self.output, exc)) from None
 
     def release(self) -> None:
-        """Let the next run in (closing the file drops the lock)."""
+        """Let the next run in (closing the file drops the lock). A job file still empty (the run was refused before
+        it began: a --db that is not an index, a --resume of another job) is removed first, not left beside the
+        user's files; a run waiting to lock it sees that and locks a new one."""
         if self._fd is not None:
+            with contextlib.suppress(OSError):
+                if os.fstat(self._fd).st_size == 0 and self._still_at_path():
+                    os.unlink(self.path)
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None

@@ -453,3 +453,15 @@ def test_a_new_index_on_a_full_disk_is_a_write_error_and_leaves_no_file(runner, 
     assert result.exit_code == 3, result.output
     assert "database or disk is full (free some space" in result.stderr and "Traceback" not in result.output
     assert not any(p.name.startswith("new.db") for p in full_folder.iterdir())
+
+
+def test_a_refused_db_leaves_no_job_file_beside_it(runner, weights, collection, tmp_path):
+    """`i2v index --db notes.txt` (not an index) was refused, but left an empty .notes.txt.i2v.json beside it."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    result = index(runner, collection, "--db", notes, weights=weights)
+    assert result.exit_code == 2, result.output
+    assert notes.read_text() == "my notes\n" and not (tmp_path / ".notes.txt.i2v.json").exists()
+    db = tmp_path / "c.db"
+    assert index(runner, collection, "--db", db, weights=weights).exit_code == 0
+    assert (tmp_path / ".c.db.i2v.json").stat().st_size > 0  # a run that began keeps its job file

@@ -395,6 +395,31 @@ def test_a_job_file_whose_update_fails_keeps_the_last_status(tmp_path, monkeypat
         again.release()
 
 
+def test_a_run_that_locks_a_job_file_removed_meanwhile_locks_the_new_one(tmp_path, monkeypatch):
+    """A refused run removes its empty job file on release; a run that opened it just before must not keep a lock on
+    the removed file (a third run would then lock a new one and write the same output at once)."""
+    import fcntl
+
+    import i2v_cli.resume as resume
+
+    out = str(tmp_path / "out.jsonl")
+    first = JobLock(out, make_job("tag", "jsonl", {}, {}))
+    real, calls = fcntl.flock, [0]
+
+    def released_just_before(fd, op):
+        calls[0] += 1
+        if calls[0] == 1:
+            first.release()  # between the second run's open and its lock
+        return real(fd, op)
+
+    monkeypatch.setattr(resume.fcntl, "flock", released_just_before)
+    second = JobLock(out, make_job("tag", "jsonl", {}, {}))
+    try:
+        assert calls[0] == 2 and os.path.samestat(os.fstat(second._fd), os.stat(second.path))
+    finally:
+        second.release()
+
+
 # 7. Write errors are messages ----------------------------------------------------------------------------------
 
 
