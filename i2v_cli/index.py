@@ -114,8 +114,9 @@ CREATE TABLE tag_scores (
 )
 
 
-#: SQLite's result code for a full disk (sqlite3.SQLITE_FULL from Python 3.11 on).
+#: SQLite's result codes for a full disk, and for a damaged file (SQLITE_CORRUPT, SQLITE_NOTADB).
 _SQLITE_FULL = 13
+_DAMAGE_CODES = (11, 26)
 
 
 class IndexDbError(OutputError):
@@ -670,9 +671,14 @@ class Index:
 
 
 def damaged(path: str, exc: sqlite3.Error) -> DamagedIndexError | None:
-    """The message for an index file SQLite finds damaged (its own DatabaseError, not a subclass: "database disk image
-    is malformed", "file is not a database"), or None for any other error."""
-    if type(exc) is not sqlite3.DatabaseError:
+    """The message for an index file SQLite finds damaged ("database disk image is malformed", "file is not a
+    database"), or None for any other error."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11 on; before, the message says it
+    if code is not None and code & 0xFF not in _DAMAGE_CODES:
+        return None
+    if code is None and not (
+        type(exc) is sqlite3.DatabaseError and ("malformed" in str(exc) or "not a database" in str(exc))
+    ):
         return None
     return DamagedIndexError(
         f"the index {display(path)} is damaged ({exc}): restore it from a backup, or index the folders again into a "

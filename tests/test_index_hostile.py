@@ -574,3 +574,14 @@ def test_an_index_file_damaged_on_disk_is_a_one_line_message(tmp_path, command, 
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "is damaged (database disk image is malformed)" in lines[0], lines
+
+
+def test_damage_is_told_from_other_sqlite_errors():
+    """By SQLite's result code where Python gives it (3.11 on), else by its message; "not authorized" (a read-only
+    index's upgrade) is not damage."""
+    from i2v_cli.index import damaged
+
+    assert damaged("c.db", sqlite3.DatabaseError("database disk image is malformed")) is not None
+    assert damaged("c.db", sqlite3.DatabaseError("file is not a database")) is not None
+    assert damaged("c.db", sqlite3.DatabaseError("not authorized")) is None
+    assert damaged("c.db", sqlite3.OperationalError("database or disk is full")) is None
