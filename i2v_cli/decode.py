@@ -197,6 +197,11 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:g} MiB" if n % 2**20 == 0 else f"{n:,} bytes"
 
 
+#: Added to "a text file, not an image" for a file not named like an image: the CLI's advice (the server's temporary
+#: upload files are not named like images either, and it takes the advice out).
+PATH_LIST_HINT = " (to read image paths listed in a file use `i2v tag - < FILE`)"
+
+
 def _unidentified_message(name: str, kind: str) -> str:
     """Why Pillow could not identify a file, from what its first bytes say it is."""
     if kind in _PLUGINS and kind not in _plugins_loaded and not (kind == "avif" and features.check("avif")):
@@ -205,7 +210,7 @@ def _unidentified_message(name: str, kind: str) -> str:
     if kind in IMAGE_KINDS:
         return f"{name}: truncated or corrupt {describe(kind)} file (its header cannot be read)"
     if kind == "text":
-        hint = "" if is_image_name(name) else " (to read image paths listed in a file use `i2v tag - < FILE`)"
+        hint = "" if is_image_name(name) else PATH_LIST_HINT
         return f"{name}: a text file, not an image{hint}"
     if kind == "unknown":
         return f"{name}: not an image, or in a format Pillow cannot read (unknown file type)"

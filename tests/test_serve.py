@@ -346,6 +346,120 @@ def test_a_file_changed_since_indexing_is_not_served(client, collection):
     assert Path(path).read_bytes() == saved
 
 
+def swap_in(path: Path, data: bytes, like: Path) -> None:
+    """Write ``data`` to ``path`` and give it the mtime of ``like``."""
+    path.write_bytes(data)
+    st = like.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_symlink_or_folder_swapped_in_with_the_indexed_size_and_mtime_is_not_served(client, collection):
+    """The indexed size and mtime were all that was checked, through symlinks: a symlink put in an indexed file's
+    place, or a symlinked folder in its folder's, leading to another file of that size and mtime, had that file
+    served (and thumbnailed)."""
+    hit = client.get("/v1/search?q=").json()["results"][1]
+    path = Path(hit["path"])
+    size = path.stat().st_size
+    secret_folder = collection.parent / "secret"
+    secret_folder.mkdir()
+    secret = secret_folder / path.name
+    swap_in(secret, b"S" * size, path)
+    try:
+        os.replace(path, f"{path}.bak")
+        os.symlink(secret, path)  # the file's name now leads to another file of the same size and mtime
+        for suffix in ("", "/thumb"):
+            reply = client.get(f"/v1/images/{hit['id']}{suffix}")
+            assert reply.status == 404 and b"SSSS" not in reply.body, (suffix, reply.status)
+            assert "changed since it was indexed" in reply.json()["error"]
+        os.unlink(path)
+        os.replace(f"{path}.bak", path)
+        os.replace(collection, f"{collection}.bak")
+        os.symlink(secret_folder, collection)  # the folder's name now leads to another folder
+        assert Path(hit["path"]).read_bytes() == b"S" * size
+        reply = client.get(f"/v1/images/{hit['id']}")
+        assert reply.status == 404 and b"SSSS" not in reply.body
+    finally:
+        if collection.is_symlink():
+            os.unlink(collection)
+            os.replace(f"{collection}.bak", collection)
+        if path.is_symlink():
+            os.unlink(path)
+            os.replace(f"{path}.bak", path)
+        shutil.rmtree(secret_folder)
+    reply = client.get(f"/v1/images/{hit['id']}")
+    assert reply.status == 200 and reply.body == path.read_bytes()  # the indexed file back in its place: served
+
+
+def test_files_indexed_through_symlinks_are_served(collection, tag_weights, feature_weights, tmp_path):
+    """``i2v index`` indexes a symlink to an image, and a path through a symlinked folder, under the link's name:
+    such files are served, while their bytes are the indexed ones."""
+    real = tmp_path / "real"
+    real.mkdir()
+    first, second = images(collection)[:2]
+    shutil.copy(first, real / first.name)
+    (real / f"link{second.suffix}").symlink_to(second)  # a symlink to an image elsewhere
+    (tmp_path / "via").symlink_to(real)  # and the folder indexed through a symlink
+    db = tmp_path / "linked.db"
+    weights = ["--tag-weights", str(tag_weights), "--feature-weights", str(feature_weights)]
+    result = CliRunner().invoke(cli, ["index", str(tmp_path / "via"), "--db", str(db), *weights, "-j", "0"])
+    assert result.exit_code == 0, result.output
+    from i2v_cli.index import Index
+    from i2v_cli.serve.service import IndexReader, NotFound
+
+    reader = IndexReader(Index(str(db), readonly=True))
+    try:
+        hits = reader.search("")
+        assert sorted(os.path.basename(h["path"]) for h in hits) == sorted([first.name, f"link{second.suffix}"])
+        for hit in hits:
+            assert hit["path"].startswith(str(tmp_path / "via"))
+            data, _ = reader.open_file(hit["id"])
+            assert data == Path(hit["path"]).read_bytes()
+            assert reader.thumbnail(hit["id"]).startswith(b"\xff\xd8\xff")
+        copied = next(h for h in hits if not os.path.islink(h["path"]))
+        st = os.stat(copied["path"])
+        with open(copied["path"], "r+b") as f:  # other bytes, the same size and mtime: not the indexed file
+            f.write(b"\0" * 16)
+        os.utime(copied["path"], ns=(st.st_atime_ns, st.st_mtime_ns))
+        with pytest.raises(NotFound, match="changed since it was indexed"):
+            reader.open_file(copied["id"])
+    finally:
+        reader.close()
+
+
+def test_similar_takes_one_image(client, collection):
+    """Several images to /v1/similar were answered for the last one alone, silently."""
+    first, second = images(collection)[:2]
+    reply = client.post_files("/v1/similar", [(first.name, first.read_bytes()), (second.name, second.read_bytes())])
+    assert reply.status == 422 and reply.json() == {
+        "error": "/v1/similar takes one image; 2 were sent (one request per image)"
+    }
+    assert client.post_files("/v1/similar", [(first.name, first.read_bytes())]).status == 200
+
+
+def test_errors_over_http_have_no_cli_advice(client):
+    """A text upload's error advised `i2v tag - < FILE`, a command line an HTTP client has no use for."""
+    reply = client.post_files("/v1/tag", [("notes.txt", b"a.png\nb.png\n")])
+    assert reply.status == 422 and reply.json()["error"] == "notes.txt: a text file, not an image"
+
+
+def test_a_multipart_body_cut_short_is_400(client, collection):
+    """A multipart body cut before its closing boundary was a 422 "image: Field required", or was answered without
+    its last image, unsaid (the form parser drops a part never closed)."""
+    good = images(collection)[0]
+    body, ctype = multipart([(good.name, good.read_bytes()), ("second.png", good.read_bytes())])
+    whole = client.request("POST", "/v1/tag", body, {"Content-Type": ctype})
+    assert whole.status == 200 and len(whole.json()["records"]) == 2
+    boundary = ctype.split("boundary=")[1]
+    closing = f"--{boundary}--\r\n".encode()
+    assert body.endswith(closing)
+    for cut in (body[: -len(closing)], body[: -len(closing) - 100], body[:60]):
+        for route in ("/v1/tag", "/v1/features", "/v1/similar"):
+            reply = client.request("POST", route, cut, {"Content-Type": ctype})
+            assert reply.status == 400, (route, len(cut), reply.body)
+            assert reply.json() == {"error": "the multipart body is malformed or incomplete (no closing boundary)"}
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
 def test_page_lists_and_searches_the_index(client):
     page = client.get("/")
     assert page.status == 200 and page.body.count(b'class="') > 0
@@ -419,6 +533,42 @@ def test_serve_command_stops_gracefully_on_sigterm(db, tag_weights, feature_weig
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "i2v: serving http://127.0.0.1:" in err and "Traceback" not in err
+    assert not any(p.name.startswith("i2v-serve-") for p in tmp_path.iterdir())  # its temporary folder removed
+
+
+@pytest.mark.timeout(120)
+def test_a_second_sigterm_forces_the_exit(db, tag_weights, feature_weights, tmp_path):
+    """Only a second Ctrl-C forced the exit (uvicorn's rule): a second SIGTERM, what process managers send, was
+    ignored while a request was in flight, and the server outlived their grace period (up to --timeout, 60 s)."""
+    import socket
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "i2v_cli", "serve", "--db", str(db), "--port", "0", "--tag-weights", str(tag_weights),
+         "--feature-weights", str(feature_weights), "--device", "cpu"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        line = proc.stderr.readline()
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        wait_until_healthy(Client(f"http://127.0.0.1:{port}"))
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /v1/tag HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                     b"Content-Length: 100000\r\n\r\n--x\r\n")  # fmt: skip  # and the rest of the body trickles
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert proc.poll() is None  # the first waits for the request in flight
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+        assert time.monotonic() - t < 5
+        slow.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
     assert not any(p.name.startswith("i2v-serve-") for p in tmp_path.iterdir())  # its temporary folder removed
 
 

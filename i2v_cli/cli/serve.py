@@ -97,7 +97,8 @@ def serve(
     """Serve the tagger, the feature model and an index over HTTP: a JSON API and a web page.
 
     The models are loaded once; images of concurrent requests are gathered into network batches. Loopback
-    only unless --token is given; SIGTERM or Ctrl-C lets the requests in flight finish, then stops.
+    only unless --token is given; SIGTERM or Ctrl-C lets the requests in flight finish, then stops (a second
+    SIGTERM or Ctrl-C stops at once).
 
     \b
     Examples:
@@ -119,6 +120,7 @@ def serve(
     from ..errors import I2VError
     from ..inference import describe
     from ..serve.guard import check_bind, guarded_protocol, listening_sockets
+    from ..serve.server import Server
     from ..serve.service import Settings, load_service
     from ..writers import display
 
@@ -153,4 +155,4 @@ def serve(
     where = f", index {display(db)}" if db else ""
     port = socks[0].getsockname()[1]  # the real one when 0 was asked for
     click.echo(f"i2v: serving http://{shown}:{port}/ ({describe(service.nets['tag'])}{where})", err=True)
-    uvicorn.Server(config).run(sockets=socks)
+    Server(config, on_forced=service.abandon).run(sockets=socks)

@@ -238,7 +238,7 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
     @app.post("/v1/similar")
     async def similar(
         request: Request,
-        image: UploadFile = File(..., description="An image file."),  # noqa: B008
+        image: list[UploadFile] = File(..., description="One image file (several: 422)."),  # noqa: B008
         q: str = Query("", description="Only images matching this query."),
         k: int = Query(10, ge=1, le=MAX_K),
         threshold: float = Query(0.5, ge=0.0, le=1.0),
@@ -246,7 +246,9 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
         """The indexed images most similar to the uploaded one (cosine of the features), best first."""
         need("feature")
         reader = index()
-        (result,) = await timed(request, service.run("feature", await read_uploads([image])))
+        if len(image) > 1:  # the last one was used, silently: the others' neighbours were never asked for
+            raise ApiError(422, f"/v1/similar takes one image; {len(image)} were sent (one request per image)")
+        (result,) = await timed(request, service.run("feature", await read_uploads(image)))
         if result.output is None:
             raise ApiError(422, result.error or "the image cannot be read")
         hits = await run_in_threadpool(lambda: reader.search(q, threshold=threshold, like=result.output, k=k))

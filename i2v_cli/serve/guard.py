@@ -6,7 +6,8 @@ the time limit on receiving the body. A plain ASGI middleware, so it holds for e
 - **Host**: without a token the server is loopback-only, and a request whose ``Host`` is not a loopback name is
   refused (421), so a web page cannot reach it by DNS rebinding.
 - **Body**: larger than the limit is 413 (from Content-Length before reading, or counted while reading); a body
-  that does not arrive within the request timeout is 408. The body is read whole here, then handed on.
+  that does not arrive within the request timeout is 408. The body is read whole here, then handed on; a
+  multipart/form-data body without its closing boundary (cut short) is 400.
 """
 
 from __future__ import annotations
@@ -212,6 +213,9 @@ class Guard:
             return
         if body is None:
             return  # the client went away
+        if multipart_incomplete(_header(scope, b"content-type"), body):
+            await send_error(send, 400, "the multipart body is malformed or incomplete (no closing boundary)")
+            return
 
         sent = False
 
@@ -287,6 +291,23 @@ def listening_sockets(host: str, port: int) -> list[Any]:
     return socks
 
 
+def multipart_incomplete(content_type: str | None, body: bytes) -> bool:
+    """Whether ``body``, sent as multipart/form-data with a boundary, lacks its closing delimiter ``--BOUNDARY--``.
+
+    The form parser ends such a body quietly: its last part, never closed, is dropped, so a cut upload was a 422
+    "image: Field required", or the request answered without its last image. (No boundary at all is left to the
+    form parser, which says so.)"""
+    if content_type is None:
+        return False
+    from python_multipart.multipart import parse_options_header
+
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        return False
+    return b"--" + boundary + b"--" not in body
+
+
 def guarded_protocol(timeout_s: float, max_connections: int | None = None) -> type:
     """uvicorn's h11 protocol with what it lacks against clients that stall, and JSON for its own errors:
 
@@ -339,7 +360,8 @@ def guarded_protocol(timeout_s: float, max_connections: int | None = None) -> ty
             body = json.dumps({"error": f"not an HTTP request i2v can read: {msg}"}).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                        (b"connection", b"close")]  # fmt: skip
-            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body), h11.EndOfMessage()):
+            answer = h11.Response(status_code=400, headers=headers, reason=b"Bad Request")
+            for event in (answer, h11.Data(data=body), h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
             self.transport.close()
 

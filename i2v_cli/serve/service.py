@@ -5,6 +5,7 @@ batcher, records made by the pipeline's record stage, and read-only access to an
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 import stat
@@ -68,15 +69,24 @@ class Service:
         self.batcher = Batcher(nets, device, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
         self.decoder = UploadDecoder()
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="i2v-decode")
-        self.index = IndexReader(index) if index is not None else None
+        self.index = IndexReader(index, self.decoder) if index is not None else None
+        self._abandoned = False
 
     def close(self) -> None:
-        """Finish what is queued, then let the threads and the temporary folder go."""
+        """Finish what is queued, then let the threads and the temporary folder go (nothing, once abandoned)."""
+        if self._abandoned:
+            return
         self.batcher.close()
         self.pool.shutdown(wait=True)
         self.decoder.close()
         if self.index is not None:
             self.index.close()
+
+    def abandon(self) -> None:
+        """A forced exit (a second SIGTERM or Ctrl-C): the temporary folder goes now, and :meth:`close` then waits
+        for nothing, neither the queued images nor the decodes under way; the process is about to end."""
+        self._abandoned = True
+        self.decoder.discard()
 
     def health(self) -> dict[str, Any]:
         """What /healthz reports: the models and what runs them, the index, the batches run so far."""
@@ -139,15 +149,20 @@ class Service:
 
 
 class IndexReader:
-    """Read-only access to an index for the API: searches and the files of indexed images, by row id only."""
+    """Read-only access to an index for the API: searches and the files of indexed images, by row id only.
+    ``decoder`` decodes the bytes of a file read for a thumbnail (a new one is made when none is given)."""
 
-    def __init__(self, index: Any) -> None:
+    def __init__(self, index: Any, decoder: UploadDecoder | None = None) -> None:
         self.index = index
+        self._own_decoder = decoder is None
+        self.decoder = decoder if decoder is not None else UploadDecoder()
         self.lock = threading.Lock()
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
     def close(self) -> None:
         self.index.close()
+        if self._own_decoder:
+            self.decoder.close()
 
     def summary(self) -> dict[str, Any]:
         with self.lock:
@@ -178,11 +193,12 @@ class IndexReader:
         """An indexed image's stored facts (no scores); NotFound for an id the index does not hold."""
         with self.lock:
             found = self.index.conn.execute(
-                "SELECT path, size, mtime_ns, width, height, format, error, rating FROM images WHERE id = ?", (image,)
+                "SELECT path, size, mtime_ns, sha256, width, height, format, error, rating FROM images WHERE id = ?",
+                (image,),
             ).fetchone()
         if found is None:
             raise NotFound(f"no indexed image {image}")
-        keys = ("path", "size", "mtime_ns", "width", "height", "format", "error", "rating")
+        keys = ("path", "size", "mtime_ns", "sha256", "width", "height", "format", "error", "rating")
         row = dict(zip(keys, found, strict=True))
         from ..index import stored_name
 
@@ -201,8 +217,15 @@ class IndexReader:
 
     def open_file(self, image: int) -> tuple[bytes, str | None]:
         """The bytes of an indexed image's file, and its format. The path comes from the index, never from a
-        request; the file must still be a regular file of the indexed size and mtime (else NotFound)."""
+        request; the file must still be a regular file of the indexed size and mtime (else NotFound, before it is
+        read), and its bytes must be the indexed ones: their SHA-256 is the index's (else NotFound).
+
+        The hash is what makes this safe: size and mtime are the target's when a symlink (at the file's name or
+        at a folder on its path) was put in its place, and whoever can write to the indexed folders can give a
+        file any size and mtime. Symlinks are followed, not refused, because ``i2v index`` indexes a symlink to
+        an image, and a path through a symlinked folder, under the link's name: those files stay served."""
         row = self.row(image)
+        changed = f"the file of indexed image {image} changed since it was indexed: run `i2v index` again"
         try:
             fd = os.open(row["path"], os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
         except OSError:
@@ -210,14 +233,22 @@ class IndexReader:
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode) or st.st_size != row["size"] or st.st_mtime_ns != row["mtime_ns"]:
-                raise NotFound(f"the file of indexed image {image} changed since it was indexed: run `i2v index` again")
-            return f.read(), row["format"]
+                raise NotFound(changed)
+            try:
+                data = f.read(row["size"] + 1)  # one byte more: a file grown since the fstat is not the indexed one
+            except OSError:
+                raise NotFound(f"the file of indexed image {image} cannot be read") from None
+        if hashlib.sha256(data).digest() != bytes(row["sha256"]):
+            raise NotFound(changed)
+        return data, row["format"]
 
     def thumbnail(self, image: int) -> bytes:
-        """A JPEG of at most THUMB_SIZE pixels a side of an indexed image (decoded with the CLI's checks)."""
+        """A JPEG of at most THUMB_SIZE pixels a side of an indexed image (decoded with the CLI's checks, from the
+        bytes :meth:`open_file` read and checked: the path is not opened a second time, when it might lead
+        elsewhere)."""
         from PIL import Image
 
-        from ..decode import image_to_array, open_image
+        from ..decode import image_to_array
 
         row = self.row(image)
         key = (image, row["mtime_ns"])
@@ -226,9 +257,8 @@ class IndexReader:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
         data, _ = self.open_file(image)  # the same checks as the full image
-        del data
         try:
-            img = Image.fromarray(image_to_array(open_image(row["path"])))
+            img = Image.fromarray(image_to_array(self.decoder.open_image(data, row["path"])))
         except ImageDecodeError as exc:
             raise NotFound(f"indexed image {image} cannot be decoded now: {exc}") from None
         img.thumbnail((THUMB_SIZE, THUMB_SIZE))
