@@ -222,6 +222,23 @@ def test_a_caption_that_links_to_another_image_fails_that_image_only(dataset, ta
     assert "1 written" in result.stderr
 
 
+def _fail_at_the_third_caption(dataset, golden, monkeypatch, error):
+    """Two more images in dataset/a (four), and the third caption written raises ``error(record)``."""
+    import i2v_cli.pipeline as pipeline
+
+    for i in range(2, 4):
+        shutil.copy(golden / "images" / "sq" / f"img00{i - 2}.png", dataset / "a" / f"img{i}.png")
+    real, calls = pipeline.write_caption, [0]
+
+    def failing_at_the_third(record, options):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise error(record)
+        return real(record, options)
+
+    monkeypatch.setattr(pipeline, "write_caption", failing_at_the_third)
+
+
 def test_records_reach_the_output_only_after_their_captions(dataset, tag_weights, golden, monkeypatch):
     """A run stopped while writing a batch's captions (SIGTERM) records none of that batch, so --resume
     captions every image."""
@@ -230,18 +247,9 @@ def test_records_reach_the_output_only_after_their_captions(dataset, tag_weights
     import i2v_cli.pipeline as pipeline
     from i2v_cli.errors import Interrupted
 
-    for i in range(2, 4):
-        shutil.copy(golden / "images" / "sq" / f"img00{i - 2}.png", dataset / "a" / f"img{i}.png")
-    real, calls = pipeline.write_caption, [0]
-
-    def killed_at_the_third(record, options):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise Interrupted(signal.SIGTERM)
-        return real(record, options)
-
+    real = pipeline.write_caption
+    _fail_at_the_third_caption(dataset, golden, monkeypatch, lambda record: Interrupted(signal.SIGTERM))
     out = dataset / "out.jsonl"
-    monkeypatch.setattr(pipeline, "write_caption", killed_at_the_third)
     result = tag(dataset / "a", "--captions", "-b", "2", "-o", out, weights=tag_weights)
     assert result.exit_code == 128 + signal.SIGTERM, result.stderr
     recorded = [json.loads(line)["path"] for line in out.read_text().splitlines()]
@@ -297,22 +305,14 @@ def test_a_full_disk_under_the_captions_keeps_the_records_written_so_far(
     written (a JSON file was thrown away before), and exit 3 names the caption."""
     import errno
 
-    import i2v_cli.pipeline as pipeline
     from i2v_cli.atomic import describe_oserror
     from i2v_cli.errors import WriteError
 
-    for i in range(2, 4):
-        shutil.copy(golden / "images" / "sq" / f"img00{i - 2}.png", dataset / "a" / f"img{i}.png")
-    real, calls = pipeline.write_caption, [0]
+    def full(record):
+        return WriteError(describe_oserror(record["path"], OSError(errno.ENOSPC, "No space left on device")))
 
-    def full_at_the_third(record, options):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise WriteError(describe_oserror(record["path"], OSError(errno.ENOSPC, "No space left on device")))
-        return real(record, options)
-
+    _fail_at_the_third_caption(dataset, golden, monkeypatch, full)
     out = tmp_path / f"out.{fmt}"
-    monkeypatch.setattr(pipeline, "write_caption", full_at_the_third)
     result = tag(dataset / "a", "--captions", "-b", "1", "-o", out, weights=tag_weights)
     assert result.exit_code == 3, result.stderr
     assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
