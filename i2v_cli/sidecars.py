@@ -11,8 +11,11 @@ sidecar that cannot be parsed is left as it is and reported. Every sidecar is wr
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import stat
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -74,11 +77,12 @@ def merge_hydrus(existing: str | None, new: Sequence[str]) -> str:
 def merge_xmp(existing: str | None, new: Sequence[str], name: str = "sidecar") -> str:
     """An XMP packet whose ``dc:subject`` bag holds its keywords, then the new ones not already there; every
     other element of an existing packet is kept."""
+    prefixes: dict[str, str] = {}
     if existing is None or not existing.strip():
         root = ET.Element(f"{{{_NS['x']}}}xmpmeta")
     else:
         try:
-            root = ET.fromstring(existing.encode("utf-8"))
+            root, prefixes = _parse(existing.encode("utf-8"))
         except ET.ParseError as exc:
             raise SidecarError(f"{name}: not XML ({exc}); left as it is") from None
     rdf = root if root.tag == f"{{{_NS['rdf']}}}RDF" else root.find(f"{{{_NS['rdf']}}}RDF")
@@ -108,7 +112,39 @@ def merge_xmp(existing: str | None, new: Sequence[str], name: str = "sidecar") -
     if not added and existing is not None and existing.strip():
         return existing  # nothing to add: the file is left byte for byte (its comments, its prefixes)
     ET.indent(root, space=" ")
-    return _PACKET_BEGIN + ET.tostring(root, encoding="unicode") + _PACKET_END
+    return _PACKET_BEGIN + _serialize(root, prefixes) + _PACKET_END
+
+
+def _parse(data: bytes) -> tuple[ET.Element, dict[str, str]]:
+    """An XMP packet's tree, its comments and processing instructions kept, and the prefixes it gives its namespaces
+    (uri -> prefix): ElementTree drops both, so a merged sidecar lost its comments and had ``xmp:Rating`` renamed
+    ``ns2:Rating``."""
+    root = ET.fromstring(data, ET.XMLParser(target=ET.TreeBuilder(insert_comments=True, insert_pis=True)))
+    prefixes: dict[str, str] = {}
+    for _, (prefix, uri) in ET.iterparse(io.BytesIO(data), events=("start-ns",)):
+        if prefix:
+            prefixes.setdefault(uri, prefix)
+    return root, prefixes
+
+
+_SERIALIZE = threading.Lock()
+
+
+def _serialize(root: ET.Element, prefixes: dict[str, str]) -> str:
+    """``root`` as text, each namespace under the packet's own prefix (ElementTree knows prefixes only through its
+    global registry: registered for this call, under a lock, then put back)."""
+    with _SERIALIZE:
+        registry = getattr(ET, "_namespace_map", {})  # CPython's; without it the prefixes stay registered
+        saved = dict(registry)
+        try:
+            for uri, prefix in prefixes.items():
+                if uri not in _NS.values():
+                    with contextlib.suppress(ValueError):  # a prefix ElementTree reserves (ns0, ...): its own then
+                        ET.register_namespace(prefix, uri)
+            return ET.tostring(root, encoding="unicode")
+        finally:
+            registry.clear()
+            registry.update(saved)
 
 
 @dataclass

@@ -213,3 +213,22 @@ def test_a_sidecar_written_by_another_run_meanwhile_is_merged_again(indexed, mon
 def test_a_hydrus_line_is_cut_at_newlines_only():
     """str.splitlines also cut at \\u2028, \\x0b and \\x1c: one tag of the user's became two."""
     assert merge_hydrus("a\u2028b\nc\x1cd\r\n", ["e"]) == "a\u2028b\nc\x1cd\ne\n"
+
+
+def test_a_merged_sidecar_keeps_its_comments_and_prefixes():
+    """Merging dropped the packet's comments and renamed its other namespaces' prefixes (xmp:Rating -> ns2:Rating);
+    the values stayed readable, the file was no longer the user's."""
+    xmp = SEQ_XMP.replace(
+        'xmlns:dc="http://purl.org/dc/elements/1.1/"',
+        'xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmp:Rating="3"',
+    )
+    merged = merge_xmp(xmp, ["a"])
+    assert "<!-- mine -->" in merged and 'xmp:Rating="3"' in merged and "ns0:" not in merged and "ns1:" not in merged
+    assert merged.index("mytag") < merged.index(">a<")
+    import xml.etree.ElementTree as ET
+
+    assert "xmp" not in ET._namespace_map.values()  # the packet's prefix was not left in ElementTree's registry
+    if EXIFTOOL is not None:
+        out = subprocess.run([EXIFTOOL, "-j", "-XMP:all", "-"], input=merged, capture_output=True, text=True)
+        got = json.loads(out.stdout)[0]
+        assert got["Subject"] == ["mytag", "a"] and got["Rating"] == 3
