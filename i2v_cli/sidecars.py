@@ -71,7 +71,9 @@ def merge_hydrus(existing: str | None, new: Sequence[str]) -> str:
     lines = [] if existing is None else [line.strip() for line in existing.split("\n") if line.strip()]
     have = set(lines)
     lines.extend(t for t in new if t not in have and not have.add(t))  # type: ignore[func-returns-value]
-    return "".join(line + "\n" for line in lines)
+    windows = existing is not None and existing.count("\n") == existing.count("\r\n") > 0
+    end = "\r\n" if windows else "\n"  # the file's own line ends, when they are all Windows'
+    return "".join(line + end for line in lines)
 
 
 def merge_xmp(existing: str | None, new: Sequence[str], name: str = "sidecar") -> str:

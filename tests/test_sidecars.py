@@ -121,6 +121,7 @@ def test_hydrus_sidecars(indexed):
 def test_merge_functions():
     assert merge_hydrus(None, ["a", "b"]) == "a\nb\n"
     assert merge_hydrus("b\n\nc\n", ["a", "b"]) == "b\nc\na\n"
+    assert merge_hydrus("b\r\nc\r\n", ["a"]) == "b\r\nc\r\na\r\n"  # a Windows file keeps its line ends
     xmp = merge_xmp(None, ["x", "y"])
     assert xmp.count("<rdf:li>") == 2 and merge_xmp(xmp, ["y", "x"]) == xmp
     assert "<rdf:li>z</rdf:li>" in merge_xmp(xmp, ["z"])
