@@ -26,6 +26,7 @@ import gc
 import multiprocessing
 import os
 import queue
+import signal
 import struct
 import sys
 import threading
@@ -79,6 +80,14 @@ class _WorkerProcess(context.ForkProcess if sys.platform != "win32" else context
             _forking.worker = False
 
     def run(self) -> None:
+        # The parent's signal handlers came with the fork: Ctrl-C at a terminal (SIGINT to the whole process group)
+        # raised its "interrupted" in the worker too, which then left its loop and waited at exit for its queue's
+        # feeder, blocked on a pipe nobody read, with SIGTERM ignored (the handler's clean-up rule): the parent's
+        # shutdown waited for it for ever. Ctrl-C is the parent's to handle (it stops the workers); SIGTERM and
+        # SIGHUP end a worker at once.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
         threading.Thread(target=_leave_with, args=(self._i2v_parent,), name="i2v-parent-watch", daemon=True).start()
         super().run()
 

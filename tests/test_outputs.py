@@ -7,6 +7,7 @@ that cannot lie.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -336,6 +337,57 @@ def test_sigterm_and_sighup_keep_the_work_like_ctrl_c(tmp_path, tag_weights, sig
     records = json.loads(out.read_text())  # a whole JSON list of the records done
     assert 0 < len(records) < n
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".i2v-")] == []
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_at_a_terminal_stops_a_run_with_workers(tmp_path, tag_weights):
+    """Ctrl-C sends SIGINT to the whole process group: the workers got the run's own handler, left their loops and
+    waited at exit, ignoring the SIGTERM meant to end them, so the run never ended (it hung with -j 2)."""
+    imgs = tmp_path / "many"
+    imgs.mkdir()
+    for i in range(300):
+        _picture((320, 240), seed=i).save(imgs / f"i{i:03d}.png")
+    out = tmp_path / "out.jsonl"
+    cmd = _i2v("tag", str(imgs), "--weights", str(tag_weights), "-b", "1", "-j", "2", "-o", str(out))
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, start_new_session=True)  # its own group, as at a terminal
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not (out.exists() and out.stat().st_size):
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and 0 < len(out.read_text().splitlines()) < 300
+
+
+def test_a_signal_that_a_library_turned_into_its_own_error_is_still_an_interruption(
+    tmp_path, folder, tag_weights, monkeypatch
+):
+    """Ctrl-C while the weights loaded came out of the safetensors reader as "not a valid safetensors file" (exit 2):
+    the signal came first, so it is exit 130. (Here the handler runs inside the output check, whose error stands
+    for the library's.)"""
+    from i2v_cli import writers
+    from i2v_cli.cli import common
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def interrupted_inside(*args, **kwargs):
+        try:
+            common._raise_interrupted(signal.SIGINT, None)  # the handler, run inside native code...
+        except KeyboardInterrupt:
+            raise OutputError("x.safetensors is not a valid safetensors file (truncated or corrupt)") from None
+
+    monkeypatch.setattr(writers, "check_output", interrupted_inside)
+    try:
+        result = tag(folder, "-o", tmp_path / "out.jsonl", weights=tag_weights)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert result.exit_code == 130, result.output
+    assert "not a valid safetensors" not in result.stderr and "interrupted" in result.stderr
 
 
 def test_sigpipe_ends_quietly(tmp_path, folder, tag_weights):

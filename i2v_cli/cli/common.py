@@ -75,15 +75,23 @@ def one_line(text: str) -> str:
     return _one_line(text)
 
 
+#: The signal that stopped the run, once one came (see I2VGroup.invoke).
+_stopped_by: int | None = None
+
+
 def _raise_interrupted(signum: int, _frame: object) -> None:
     # Once: a second signal during the clean-up that the first one started must not cut that clean-up short.
+    global _stopped_by
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    _stopped_by = signum
     raise Interrupted(signum)
 
 
 def install_signal_handlers() -> None:
     """SIGINT, SIGTERM and SIGHUP all stop the run the way Ctrl-C does: sinks keep the work done so far."""
+    global _stopped_by
+    _stopped_by = None  # a new run (the CLI invoked again in one process, as tests do)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays ignored
             signal.signal(sig, _raise_interrupted)
@@ -129,7 +137,15 @@ class I2VGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except (I2VError, click.ClickException, OSError) as exc:
+                # The interruption raised inside a library's native code (the safetensors reader while weights
+                # load) came out as that library's own error ("not a valid safetensors file", exit 2): the signal
+                # came first, so the run was interrupted.
+                if _stopped_by is not None:
+                    raise Interrupted(_stopped_by) from exc
+                raise
         except WriteError as exc:
             raise WriteFailure(str(exc)) from None
         except I2VError as exc:
