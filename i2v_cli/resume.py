@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import describe_oserror, resolve_target
-from .errors import OutputError
+from .atomic import DISK_ERRNOS, describe_oserror, resolve_target
+from .errors import OutputError, WriteError
 from .store import how_weights_differ, same_weights
 from .writers import CSV_COLUMNS, display, record_path, writes_in_place
 
@@ -41,6 +41,12 @@ def job_file_for(output: str | os.PathLike[str]) -> Path:
     a symlink leads to)."""
     target = resolve_target(output)
     return target.with_name(f".{target.name}.i2v.json")
+
+
+def _write_error(output: str, exc: OSError) -> OutputError:
+    """The job file could not be written: a full disk is a WriteError (exit 3) as for the output itself, anything
+    else (no such folder, no permission) an output that cannot be used."""
+    return (WriteError if exc.errno in DISK_ERRNOS else OutputError)(describe_oserror(output, exc))
 
 
 @dataclass
@@ -60,7 +66,7 @@ class JobLock:
             try:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
             except OSError as exc:  # the output's folder is missing or not writable: name the output
-                raise OutputError(describe_oserror(self.output, exc)) from None
+                raise _write_error(self.output, exc) from None
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -103,7 +109,7 @@ class JobLock:
             os.pwrite(self._fd, data.ljust(os.fstat(self._fd).st_size), 0)
             os.fsync(self._fd)
         except OSError as exc:  # named by its output: the job file is i2v's business, the output the user's
-            raise OutputError(describe_oserror(self.output, exc)) from None
+            raise _write_error(self.output, exc) from None
 
     def release(self) -> None:
         """Let the next run in (closing the file drops the lock). A job file still empty (the run was refused before

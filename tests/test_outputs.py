@@ -490,6 +490,17 @@ def test_resume_into_a_folder_is_a_usage_error(tmp_path, folder, tag_weights):
     assert result.exit_code == 2 and "is a folder" in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("name", ["a.json", "a.jsonl", "a.csv", "v.npy"])
+def test_an_output_on_a_full_disk_is_exit_3_from_its_start(folder, tag_weights, feature_weights, full_folder, name):
+    """The job file's first write hit the full disk and was a usage error (exit 2); the README's table says 3."""
+    command, weights = ("features", feature_weights) if name.endswith(".npy") else ("tag", tag_weights)
+    result = CliRunner().invoke(
+        cli, [command, str(folder), "-w", str(weights), "-j", "0", "-o", str(full_folder / name)]
+    )
+    assert result.exit_code == 3, result.output
+    assert "No space left on device" in result.stderr and "Traceback" not in result.output
+
+
 # 8. Formats do what they say -----------------------------------------------------------------------------------
 
 
