@@ -381,6 +381,7 @@ def test_a_signal_that_a_library_turned_into_its_own_error_is_still_an_interrupt
             raise OutputError("x.safetensors is not a valid safetensors file (truncated or corrupt)") from None
 
     monkeypatch.setattr(writers, "check_output", interrupted_inside)
+    monkeypatch.setattr(common, "_stopped_by", None)  # and as it was after the test
     try:
         result = tag(folder, "-o", tmp_path / "out.jsonl", weights=tag_weights)
     finally:

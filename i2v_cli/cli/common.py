@@ -90,8 +90,6 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
 
 def install_signal_handlers() -> None:
     """SIGINT, SIGTERM and SIGHUP all stop the run the way Ctrl-C does: sinks keep the work done so far."""
-    global _stopped_by
-    _stopped_by = None  # a new run (the CLI invoked again in one process, as tests do)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays ignored
             signal.signal(sig, _raise_interrupted)
@@ -136,6 +134,8 @@ class I2VGroup(click.Group):
     """A group whose commands turn library errors into one-line messages and signals into 128 + signal."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        global _stopped_by
+        _stopped_by = None  # this run's signal only (the CLI may be invoked again in one process, as tests do)
         try:
             try:
                 return super().invoke(ctx)
