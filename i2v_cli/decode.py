@@ -31,7 +31,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError, features
 
-from .errors import ImageDecodeError
+from .errors import ImageDecodeError, first_line
 from .inputs import is_image_name
 from .sniff import HEAD_BYTES, IMAGE_KINDS, describe, sniff
 
@@ -158,12 +158,6 @@ def nul_name_message(name: str) -> str:
     return f"{shown}: no file name holds a NUL byte"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    text = text.splitlines()[0] if text else type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 def _bomb_message(name: str, pixels: int | None, detail: str = "") -> str:
     if pixels is None:  # Pillow refused it before we saw its size: take the count from its message
         found = re.search(r"\((\d+) pixels\)", detail)
@@ -221,7 +215,7 @@ def _failure(
     exc: BaseException, name: str, fmt: str, *, header: bool = False, size: tuple[int, int] | None = None
 ) -> ImageDecodeError:
     """The ImageDecodeError for one of DECODE_ERRORS raised while opening (``header``) or decoding a file."""
-    detail = _first_line(exc)
+    detail = first_line(exc)
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return ImageDecodeError(_bomb_message(name, None, str(exc)))
     if isinstance(exc, MemoryError):
@@ -399,7 +393,7 @@ def decode_image(img: Image.Image, name: str | None = None) -> Image.Image:
             return img.transpose(_UPRIGHT[orientation])
         except DECODE_ERRORS as exc:
             raise ImageDecodeError(
-                f"{name}: cannot apply its EXIF orientation {orientation} ({_first_line(exc)})"
+                f"{name}: cannot apply its EXIF orientation {orientation} ({first_line(exc)})"
             ) from None
 
 

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message for a one-line error or note: its first line, cut to ``limit`` characters (a
+    library's message can be a page long), or the exception's class name when it has none."""
+    text = str(exc).strip()
+    text = text.splitlines()[0] if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class I2VError(Exception):
     """Base class of every error i2v raises on purpose: a user's mistake or a bad file, not a bug."""
 

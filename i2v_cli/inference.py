@@ -28,7 +28,7 @@ from torch import nn
 
 from .atomic import write_bytes
 from .config import BACKENDS, INPUT_SIZE, PRECISIONS, TAG
-from .errors import BackendWarning, I2VError, OutputError
+from .errors import BackendWarning, I2VError, OutputError, first_line
 from .model import Illust2VecNet
 from .ortcache import OPTIMISED_FOLDER, new_session, open_optimised, ort_errors, session_saving_optimised
 from .store import onnx_cache_dir
@@ -250,7 +250,7 @@ class PackedCPUNet(_Described, nn.Module):
                     return out
                 problem = self._disagreement(x, out)
         except (RuntimeError, NotImplementedError) as exc:  # what a private operator raises for a shape it rejects
-            problem = f"its operators failed ({_one_line(exc)})"
+            problem = f"its operators failed ({first_line(exc)})"
         if problem is None:
             self.checked.add(shape)
             return out
@@ -312,7 +312,7 @@ def pack_for_cpu(model: Illust2VecNet) -> PackedCPUNet | TorchNet:
         return PackedCPUNet(model)
     except (RuntimeError, AttributeError, NotImplementedError) as exc:  # the weight reorder refused
         net = TorchNet(model)
-        net.notes.append(f"packed oneDNN path not available ({_one_line(exc)})")
+        net.notes.append(f"packed oneDNN path not available ({first_line(exc)})")
         return net
 
 
@@ -380,7 +380,7 @@ def _export_bytes(model: nn.Module) -> bytes:
     except Exception as exc:
         # Deliberately broad: the exporter is third-party machinery; whatever it raises for this model means "no
         # ONNX here", the torch backend computes the same, and the reason is kept in the message.
-        raise OnnxUnusableError(f"the ONNX export failed ({type(exc).__name__}: {_one_line(exc)})") from exc
+        raise OnnxUnusableError(f"the ONNX export failed ({type(exc).__name__}: {first_line(exc)})") from exc
     return buffer.getvalue()
 
 
@@ -625,14 +625,14 @@ class OnnxRuntimeNet(_Described):
             try:
                 self.session = session(_export_bytes(exported))
             except ort_errors() as exc:
-                raise OnnxUnusableError(f"ONNX Runtime cannot load the export ({_one_line(exc)})") from None
+                raise OnnxUnusableError(f"ONNX Runtime cannot load the export ({first_line(exc)})") from None
         else:
             self.session = open_optimised(path, threads)
         if self.session is None and path.is_file():
             try:
                 self.session = session_saving_optimised(session, path)
             except ort_errors() as exc:
-                note = f"the cached ONNX export {path} could not be loaded ({_one_line(exc)}): exported it again"
+                note = f"the cached ONNX export {path} could not be loaded ({first_line(exc)}): exported it again"
                 self.notes.append(note)
                 warnings.warn(note, BackendWarning, stacklevel=3)
                 with contextlib.suppress(OSError):
@@ -643,7 +643,7 @@ class OnnxRuntimeNet(_Described):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_bytes(path, data)
             except (OSError, OutputError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
                 where = f"export kept in memory: cannot write the cache ({reason})"
                 self.export = None
             try:
@@ -651,7 +651,7 @@ class OnnxRuntimeNet(_Described):
             except ort_errors() as exc:
                 with contextlib.suppress(OSError):
                     path.unlink()
-                raise OnnxUnusableError(f"ONNX Runtime cannot load the fresh export ({_one_line(exc)})") from None
+                raise OnnxUnusableError(f"ONNX Runtime cannot load the fresh export ({first_line(exc)})") from None
         if self.export is not None:
             _drop_superseded(self.export, name, model)
         self.input_name = self.session.get_inputs()[0].name
@@ -731,9 +731,3 @@ def describe(net: Predictor) -> str:
     """Which backend and arithmetic run a prepared network, in words, with its notes (for the summary line)."""
     describe_net = getattr(net, "describe", None)
     return describe_net() if callable(describe_net) else type(net).__name__
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception's message on one line (its first), for notes and warnings."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -35,8 +35,9 @@ import math
 import os
 import re
 import tempfile
+import warnings
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ from torch import nn
 
 from .atomic import atomic_write, describe_oserror, write_bytes
 from .config import CALIBRATION_COUNT, CALIBRATION_ENV, INPUT_SIZE, MEAN_BGR, TAG
-from .errors import CalibrationError, I2VError, WriteError
+from .errors import BackendWarning, CalibrationError, I2VError, WriteError, first_line
 from .hashing import sha256_file
 from .model import Illust2VecNet
 
@@ -581,8 +582,33 @@ class Int8Net:
         if model.arch.kind != TAG:  # the int8 trunk, then encode1 in fp32 in torch, packed in place of the model's
             pack_encode1(model)
             exported, name, self.head = FeatureTrunk(model), "feature-int8-trunk", model.encode1
-        onnx_model = cached_int8(exported, name, self.calibration, cache_dir)
         threads = threads or torch.get_num_threads()
+        #: What did not go as asked (see inference.Predictor): a damaged cache entry quantised again, say.
+        self.notes: list[str] = []
+        onnx_model = cached_int8(exported, name, self.calibration, cache_dir)
+        try:
+            self._run = self._open(onnx_model, threads)
+        except _load_errors() as exc:
+            if not isinstance(onnx_model, str):
+                raise I2VError(f"the {self.runtime} runtime cannot load the int8 network ({first_line(exc)})") from None
+            # A damaged cache entry (a cut copy, say): quantised again, as a damaged fp32 export is exported again.
+            note = f"the cached int8 network {onnx_model} could not be loaded ({first_line(exc)}): quantised it again"
+            self.notes.append(note)
+            warnings.warn(note, BackendWarning, stacklevel=2)
+            with contextlib.suppress(OSError):
+                os.unlink(onnx_model)
+            onnx_model = cached_int8(exported, name, self.calibration, cache_dir)
+            try:
+                self._run = self._open(onnx_model, threads)
+            except _load_errors() as again:
+                raise I2VError(
+                    f"the {self.runtime} runtime cannot load the int8 network ({first_line(again)})"
+                ) from None
+        #: What computes the outputs, in words.
+        self.name = f"int8 ({self.runtime}) on cpu"
+
+    def _open(self, onnx_model: str | bytes, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+        """The runtime's session on the int8 file (a path) or its bytes, as a function of a float32 batch."""
         if self.runtime == "openvino":
             import openvino as ov
 
@@ -594,19 +620,15 @@ class Int8Net:
             self._request = compiled.create_infer_request()
             names = [next(iter(i.names)) for i in compiled.inputs]
             # share_inputs: OpenVINO reads the input in place (by default it copies it)
-            self._run = lambda x: self._request.infer({names[0]: x}, share_inputs=True)[0]
-        else:
-            import onnxruntime as ort
+            return lambda x: self._request.infer({names[0]: x}, share_inputs=True)[0]
+        import onnxruntime as ort
 
-            from .ortcache import session_options
+        from .ortcache import session_options
 
-            options = session_options(threads)
-            session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
-            input_name = session.get_inputs()[0].name
-            self._run = lambda x: session.run(None, {input_name: x})[0]
-        #: What computes the outputs, in words, and what did not go as asked (see inference.Predictor).
-        self.name = f"int8 ({self.runtime}) on cpu"
-        self.notes: list[str] = []
+        options = session_options(threads)
+        session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {input_name: x})[0]
 
     def describe(self) -> str:
         """The name and the notes, in one line."""
@@ -621,6 +643,13 @@ class Int8Net:
 
         with fp32_mode("ieee"), torch.inference_mode():
             return self.head(out)
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What the runtimes raise for a file they cannot load (OpenVINO's errors are RuntimeErrors)."""
+    from .ortcache import ort_errors
+
+    return ort_errors()
 
 
 def prepare_int8(

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from i2v_cli import quantize
 from i2v_cli.cli import cli
-from i2v_cli.errors import CalibrationError, I2VError
+from i2v_cli.errors import BackendWarning, CalibrationError, I2VError
 from i2v_cli.inference import check_precision, onnxruntime_available, prepare_for_inference, resolve_backend
 from i2v_cli.transform import load_and_preprocess
 from i2v_cli.weights import load_model
@@ -237,6 +237,27 @@ def test_int8_cache_that_cannot_be_written_runs_from_memory(tag_weights, inputs,
     blocker.write_text("not a folder")
     net = quantize.Int8Net(model, quantize.find_calibration(_save_small_set(tmp_path)), blocker)
     assert _scores(net, inputs[:2]).shape == (2, 1539)
+
+
+@needs_ort
+@pytest.mark.parametrize("damage", ["cut", "garbage"])
+def test_a_damaged_int8_cache_file_is_quantised_again(damage, tag_weights, inputs, tmp_path):
+    model, _ = load_model(tag_weights)
+    calibration = quantize.find_calibration(_save_small_set(tmp_path))
+    want = _scores(quantize.Int8Net(model, calibration, tmp_path), inputs[:2])
+    (path,) = (tmp_path / "int8").glob("*.onnx")
+    if damage == "cut":
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 3)
+    else:
+        path.write_bytes(b"\x00garbage" * 100)
+    with pytest.warns(BackendWarning, match="quantised it again") as caught:
+        net = quantize.Int8Net(model, calibration, tmp_path)
+    note = str(caught[0].message)
+    assert note.startswith(f"the cached int8 network {path} could not be loaded (") and "\n" not in note
+    assert net.notes == [note] and note in net.describe()
+    np.testing.assert_array_equal(_scores(net, inputs[:2]), want)  # the same file made again
+    assert quantize.Int8Net(model, calibration, tmp_path).notes == []  # and it is good for the next run
 
 
 def _save_small_set(folder):
