@@ -175,10 +175,17 @@ def remap_legacy_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     convs: dict[int, dict[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     named_convs = False
+    sequentials: set[str] = set()
     for key, value in state_dict.items():
         m = _INDEXED.match(key)
         if m:
-            convs.setdefault(int(m.group(2)), {})[m.group(3)] = value
+            sequentials.add(m.group(1))
+            if len(sequentials) > 1:
+                raise WeightsError("mixes net.N and features.N layers: not a known Illustration2Vec layout")
+            params = convs.setdefault(int(m.group(2)), {})
+            if m.group(3) in params:  # "module.net.0.weight" beside "net.0.weight", or "net.00.weight"
+                raise WeightsError(f"holds {m.group(1)}.{int(m.group(2))}.{m.group(3)} twice (key {key!r})")
+            params[m.group(3)] = value
             continue
         m = _NAMED.match(key)
         if m and (m.group(1) in CONV_NAMES or m.group(1) in ("conv6_4", "encode1", "encode2")):

@@ -408,6 +408,31 @@ def test_pth_layouts_load(tmp_path: Path, golden_sd: dict, layout: str, name: st
     assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("data_parallel_copy", "holds net.0.weight twice (key 'module.net.0.weight')"),
+        ("zero_padded_index", "holds net.0.weight twice (key 'net.00.weight')"),
+        ("mixed_sequentials", "mixes net.N and features.N layers"),
+    ],
+)
+def test_pth_numbered_layers_twice_are_refused(tmp_path: Path, golden_sd: dict, edit: str, message: str) -> None:
+    """A numbered layer given twice was merged silently, the last one winning (a conv1_1 a hundred times over)."""
+    sd = _sequential_layout(golden_sd["tag_v2"], TAG)
+    other = sd["net.0.weight"] * 100
+    if edit == "data_parallel_copy":
+        sd["module.net.0.weight"] = other
+    elif edit == "zero_padded_index":
+        sd["net.00.weight"] = other
+    else:
+        sd = {("features." + k[len("net.") :] if k.startswith("net.0.") else k): v for k, v in sd.items()}
+    path = tmp_path / "numbered.pth"
+    torch.save(sd, path)
+    with pytest.raises(WeightsError) as exc:
+        load_weights(path)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
 def test_pth_in_half_precision_is_read_as_float32(tmp_path: Path, golden_sd: dict) -> None:
     path = tmp_path / "half.pth"
     torch.save({k: v.half() for k, v in golden_sd["tag_v2"].items()}, path)
