@@ -42,7 +42,7 @@ from google.protobuf.message import DecodeError, Message
 
 from .atomic import AtomicFile, describe_oserror, same_file
 from .config import CONV_NAMES, FEATURE, TAG
-from .errors import ModelKindError, OutputError, WeightsError, WeightsNotFoundError, WriteError
+from .errors import ModelKindError, OutputError, WeightsError, WeightsNotFoundError, WriteError, first_line
 from .hashing import sha256_file
 from .model import Architecture, Illust2VecNet, build_model, check_state_dict, layer_key, remap_legacy_state_dict
 from .sniff import IMAGE_KINDS, describe, sniff
@@ -194,7 +194,7 @@ def _read_caffemodel(path: Path) -> tuple[dict[str, torch.Tensor], int, str]:
         if kind_of_file != "caffemodel":
             raise WeightsError(f"{path} is not a weight file: it looks like {kind_of_file}") from None
         raise WeightsError(
-            _not_a_caffemodel(path) or f"{path} is not a valid caffemodel (truncated or corrupt: {_first_line(exc)})"
+            _not_a_caffemodel(path) or f"{path} is not a valid caffemodel (truncated or corrupt: {first_line(exc)})"
         ) from None
     finally:
         hashing.join()
@@ -264,6 +264,76 @@ def _canonical(layer_type: str) -> str:
     return layer_type.replace("_", "").lower()
 
 
+def _pair(single: Any, h: int, w: int, default: int, has_hw: bool) -> tuple[int, int]:
+    """A Caffe 2-D setting as (height, width): ``kernel_h``/``kernel_w`` when given, else the one value (or
+    two, for a repeated field) or Caffe's default."""
+    if has_hw:
+        return h, w
+    values = list(single) if not isinstance(single, int) else [single]
+    if not values:
+        return default, default
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def _settings_differing(layer: Any, kind: str) -> Iterator[tuple[str, object, object]]:
+    """The settings of a known layer that differ from what i2v computes for it, as (setting, value in the file,
+    value in Illustration2Vec): 3x3 convolutions padded by 1 with stride 1, 2x2 max pooling with stride 2 (pool6:
+    average over the whole 7x7 map), plain ReLUs, InnerProducts of (out, in) weights. A layer that states no
+    settings is taken as the release's (its caffemodels state them all)."""
+    if kind == "convolution" and layer.HasField("convolution_param"):
+        c = layer.convolution_param
+        has_hw = c.HasField("kernel_h") or c.HasField("kernel_w")
+        yield from _differing("kernel", _pair(c.kernel_size, c.kernel_h, c.kernel_w, 0, has_hw), (3, 3))
+        has_hw = c.HasField("pad_h") or c.HasField("pad_w")
+        yield from _differing("pad", _pair(c.pad, c.pad_h, c.pad_w, 0, has_hw), (1, 1))
+        has_hw = c.HasField("stride_h") or c.HasField("stride_w")
+        yield from _differing("stride", _pair(c.stride, c.stride_h or 1, c.stride_w or 1, 1, has_hw), (1, 1))
+        yield from _differing("dilation", tuple(c.dilation) or (1,), (1,) * max(1, len(c.dilation)))
+        yield from _differing("group", c.group, 1)
+        yield from _differing("bias_term", c.bias_term, True)
+        yield from _differing("axis", c.axis, 1)
+    elif kind == "pooling" and layer.HasField("pooling_param"):
+        p = layer.pooling_param
+        enum = p.DESCRIPTOR.fields_by_name["pool"].enum_type
+        method = enum.values_by_number[p.pool].name if p.pool in enum.values_by_number else str(p.pool)
+        has_pad = p.HasField("pad_h") or p.HasField("pad_w")
+        yield from _differing("pad", _pair(p.pad, p.pad_h, p.pad_w, 0, has_pad), (0, 0))
+        if layer.name == "pool6":  # the tag head: the mean over conv6_4's 7x7 map
+            yield from _differing("pool", method, "AVE")
+            if not p.global_pooling:
+                has_hw = p.HasField("kernel_h") or p.HasField("kernel_w")
+                yield from _differing("kernel", _pair(p.kernel_size, p.kernel_h, p.kernel_w, 0, has_hw), (7, 7))
+            return
+        yield from _differing("pool", method, "MAX")
+        yield from _differing("global_pooling", p.global_pooling, False)
+        has_hw = p.HasField("kernel_h") or p.HasField("kernel_w")
+        yield from _differing("kernel", _pair(p.kernel_size, p.kernel_h, p.kernel_w, 0, has_hw), (2, 2))
+        has_hw = p.HasField("stride_h") or p.HasField("stride_w")
+        yield from _differing("stride", _pair(p.stride, p.stride_h or 1, p.stride_w or 1, 1, has_hw), (2, 2))
+    elif kind == "relu" and layer.HasField("relu_param"):
+        yield from _differing("negative_slope", layer.relu_param.negative_slope, 0.0)
+    elif kind == "innerproduct" and layer.HasField("inner_product_param"):
+        q = layer.inner_product_param
+        yield from _differing("transpose", q.transpose, False)
+        yield from _differing("bias_term", q.bias_term, True)
+        yield from _differing("axis", q.axis, 1)
+
+
+def _differing(setting: str, value: object, want: object) -> Iterator[tuple[str, object, object]]:
+    """``(setting, value, want)`` once if they differ, as a setting's name and its two values in words."""
+    if value != want:
+        yield setting, _shown(value), _shown(want)
+
+
+def _shown(value: object) -> object:
+    """(3, 3) as 3x3, True as true: values as they read in a prototxt."""
+    if isinstance(value, tuple):
+        return "x".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value
+
+
 def _check_layer_types(layers: Any, version: int, path: Path) -> None:
     """Refuse a caffemodel whose layers compute something else than Illustration2Vec does: a known layer of
     another type (a Softmax as ``prob``, a Deconvolution as ``conv3_1``), or an extra layer that would change
@@ -280,6 +350,11 @@ def _check_layer_types(layers: Any, version: int, path: Path) -> None:
             if kind and kind != _canonical(expected):
                 raise WeightsError(
                     f"{path}: layer {layer.name} is a {shown} layer, not a {expected} as in Illustration2Vec "
+                    "(i2v would compute something else than this file describes)"
+                )
+            for setting, value, want in _settings_differing(layer, _canonical(expected)):
+                raise WeightsError(
+                    f"{path}: layer {layer.name} has {setting} {value}, where Illustration2Vec has {want} "
                     "(i2v would compute something else than this file describes)"
                 )
         elif not kind:
@@ -359,9 +434,7 @@ def read_state_dict_pth(path: PathLike) -> dict[str, torch.Tensor]:
             f"{path} is not a readable PyTorch file (a pickle that torch.load(weights_only=True) refuses)"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        raise WeightsError(
-            f"{path} is not a readable PyTorch file (truncated or corrupt: {_first_line(exc)})"
-        ) from None
+        raise WeightsError(f"{path} is not a readable PyTorch file (truncated or corrupt: {first_line(exc)})") from None
     state_dict = _find_state_dict(obj)
     if state_dict is None:
         raise WeightsError(f"{path} holds no state dict (expected a dict of tensors)")
@@ -463,7 +536,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError) as exc:  # what safe_open raises for a bad file
         raise WeightsError(
-            f"{display(str(path))} is not a valid safetensors file (truncated or corrupt: {_first_line(exc)})"
+            f"{display(str(path))} is not a valid safetensors file (truncated or corrupt: {first_line(exc)})"
         ) from None
     return tensors, meta
 
@@ -657,9 +730,3 @@ def _sha256_file(path: Path) -> str:
         return sha256_file(path).hex()
     except OSError as exc:
         raise WeightsError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's message cut to its first line (and first sentence when long), for one-line errors."""
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return text.split(". ")[0] if len(text) > 120 else text

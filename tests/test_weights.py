@@ -507,6 +507,21 @@ def _duplicate(name: str) -> Callable[[Message], None]:
     return edit
 
 
+def _set(name: str, param: str, **settings: object) -> Callable[[Message], None]:
+    """Write settings into a layer's ``param`` message (repeated fields take lists)."""
+
+    def edit(net: Message) -> None:
+        message = getattr(find_layer(net, name), param)
+        for field, value in settings.items():
+            if isinstance(value, list):
+                del getattr(message, field)[:]
+                getattr(message, field).extend(value)
+            else:
+                setattr(message, field, value)
+
+    return edit
+
+
 def _both_formats(net: Message) -> None:
     net.layers.add(name="conv1_1")
 
@@ -650,6 +665,47 @@ ERRORS: dict[str, tuple[Callable[[Path], Path], str]] = {
         "{p}: encode1 weight has shape (2, 1, 64, 1568), expected 2 dimensions",
     ),
     "layer_twice": (_edit("tag_v2.caffemodel", _duplicate("conv2_1")), "{p} holds layer conv2_1 twice"),
+    # Settings that make Caffe compute something else than i2v does, each refused with the value it differs by.
+    "conv_stride": (
+        _edit("tag_v2.caffemodel", _set("conv1_1", "convolution_param", stride=[2])),
+        "{p}: layer conv1_1 has stride 2x2, where Illustration2Vec has 1x1 (i2v would compute something else",
+    ),
+    "conv_pad_v1": (
+        _edit("tag_v1.caffemodel", _set("conv3_2", "convolution_param", pad_h=0, pad_w=1)),
+        "{p}: layer conv3_2 has pad 0x1, where Illustration2Vec has 1x1",
+    ),
+    "conv_kernel": (
+        _edit("feature_v1.caffemodel", _set("conv2_1", "convolution_param", kernel_size=[1])),
+        "{p}: layer conv2_1 has kernel 1x1, where Illustration2Vec has 3x3",
+    ),
+    "conv_group": (
+        _edit("tag_v2.caffemodel", _set("conv4_1", "convolution_param", group=2)),
+        "{p}: layer conv4_1 has group 2, where Illustration2Vec has 1",
+    ),
+    "conv_dilation": (
+        _edit("tag_v2.caffemodel", _set("conv5_2", "convolution_param", dilation=[2])),
+        "{p}: layer conv5_2 has dilation 2, where Illustration2Vec has 1",
+    ),
+    "pool_average": (
+        _edit("tag_v2.caffemodel", _set("pool2", "pooling_param", pool=1)),
+        "{p}: layer pool2 has pool AVE, where Illustration2Vec has MAX",
+    ),
+    "pool6_max_v1": (
+        _edit("tag_v1.caffemodel", _set("pool6", "pooling_param", pool=0)),
+        "{p}: layer pool6 has pool MAX, where Illustration2Vec has AVE",
+    ),
+    "pool_stride": (
+        _edit("feature_v1.caffemodel", _set("pool5", "pooling_param", stride=1)),
+        "{p}: layer pool5 has stride 1x1, where Illustration2Vec has 2x2",
+    ),
+    "leaky_relu": (
+        _edit("tag_v2.caffemodel", _set("relu1_1", "relu_param", negative_slope=1.0)),
+        "{p}: layer relu1_1 has negative_slope 1.0, where Illustration2Vec has 0.0",
+    ),
+    "transposed_inner_product": (
+        _edit("feature_v1.caffemodel", _set("encode1", "inner_product_param", transpose=True)),
+        "{p}: layer encode1 has transpose true, where Illustration2Vec has false",
+    ),
     "both_formats": (
         _edit("tag_v2.caffemodel", _both_formats),
         "{p} holds both V1 'layers' and V2 'layer' definitions: not a valid caffemodel",
