@@ -426,6 +426,35 @@ def test_files_indexed_through_symlinks_are_served(collection, tag_weights, feat
         reader.close()
 
 
+def test_files_that_failed_indexing_are_never_served(tag_weights, feature_weights, tmp_path):
+    """A file that failed indexing (not an image: a text file named .png, a link to /etc/passwd) keeps its size,
+    mtime and hash in the index, so the hash check passed and /v1/images/ID served it whole."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (folder / "passwd.png").symlink_to(secret)
+    (folder / "notes.png").write_text("not an image, a note\n")
+    db = tmp_path / "failed.db"
+    weights = ["--tag-weights", str(tag_weights), "--feature-weights", str(feature_weights)]
+    result = CliRunner().invoke(cli, ["index", str(folder), "--db", str(db), *weights, "-j", "0"])
+    assert result.exit_code == 1, result.output  # both failed
+    from i2v_cli.index import Index
+    from i2v_cli.serve.service import IndexReader, NotFound
+
+    reader = IndexReader(Index(str(db), readonly=True))
+    try:
+        ids = [row[0] for row in reader.index.conn.execute("SELECT id FROM images WHERE error IS NOT NULL")]
+        assert len(ids) == 2
+        for image in ids:
+            with pytest.raises(NotFound, match="could not be indexed .*: it is not served"):
+                reader.open_file(image)
+            with pytest.raises(NotFound):
+                reader.thumbnail(image)
+    finally:
+        reader.close()
+
+
 def test_similar_takes_one_image(client, collection):
     """Several images to /v1/similar were answered for the last one alone, silently."""
     first, second = images(collection)[:2]

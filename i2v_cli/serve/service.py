@@ -217,14 +217,17 @@ class IndexReader:
 
     def open_file(self, image: int) -> tuple[bytes, str | None]:
         """The bytes of an indexed image's file, and its format. The path comes from the index, never from a
-        request; the file must still be a regular file of the indexed size and mtime (else NotFound, before it is
-        read), and its bytes must be the indexed ones: their SHA-256 is the index's (else NotFound).
+        request; the file must have been indexed as an image (a file that failed, a text file named .png say, is
+        NotFound: its hash is stored too), must still be a regular file of the indexed size and mtime (else
+        NotFound, before it is read), and its bytes must be the indexed ones: their SHA-256 is the index's.
 
         The hash is what makes this safe: size and mtime are the target's when a symlink (at the file's name or
         at a folder on its path) was put in its place, and whoever can write to the indexed folders can give a
         file any size and mtime. Symlinks are followed, not refused, because ``i2v index`` indexes a symlink to
         an image, and a path through a symlinked folder, under the link's name: those files stay served."""
         row = self.row(image)
+        if row["error"] is not None:  # not an image (a text file named .png, a link to one): never served
+            raise NotFound(f"indexed image {image} could not be indexed ({row['error']}): it is not served")
         changed = f"the file of indexed image {image} changed since it was indexed: run `i2v index` again"
         try:
             fd = os.open(row["path"], os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
