@@ -55,6 +55,9 @@ SCORING_THREADS = 2
 WALK_COST = 4
 #: The largest K taken: more results than any index holds.
 MAX_K = 1 << 40
+#: The most terms a query may hold once repeated ones are dropped: far more than anyone types, while SQLite's time
+#: grows with the square of the terms (30,000 took 20 s).
+MAX_TERMS = 1000
 #: A listing of the first K matches first tests at most this many rows (or 20 K) in path order on their own scores.
 WALK_ROWS = 2000
 
@@ -119,6 +122,9 @@ def parse(query: str, tags: Sequence[str], threshold: float = 0.5) -> list[Term]
         if key not in lookup:
             raise QueryError(unknown_tag(name, tags))
         terms.append(TagTerm(lookup[key], op, value, negate))
+    terms = list(dict.fromkeys(terms))  # a term said twice holds once
+    if len(terms) > MAX_TERMS:
+        raise QueryError(f"the query holds {len(terms)} different terms; at most {MAX_TERMS} are taken")
     return terms
 
 

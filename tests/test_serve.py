@@ -277,6 +277,41 @@ def test_bearer_token_required_on_every_api_call(db, tag_weights, feature_weight
         assert right.get("/v1/search?q=", headers={"Host": "tagger.example.org"}).status == 200
 
 
+def test_pages_of_other_origins_cannot_post(db, tag_weights, feature_weights, collection):
+    """A page on any site could make the browser post wrong tokens to /login (20 of them locked every real client out
+    for a minute) and images to the API: a browser's cross-origin POST is refused before anything is counted, while
+    the page's own posts, scripts (no Origin) and a proxy's forwarded host pass. Nothing may be embedded elsewhere."""
+    service = load_service(str(tag_weights), str(feature_weights), db=str(db), device="cpu", settings=Settings())
+    good = images(collection)[0]
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    with running(create_app(service, token="s3cret")) as url:
+        anonymous, right = Client(url), Client(url, "s3cret")
+        netloc = url.split("://", 1)[1]
+        foreign = [
+            {"Origin": "http://evil.example"},
+            {"Origin": "null"},  # a sandboxed frame, a data: URL
+            {"Origin": f"http://{netloc.replace('127.0.0.1', 'localhost')}"},  # another origin on this machine
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Sec-Fetch-Site": "same-site"},
+        ]
+        for headers in foreign * 4:
+            reply = anonymous.request("POST", "/login", b"token=x", {**form, **headers})
+            assert reply.status == 403 and "another" in reply.json()["error"], headers
+            assert right.post_files("/v1/tag", [(good.name, good.read_bytes())]).status == 200
+            body, ctype = multipart([(good.name, good.read_bytes())])
+            assert right.request("POST", "/v1/tag", body, {"Content-Type": ctype, **headers}).status == 403
+        for headers in ({"Origin": f"http://{netloc}"}, {"Origin": f"HTTP://{netloc.upper()}"},
+                        {"Origin": "https://tagger.example.org", "X-Forwarded-Host": "tagger.example.org"},
+                        {"Sec-Fetch-Site": "same-origin"}, {}):  # fmt: skip
+            reply = anonymous.request("POST", "/login", b"token=s3cret", {**form, **headers})
+            # signed in: redirected to the page (urllib follows, without the cookie: the sign-in form again)
+            assert reply.status == 401 and b"<form" in reply.body and b"wrong token" not in reply.body, headers
+        assert right.get("/v1/search?q=").status == 200  # never throttled by the refused posts
+        reply = right.get("/v1/images/1/thumb", headers={"Sec-Fetch-Site": "cross-site"})
+        assert reply.status == 200 and reply.headers["cross-origin-resource-policy"] == "same-origin"
+        assert anonymous.get("/healthz").headers["cross-origin-resource-policy"] == "same-origin"
+
+
 def test_loopback_server_refuses_foreign_host_names(client):
     """Without a token, a request naming another host (DNS rebinding from a web page) is refused."""
     reply = client.get("/v1/search?q=", headers={"Host": "evil.example.com:8000"})
@@ -453,6 +488,60 @@ def test_files_that_failed_indexing_are_never_served(tag_weights, feature_weight
                 reader.thumbnail(image)
     finally:
         reader.close()
+
+
+def test_a_costly_query_stops_at_the_timeout_and_holds_no_one_else(db):
+    """A query of thousands of terms ran SQLite for 20 s past --timeout, holding the index's lock, and /healthz, the
+    page and every search waited behind it: its SQL now stops at the timeout (503), a request waits for the index at
+    most that long, and the health check answers at once with the size it last saw."""
+    import threading
+    import time
+
+    from i2v_cli.index import Index
+    from i2v_cli.query import MAX_TERMS
+    from i2v_cli.serve.service import Busy, IndexReader
+
+    query = " ".join(f"solo>={i / 10**4:.4f}" for i in range(MAX_TERMS))
+    reader = IndexReader(Index(str(db), readonly=True), timeout_s=1e-4)  # far less than the query's SQL takes
+    try:
+        with pytest.raises(Busy, match="took over 0.0001 s"):
+            reader.search(query)
+        reader.timeout_s = None  # no timeout: the same query is answered
+        assert reader.search(query) == reader.search(f"solo>={(MAX_TERMS - 1) / 10**4:.4f}")  # the strictest bound
+        reader.timeout_s = 0.3
+        images = reader.summary()["images"]
+        held, release = threading.Event(), threading.Event()
+
+        def long_request() -> None:
+            with reader._turn():
+                held.set()
+                release.wait(10)
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        try:
+            held.wait(5)
+            start = time.monotonic()
+            assert reader.summary() == {"images": images, "feature_dim": reader.index.feature_dim, "busy": True}
+            with pytest.raises(Busy, match="busy with other requests"):
+                reader.search("")
+            assert time.monotonic() - start < 3
+        finally:
+            release.set()
+            thread.join()
+        assert len(reader.search("")) == images and "busy" not in reader.summary()
+    finally:
+        reader.close()
+
+
+def test_a_huge_query_over_http_is_refused_or_its_repeats_dropped(client):
+    from i2v_cli.query import MAX_TERMS
+
+    many = " ".join(f"solo>={i / 10**4:.4f}" for i in range(MAX_TERMS + 1))
+    reply = client.post_json("/v1/search", {"q": many})
+    assert reply.status == 400 and "at most 1000 are taken" in reply.json()["error"]
+    reply = client.post_json("/v1/search", {"q": " ".join(["rating:safe"] * 30000)})
+    assert reply.status == 200
 
 
 def test_similar_takes_one_image(client, collection):

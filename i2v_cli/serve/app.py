@@ -37,7 +37,7 @@ from ..tags import Selection
 from ..writers import Record
 from .batcher import BatcherClosed
 from .guard import COOKIE, Guard, Throttle, client_address, token_ok
-from .service import NotFound, Service
+from .service import Busy, NotFound, Service
 
 T = TypeVar("T")
 
@@ -125,6 +125,12 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
     @app.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound) -> Response:
         return json_response({"error": str(exc)}, 404)
+
+    @app.exception_handler(Busy)
+    async def busy(_: Request, exc: Busy) -> Response:
+        response = json_response({"error": str(exc)}, 503)
+        response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(I2VError)
     async def i2v_error(_: Request, exc: I2VError) -> Response:

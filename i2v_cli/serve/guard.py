@@ -5,6 +5,11 @@ the time limit on receiving the body. A plain ASGI middleware, so it holds for e
   ``Authorization: Bearer TOKEN`` (or the cookie that ``POST /login`` sets for the page); compared in constant time.
 - **Host**: without a token the server is loopback-only, and a request whose ``Host`` is not a loopback name is
   refused (421), so a web page cannot reach it by DNS rebinding.
+- **Origin**: a request other than GET or HEAD that a browser sends from another origin (its ``Origin``, else its
+  ``Sec-Fetch-Site``, says so) is refused (403) before anything else: a page elsewhere cannot make the browser post
+  wrong tokens to ``/login`` (locking the real clients out) or images to the API. Scripts and curl send neither
+  header and are not concerned. Every answer carries ``Cross-Origin-Resource-Policy: same-origin``, so other
+  origins cannot embed the index's images either.
 - **Body**: larger than the limit is 413 (from Content-Length before reading, or counted while reading); a body
   that does not arrive within the request timeout is 408. The body is read whole here, then handed on; a
   multipart/form-data body without its closing boundary (cut short) is 400.
@@ -21,6 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
+from urllib.parse import urlsplit
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -144,6 +150,38 @@ def client_address(scope: Scope) -> str:
     return str(client[0]) if client else ""
 
 
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _netloc(host: str, scheme: str) -> str:
+    """``host[:port]`` in one spelling: lower case, without the scheme's default port."""
+    host = host.strip().casefold()
+    default = _DEFAULT_PORTS.get(scheme)
+    return host[: -len(default) - 1] if default and host.endswith(":" + default) else host
+
+
+def foreign_origin(scope: Scope) -> str | None:
+    """Why a request comes from a page of another origin, or None: its ``Origin`` is not this server's (as the
+    ``Host`` header, or a proxy's ``X-Forwarded-Host``, names it), or without one, ``Sec-Fetch-Site`` says
+    cross-site or same-site (another port or subdomain is another origin)."""
+    origin = _header(scope, b"origin")
+    if origin is None:
+        site = (_header(scope, b"sec-fetch-site") or "").strip().casefold()
+        if site in ("cross-site", "same-site"):
+            return f"a request from a page of another site (Sec-Fetch-Site: {site})"
+        return None
+    parts = urlsplit(origin.strip())
+    if origin.strip() != "null" and parts.scheme in _DEFAULT_PORTS and parts.netloc:
+        ours = {_netloc(h, parts.scheme) for h in (_header(scope, b"host"), _header(scope, b"x-forwarded-host")) if h}
+        if _netloc(parts.netloc, parts.scheme) in ours:
+            return None
+    return f"a request from a page of another origin ({origin.strip()[:100]!r})"
+
+
+#: On every answer: other origins may not embed what this server sends (the index's images, its thumbnails).
+_CORP = (b"cross-origin-resource-policy", b"same-origin")
+
+
 class Guard:
     """The middleware: ``token`` (None: loopback only), ``max_body`` bytes, ``timeout`` seconds for the body;
     ``throttle`` counts wrong tokens (shared with ``POST /login``)."""
@@ -161,12 +199,22 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        inner_send = send
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), _CORP]}
+            await inner_send(message)
+
         if self.token is None:
             host = _header(scope, b"host") or ""
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             if host and not is_loopback(name):
                 await send_error(send, 421, f"this server answers only to loopback host names, not {host!r}")
                 return
+        if scope.get("method") not in ("GET", "HEAD") and (why := foreign_origin(scope)):
+            await send_error(send, 403, f"{why} is refused: use the page this server serves, or a script")
+            return
         path = scope.get("path", "")
         authorization, cookie = _header(scope, b"authorization"), _cookie(scope)
         address = client_address(scope)

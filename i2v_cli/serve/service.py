@@ -5,13 +5,16 @@ batcher, records made by the pipeline's record stage, and read-only access to an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
+import sqlite3
 import stat
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +41,10 @@ THUMB_CACHE = 1024
 
 class NotFound(I2VError):
     """An image id the index does not hold, or whose file is no longer the one indexed."""
+
+
+class Busy(I2VError):
+    """The index did not answer within the request timeout (a costly query, or others before it): try again."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ class Service:
         self.batcher = Batcher(nets, device, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms)
         self.decoder = UploadDecoder()
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="i2v-decode")
-        self.index = IndexReader(index, self.decoder) if index is not None else None
+        self.index = IndexReader(index, self.decoder, settings.request_timeout_s) if index is not None else None
         self._abandoned = False
 
     def close(self) -> None:
@@ -152,21 +159,59 @@ class IndexReader:
     """Read-only access to an index for the API: searches and the files of indexed images, by row id only.
     ``decoder`` decodes the bytes of a file read for a thumbnail (a new one is made when none is given)."""
 
-    def __init__(self, index: Any, decoder: UploadDecoder | None = None) -> None:
+    def __init__(self, index: Any, decoder: UploadDecoder | None = None, timeout_s: float | None = None) -> None:
         self.index = index
         self._own_decoder = decoder is None
         self.decoder = decoder if decoder is not None else UploadDecoder()
+        #: The connection is one: a request waits its turn, at most ``timeout_s``, and runs at most that long.
         self.lock = threading.Lock()
+        self.timeout_s = timeout_s
         self._thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._thumbs_lock = threading.Lock()
+        self._summary: dict[str, Any] | None = None
 
     def close(self) -> None:
         self.index.close()
         if self._own_decoder:
             self.decoder.close()
 
+    @contextlib.contextmanager
+    def _turn(self, wait_s: float | None = None) -> Iterator[None]:
+        """The connection for one request: waited for at most ``wait_s`` (default the timeout), and its SQL stopped
+        once the timeout has passed (Busy), so that one costly query does not hold every other request (each page,
+        each /healthz) behind it for as long as it runs."""
+        timeout = self.timeout_s
+        wait = timeout if wait_s is None else wait_s
+        if not self.lock.acquire(timeout=-1 if wait is None else wait):
+            raise Busy(f"the index is busy with other requests: try again (waited {wait:g} s)")
+        try:
+            if timeout is None:
+                yield
+                return
+            deadline = time.monotonic() + timeout
+            self.index.conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+            try:
+                yield
+            except sqlite3.OperationalError as exc:
+                if "interrupted" not in str(exc):
+                    raise
+                raise Busy(f"the query took over {timeout:g} s: try a narrower one") from None
+            finally:
+                self.index.conn.set_progress_handler(None, 0)
+        finally:
+            self.lock.release()
+
     def summary(self) -> dict[str, Any]:
-        with self.lock:
-            return {"images": self.index.count(), "feature_dim": self.index.feature_dim}
+        """The index's size, for /healthz: the last one known while a long request holds the index (a health check
+        must answer at once)."""
+        try:
+            with self._turn(wait_s=0.5):
+                self._summary = {"images": self.index.count(), "feature_dim": self.index.feature_dim}
+        except Busy:
+            if self._summary is None:
+                return {"images": None, "feature_dim": self.index.feature_dim, "busy": True}
+            return {**self._summary, "busy": True}
+        return self._summary
 
     def search(
         self, query: str, *, threshold: float = 0.5, like: int | np.ndarray | None = None, k: int | None = None
@@ -175,8 +220,8 @@ class IndexReader:
         from ..query import parse, search
         from ..writers import path_fields
 
-        with self.lock:
-            terms = parse(query, self.index.tags, threshold)
+        terms = parse(query, self.index.tags, threshold)
+        with self._turn():
             exclude = None
             if isinstance(like, int):
                 feature = self.index.feature(like)
@@ -191,7 +236,7 @@ class IndexReader:
 
     def row(self, image: int) -> dict[str, Any]:
         """An indexed image's stored facts (no scores); NotFound for an id the index does not hold."""
-        with self.lock:
+        with self._turn():
             found = self.index.conn.execute(
                 "SELECT path, size, mtime_ns, sha256, width, height, format, error, rating FROM images WHERE id = ?",
                 (image,),
@@ -210,7 +255,7 @@ class IndexReader:
         from ..tags import tag_record
 
         row = self.row(image)
-        with self.lock:
+        with self._turn():
             scores = self.index.scores(image)
         record = tag_record(row["path"], scores, row["error"], tags, selection)
         return {"id": image, **record, "width": row["width"], "height": row["height"], "format": row["format"]}
@@ -255,7 +300,7 @@ class IndexReader:
 
         row = self.row(image)
         key = (image, row["mtime_ns"])
-        with self.lock:
+        with self._thumbs_lock:
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
@@ -267,7 +312,7 @@ class IndexReader:
         img.thumbnail((THUMB_SIZE, THUMB_SIZE))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
-        with self.lock:
+        with self._thumbs_lock:
             self._thumbs[key] = buf.getvalue()
             while len(self._thumbs) > THUMB_CACHE:
                 self._thumbs.popitem(last=False)
