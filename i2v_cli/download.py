@@ -24,13 +24,14 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from .atomic import AtomicFile, is_special, resolve_target, write_text
 from .config import FEATURE, TAG
-from .errors import DownloadError, I2VError, ServerUnreachableError, WeightsError
+from .errors import DownloadError, I2VError, I2VWarning, ServerUnreachableError, WeightsError
 from .hashing import sha256_file
 from .store import CAFFEMODEL_FILES, RELEASE_BASE_URL, WEIGHT_FILES
 from .weights import load_weights, save_safetensors
@@ -68,6 +69,40 @@ ProgressFactory = Callable[[str, "int | None"], Progress]
 
 
 # --------------------------------------------------------------------------------------------------------------
+# One download into a folder at a time
+
+
+@contextlib.contextmanager
+def one_at_a_time(folder: Path) -> Iterator[None]:
+    """Hold the folder's download lock (an exclusive ``flock`` on the folder itself: no file is left behind).
+    Two downloads into one folder shared its ``.part`` files: each truncated and removed the other's, and both
+    failed, blaming the server. A second one now waits (saying so, as a warning) and then finds the file done.
+    Where the file system has no locks, downloads are not kept apart."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield  # the folder's own errors are met, and reported, where its files are written
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warnings.warn(f"another i2v is downloading into {folder}: waiting for it to finish", I2VWarning,
+                          stacklevel=3)  # fmt: skip
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks here (some network file systems)
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# --------------------------------------------------------------------------------------------------------------
 # One file
 
 
@@ -86,11 +121,14 @@ def download(
     ``dest`` is written through :mod:`i2v_cli.atomic` (a symlink's target gets the file). Returns ``dest``.
     """
     dest = Path(dest)
-    part = fetch(url, _part_path(dest), progress, timeout=timeout, sha256=sha256)
-    try:
-        _install(part, dest)
-    finally:
-        _drop(part)
+    part_path = _part_path(dest)
+    _make_folder(part_path.parent)
+    with one_at_a_time(part_path.parent):
+        part = fetch(url, part_path, progress, timeout=timeout, sha256=sha256)
+        try:
+            _install(part, dest)
+        finally:
+            _drop(part)
     return dest
 
 
@@ -105,10 +143,7 @@ def fetch(
     """Bring ``part`` (a ``.part`` file, resumed if present) to the whole of ``url``, checked against ``sha256``
     when given; returns ``part``, complete. The caller installs it and removes it with its validator file."""
     report = _as_callback(progress)
-    try:
-        part.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DownloadError(f"cannot create {part.parent}: {exc.strerror or exc}") from None
+    _make_folder(part.parent)
     # Attempts after the first follow a partial file dropped as stale or unusable, or a resumed file whose hash
     # was wrong (it is then fetched again whole, once).
     for _attempt in range(3):
@@ -330,6 +365,13 @@ def _as_callback(progress: ProgressCallback | Progress | None) -> ProgressCallba
 # The release
 
 
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"cannot create {folder}: {exc.strerror or exc}") from None
+
+
 def fetch_release(
     dest_dir: str | os.PathLike[str],
     base_url: str | None = None,
@@ -360,12 +402,17 @@ def fetch_release(
         target = dest / WEIGHT_FILES[kind]
         name = CAFFEMODEL_FILES[kind]
         local = dest / name
-        if target.exists() and not force:
-            _check_converted(target, kind)
-        elif local.is_file() and not force:
-            _convert_local(local, target, kind)
-        else:
-            _download_and_convert(urllib.parse.urljoin(base, name), dest, kind, progress_factory, keep_caffemodels)
+        _make_folder(_part_path(local).parent)
+        # One run at a time per folder, from the look at what is there to the conversion: a run that waited finds
+        # the model converted by the other.
+        with one_at_a_time(_part_path(local).parent):
+            if target.exists() and not force:
+                _check_converted(target, kind)
+            elif local.is_file() and not force:
+                _convert_local(local, target, kind)
+            else:
+                url = urllib.parse.urljoin(base, name)
+                _download_and_convert(url, dest, kind, progress_factory, keep_caffemodels)
         written.append(target)
     return written
 

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,7 +18,7 @@ import pytest
 
 from i2v_cli import download as dl
 from i2v_cli.download import RELEASE_BASE_URL, download, fetch_release
-from i2v_cli.errors import DownloadError, ServerUnreachableError
+from i2v_cli.errors import DownloadError, I2VWarning, ServerUnreachableError
 from i2v_cli.weights import load_weights
 
 MODELS = Path(__file__).parent / "data" / "golden" / "models"
@@ -39,6 +40,7 @@ class Served:
     validators: bool = True  # send ETag and Last-Modified
     cut_after: int | None = None  # send only this many body bytes of the next response, then hang up
     stall_after: int | None = None  # send this many body bytes of the next response, then wait for `release`
+    finish_after_stall: bool = False  # once released, send the rest of the body (else hang up)
     release: threading.Event = field(default_factory=threading.Event)
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
     if_ranges: list[str | None] = field(default_factory=list)  # If-Range header per request
@@ -93,7 +95,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body[:stall])
             self.wfile.flush()
             served.release.wait(10)
-            return
+            if not served.finish_after_stall:
+                return
+            self.wfile.write(body[stall:])
         self.wfile.write(body)
         served.sent.append(len(body))
 
@@ -314,6 +318,33 @@ def test_fetch_release(tmp_path: Path, server: tuple[str, Served], pins: dict) -
     count = len(served.requests)
     assert fetch_release(tmp_path / "w", base_url=base) == written
     assert len(served.requests) == count
+
+
+def test_two_downloads_into_one_folder_take_turns(tmp_path: Path, server: tuple[str, Served], pins: dict) -> None:
+    """Two downloads into one folder shared its .part file: each truncated and removed the other's, and both
+    failed, blaming the server. The second now waits (saying so) and finds the model the first converted."""
+    base, served = server
+    _release(served)
+    served.stall_after, served.finish_after_stall = len(MODEL) // 2, True  # the first run pauses halfway
+    first: list[object] = []
+    thread = threading.Thread(target=lambda: first.append(fetch_release(tmp_path, base, which=["tag"])))
+    thread.start()
+    for _ in range(500):
+        if served.requests:
+            break
+        time.sleep(0.01)
+    releaser = threading.Timer(0.5, served.release.set)
+    releaser.start()
+    try:
+        with pytest.warns(I2VWarning, match=f"another i2v is downloading into {tmp_path}: waiting"):
+            second = fetch_release(tmp_path, base, which=["tag"])
+    finally:
+        releaser.join()
+        thread.join(20)
+    assert first == [second] and second == [tmp_path / "illust2vec_tag_ver200.safetensors"]
+    assert load_weights(second[0])[1].sha256 == SHA
+    assert len(served.requests) == 1  # the first run's: none for the second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["illust2vec_tag_ver200.safetensors"]
 
 
 def test_fetch_release_base_url_from_environment(
