@@ -473,6 +473,14 @@ def format_for(fmt: str | None, output: str | None, allowed: Iterable[str], defa
     return implied
 
 
+def _same_as_fd(st: os.stat_result, fd: int) -> bool:
+    """Whether ``st`` is the file open as ``fd`` (False when ``fd`` is closed)."""
+    try:
+        return os.path.samestat(st, os.fstat(fd))
+    except OSError:
+        return False
+
+
 def check_output(
     output: str | None,
     inputs: Iterable[str] = (),
@@ -483,11 +491,23 @@ def check_output(
     """Refuse, before anything is opened, an output that would destroy what the run reads or a file that is not
     i2v's to replace: a folder, one of the inputs (the same file by device and inode: a symlink or hard link to an
     input counts), the paths file of a feature pair (``vecs.paths.jsonl``: its vectors would lose their paths)
-    unless ``pair`` says the pair itself is being written, or an existing file whose content is not of a kind the
+    unless ``pair`` says the pair itself is being written, standard error (``/dev/stderr``, ``2> x`` with ``-o x``:
+    the messages would spoil the output; standard output is what ``-o -`` is for), or an existing file whose content is not of a kind the
     command writes (``writes``: ``text``, ``npy``, ``safetensors``, ``zip`` for ``.npz``; empty files always pass;
     None: not looked at) unless i2v's job file is beside it.
     An allowlist, not a list of foreign kinds: ``-o other.ico`` or ``-o library.db`` by mistake is refused
     whatever the format, and a text output whose first bytes look like a magic number still counts as text."""
+    if output is not None and not is_stdout(output):
+        try:
+            out = os.stat(output)
+        except OSError:
+            pass
+        else:
+            if _same_as_fd(out, 2) and not _same_as_fd(out, 1):
+                raise OutputError(
+                    f"-o {display(output)} is where i2v writes its messages (standard error): they would mix with "
+                    "the output and spoil it; name a file, or write to standard output (-o -)"
+                )
     if writes_in_place(output):
         return
     assert output is not None

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import crashing
+from conftest import GOLDEN, crashing
 from PIL import Image
 
 from i2v_cli.cli import cli
@@ -150,6 +150,27 @@ def test_dev_stdout_and_dash_mean_stdout(folder, tag_weights):
         assert proc.returncode == 1, proc.stderr
         assert len(json.loads(proc.stdout)) == 5
     assert stat.S_IFMT(os.lstat("/dev/stdout").st_mode) == before
+
+
+@pytest.mark.parametrize("out", ["/dev/stderr", "/dev/fd/2", "same file"])
+@pytest.mark.parametrize("command", ["tag", "convert"])
+def test_standard_error_as_output_is_refused(tmp_path, folder, tag_weights, out, command):
+    """-o /dev/stderr (or the file that 2> names) took the output, then i2v's own messages after it: exit 0 and a
+    safetensors file no reader could open, or JSON followed by a summary line."""
+    err = tmp_path / "err.out"
+    target = str(err) if out == "same file" else out
+    args = ["tag", str(folder), "--weights", str(tag_weights), "-f", "json"] if command == "tag" else [
+        "weights", "convert", str(GOLDEN / "models" / "tag_v2.caffemodel")]  # fmt: skip
+    with open(err, "ab") as stderr:
+        proc = subprocess.run(_i2v(*args, "-o", target), stdout=subprocess.PIPE, stderr=stderr)
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert err.read_bytes().decode() == (
+        f"Error: -o {target} is where i2v writes its messages (standard error): they would mix with the output and "
+        "spoil it; name a file, or write to standard output (-o -)\n"
+    )
+    # standard error that is standard output too (2>&1) is -o -: written, messages after the records
+    proc = subprocess.run(_i2v(*args, "-o", "/dev/stderr"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.returncode in (0, 1) and len(proc.stdout) > 1000
 
 
 # 3. Never destroy an input or a foreign file -------------------------------------------------------------------
