@@ -6,6 +6,7 @@ original ``make_i2v_with_chainer``) then returns an object with ``estimate_plaus
 
 from __future__ import annotations
 
+import io
 import operator
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +32,7 @@ from .runner import resolve_device
 from .tags import Selection, check_tag_names, check_threshold, closest_tags, load_tag_list, select_tags
 from .transform import load_and_preprocess, preprocess
 from .weights import WeightsInfo, load_model, resolve_weights
+from .writers import display
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor
 #: A path to an image file, decoded as ``i2v tag`` decodes it (EXIF orientation applied).
@@ -47,8 +49,9 @@ _WHAT_TO_PASS = "pass a PIL image, an (H, W[, C]) array, a file path, or a list 
 
 
 def _is_single(images: object) -> bool:
-    """Whether ``images`` is one image rather than a collection of them (see :data:`Images`)."""
-    if isinstance(images, (Image.Image, *_PATH_TYPES)):
+    """Whether ``images`` is one image rather than a collection of them (see :data:`Images`). An open file is one
+    (refused by :func:`_check_item`): iterated, it gave its bytes' lines, each taken as a path."""
+    if isinstance(images, (Image.Image, *_PATH_TYPES, io.IOBase)):
         return True
     if isinstance(images, _ARRAY_TYPES):
         if images.ndim == 2:
@@ -90,6 +93,10 @@ def _check_item(item: object, index: int | None) -> None:
             "channels",
             index=index,
         )
+    if isinstance(item, io.IOBase):
+        raise ImageInputError(
+            f"{where} is an open file ({type(item).__name__}): pass its path, or PIL.Image.open(file)", index=index
+        )
     if not isinstance(item, (Image.Image, *_PATH_TYPES)):
         raise ImageInputError(f"{where} is a {type(item).__name__}: {_WHAT_TO_PASS}", index=index)
 
@@ -103,8 +110,8 @@ def network_input(item: ImageLike | ImagePath, index: int | None = None) -> torc
         path = os.fsdecode(os.fspath(item))
         try:
             return load_and_preprocess(item)
-        except ImageDecodeError as exc:
-            raise ImageInputError(f"{where}{exc}", index=index, path=path) from exc
+        except ImageDecodeError as exc:  # the message readable anywhere (\xNN for a name's non-UTF-8 bytes)
+            raise ImageInputError(display(f"{where}{exc}"), index=index, path=path) from exc
     try:
         return preprocess(item)
     except (ValueError, TypeError, OSError, ImageDecodeError) as exc:  # a bad shape or dtype, a truncated file

@@ -278,6 +278,28 @@ def test_a_bad_image_in_a_list_is_named_by_index_and_path(tagger, images, tmp_pa
     assert str(info.value) == "image at index 0: /tmp/a\\0b.png: no file name holds a NUL byte"
 
 
+def test_messages_are_readable_anywhere_and_open_files_are_refused(tagger, images, tmp_path):
+    """A name that is not UTF-8 made a message of lone surrogates (printing it to a strict UTF-8 stream raised), and
+    an open file was iterated line by line, each line of its bytes taken as a path ("\\x89PNG: no such file")."""
+    import io
+
+    missing = os.path.join(os.fsencode(tmp_path), b"missing\xff.png")
+    with pytest.raises(i2v.ImageInputError) as info:
+        tagger.estimate_probabilities([missing])
+    assert str(info.value) == f"image at index 0: {tmp_path}/missing\\xff.png: no such file"
+    str(info.value).encode("utf-8")  # no surrogate left
+    assert info.value.path == os.fsdecode(missing)  # the exact name, for a program
+    png = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(png)
+    with open(png, "rb") as f:
+        cases = ((f, None, "the image"), (io.BytesIO(f.read()), None, "the image"), ([f], 0, "image at index 0"))
+        for given, index, where in cases:
+            with pytest.raises(i2v.ImageInputError) as info:
+                tagger.estimate_probabilities(given)
+            assert str(info.value).startswith(f"{where} is an open file (") and info.value.index == index
+            assert str(info.value).endswith("): pass its path, or PIL.Image.open(file)")
+
+
 def test_a_wrong_type_in_a_list_is_refused_before_any_image_is_computed(tagger, images, monkeypatch):
     import i2v_cli.api as api
 
