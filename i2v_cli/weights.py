@@ -461,8 +461,10 @@ def _to_own_naming(state_dict: Mapping[str, torch.Tensor], path: Path) -> dict[s
     for key, value in state_dict.items():
         if isinstance(value, torch.Tensor) and value.layout != torch.strided:
             raise WeightsError(f"{path}: {key} is a sparse tensor ({value.layout}); i2v reads dense tensors only")
-        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() and value.dim() > 0):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise WeightsError(f"{path}: {key} is not a floating-point tensor")
+        if value.dim() == 0:
+            raise WeightsError(f"{path}: {key} is a single number (a 0-d tensor), not a layer's weights")
         if value.is_meta:
             raise WeightsError(f"{path}: {key} is a meta tensor (a shape without data): not a weight file to use")
     if not set(state_dict) <= _OWN_KEYS:

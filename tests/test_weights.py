@@ -743,6 +743,10 @@ ERRORS: dict[str, tuple[Callable[[Path], Path], str]] = {
         _torch_save({"conv1_1.weight": torch.zeros(2, 3, 3, 3, dtype=torch.int64)}),
         "{p}: conv1_1.weight is not a floating-point tensor",
     ),
+    "pth_scalar_tensor": (
+        _torch_save({"conv1_1.weight": torch.tensor(0.5)}),
+        "{p}: conv1_1.weight is a single number (a 0-d tensor), not a layer's weights",
+    ),
     "plain_pickle": (
         _bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x03."),
         "{p} is not a readable PyTorch file",
