@@ -259,6 +259,7 @@ class Index:
         self._basis: np.ndarray | None = None
         #: Sketch changes of the open transaction, written at its commit: row id -> its feature (None: drop).
         self._pending: dict[int, np.ndarray | None] = {}
+        self._held = False  # copy_results reads temp.held_results (see held_results)
         shown = display(path)
         exists = os.path.exists(path)
         if not exists and not create:
@@ -627,12 +628,36 @@ class Index:
             self._flush_sketches()
 
     def copy_results(self, source: int, state: FileState) -> None:
-        """Give ``state.path`` the results of row ``source`` (same content): no network run."""
-        rating, scores, feature = self.conn.execute(
-            "SELECT rating, scores, feature FROM images WHERE id = ?", (source,)
-        ).fetchone()
-        del rating
+        """Give ``state.path`` the results of row ``source`` (same content): no network run. Within
+        :meth:`held_results`, the source's results as they were when it began."""
+        table = "temp.held_results" if self._held else "images"
+        scores, feature = self.conn.execute(f"SELECT scores, feature FROM {table} WHERE id = ?", (source,)).fetchone()
         self.put(state, stored(scores, "score vector", NUM_TAGS), stored(feature, "feature", self.feature_dim), None)
+
+    @contextlib.contextmanager
+    def held_results(self, rows: Iterable[int]) -> Iterator[None]:
+        """``with index.held_results(sources):`` :meth:`copy_results` reads these rows' results as they are now,
+        whatever the copies inside change: when files swap names (or shift, 1 to 2 and 2 to 3), a row is the source
+        of one copy and the target of another, and copied in turn, it gave one image's results to both. Held in a
+        temporary table (on disk when large: a collection renumbered whole costs no memory)."""
+        ids = sorted(set(rows))
+        if not ids:
+            yield
+            return
+        self.conn.execute("CREATE TEMP TABLE held_results (id INTEGER PRIMARY KEY, scores BLOB, feature BLOB)")
+        try:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                self.conn.execute(
+                    "INSERT INTO temp.held_results SELECT id, scores, feature FROM images "
+                    f"WHERE id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+            self._held = True
+            yield
+        finally:
+            self._held = False
+            self.conn.execute("DROP TABLE temp.held_results")
 
     def move(self, row: int, state: FileState) -> None:
         """Row ``row``'s file is now at ``state.path`` (a move or rename, recognised by its hash)."""
@@ -931,10 +956,12 @@ def apply_plan(index: Index, plan: Plan, summary: UpdateSummary) -> None:
         steps.append(lambda row=row, state=state: index.touch(row, state))
     for row in plan.removals:
         steps.append(lambda row=row: index.remove(row))
-    for start in range(0, len(steps), COMMIT_ROWS):
-        with index.transaction():
-            for step in steps[start : start + COMMIT_ROWS]:
-                step()
+    # The copies' sources as they are before any step: a source may itself be a copy's target (names swapped).
+    with index.held_results(source for source, _, _ in plan.copies):
+        for start in range(0, len(steps), COMMIT_ROWS):
+            with index.transaction():
+                for step in steps[start : start + COMMIT_ROWS]:
+                    step()
     summary.moved += len(plan.moves)
     summary.added += sum(not changed for _, _, changed in plan.copies)
     summary.updated += sum(changed for _, _, changed in plan.copies)

@@ -200,6 +200,33 @@ def test_incremental_counts_add_change_move_copy_delete(runner, weights, collect
         assert n == want
 
 
+@pytest.mark.parametrize("shuffle", ["swap", "shift", "cycle"])
+def test_names_swapped_or_shifted_keep_each_image_its_own_results(runner, weights, collection, tmp_path, shuffle):
+    """Swapping two files' names (or shifting them: a01 to a02, a00 to a01) copied one image's results onto both:
+    each copy read its source row after an earlier copy had overwritten it. The index now equals a fresh one."""
+    db = tmp_path / "c.db"
+    summary(index(runner, collection, "--db", db, weights=weights))
+    names = {"swap": ["a01.png", "a02.png"], "shift": ["a01.png", "a02.png", "a04.png", "a05.png"],
+             "cycle": ["a05.png", "a01.png", "a02.png"]}[shuffle]  # fmt: skip
+    for name in names:
+        os.rename(collection / name, collection / f"{name}.tmp")
+    # each file takes the next one's name, the last the first's: swap a01 <-> a02; shift a01 -> a02 -> a04 -> a05
+    # (-> a01); cycle a05 -> a01 -> a02 (-> a05)
+    for name, target in zip(names, names[1:] + names[:1], strict=True):
+        os.rename(collection / f"{name}.tmp", collection / target)
+    result = summary(index(runner, collection, "--db", db, weights=weights))
+    assert result["updated"] == len(names) and result["added"] == 0
+    fresh = tmp_path / "fresh.db"
+    summary(index(runner, collection, "--db", fresh, weights=weights))
+    got, want = rows(db)[0], rows(fresh)[0]
+    assert got.keys() == want.keys()
+    for path, row in got.items():  # the same content, results within float rounding (another batch position)
+        assert row[:8] == want[path][:8]  # size ... rating
+        for column in (8, 9):  # scores, feature
+            a, b = np.frombuffer(row[column], np.float32), np.frombuffer(want[path][column], np.float32)
+            assert np.abs(a - b).max() < 1e-5, (path, column)
+
+
 def test_killed_run_resumes_to_the_same_index(weights, tag_weights, feature_weights, collection, tmp_path):
     from i2v_cli.cli.index import load_networks
     from i2v_cli.index import update
@@ -377,7 +404,7 @@ def test_repeated_terms_hold_once_and_the_number_of_terms_is_bounded():
     t = TAGS.index
     assert parse(" ".join(["rating:safe", "long_hair"] * 15000), TAGS) == [
         RatingTerm("safe"), TagTerm(t("long hair"), ">=", 0.5)]  # fmt: skip
-    bounds = [f"solo>={i / 10 ** 4:.4f}" for i in range(1, MAX_TERMS + 1)]
+    bounds = [f"solo>={i / 10**4:.4f}" for i in range(1, MAX_TERMS + 1)]
     assert len(parse(" ".join(bounds), TAGS)) == MAX_TERMS
     with pytest.raises(QueryError, match=f"holds {MAX_TERMS + 1} different terms; at most {MAX_TERMS} are taken"):
         parse(" ".join([*bounds, "-solo"]), TAGS)
