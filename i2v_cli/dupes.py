@@ -341,8 +341,11 @@ def _find_dupes(
         candidates = candidate_blocks(sketches, threshold, progress=progress, dense=_DENSE)
         pairs = verified_pairs(index, ids, candidates, floor)
     components = groups_of(pairs, len(ids))
-    for first in copies:  # files with the same bytes as another one: a group with it, at similarity 1
-        if first not in components:
+    # Files with the same bytes as another one: a group with it, at similarity 1, unless the first of them is in a
+    # group already (as any member, not only its root: it was listed in two groups, kept in one, a dupe in another).
+    grouped = {m for members, _ in components.values() for m in members}
+    for first in copies:
+        if first not in grouped:
             components[first] = ([first], 1.0)
     out = []
     for members, low in components.values():

@@ -56,6 +56,31 @@ def test_copies_group_and_distinct_images_do_not(dupes_db):
                                                  "c.png", "d.png", "e.png"])  # fmt: skip
 
 
+@pytest.mark.parametrize("exact_rows", [10**9, 0])  # all pairs compared; the sketch path
+def test_an_image_with_a_copy_and_a_near_duplicate_is_in_one_group(golden, tag_weights, feature_weights, tmp_path,
+                                                                     monkeypatch, exact_rows):  # fmt: skip
+    """b.jpg, a near-duplicate of a.png with a byte-identical copy c.jpg, was listed twice: kept in a group of its
+    own with c.jpg, and a dupe in a.png's group (copies formed a group unless their first was a component's root)."""
+    from i2v_cli import dupes
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    with Image.open(golden / "images" / "mixed" / "img001.png") as im:  # 640x480
+        im.convert("RGB").save(folder / "a.png")
+        im.convert("RGB").save(folder / "b.jpg", quality=90)
+    shutil.copy(folder / "b.jpg", folder / "c.jpg")
+    db = tmp_path / "c.db"
+    result = CliRunner().invoke(cli, ["index", str(folder), "--db", str(db), "--tag-weights", str(tag_weights),
+                                      "--feature-weights", str(feature_weights), "-j", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    monkeypatch.setattr(dupes, "EXACT_ROWS", exact_rows)
+    result = CliRunner().invoke(cli, ["dupes", "--db", str(db), "-f", "jsonl"])
+    assert result.exit_code == 0, result.output
+    groups = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [[os.path.basename(p) for p in g["paths"]] for g in groups] == [["a.png", "b.jpg", "c.jpg"]]
+    assert os.path.basename(groups[0]["keep"]) == "a.png"
+
+
 def test_keep_rule_prefers_lossless_then_oldest(dupes_db, tmp_path):
     from i2v_cli.dupes import Image as Img
 
