@@ -231,7 +231,7 @@ def test_binary_index_ranks_by_hamming_distance(runner, indexed, feature_weights
     assert from_row["results"] == from_file["results"][1:]  # its own row left out; k exceeds the rest
 
 
-def test_text_format(runner, indexed):
+def test_text_format(runner, indexed, feature_weights):
     result = similar(runner, "imgs/im0.png", "imgs/im4.png", "-i", "bits.npy", "-k", "2")
     assert result.exit_code == 0, result.output
     ff = read_features("bits.npy")
@@ -241,6 +241,11 @@ def test_text_format(runner, indexed):
         lines += ([""] if i else []) + [f"{q}: (hamming distance)"]
         lines += [f"  {dist[i][r]:5d}  {ff.paths[r]}" for r in brute_top(dist[i], 2, exclude=row)]
     assert result.stdout == "\n".join(lines) + "\n"
+    # a query with no result (a one-image index, itself left out) still names the index's measure
+    one = CliRunner().invoke(cli, ["features", "imgs/im0.png", "-j", "0", "-w", str(feature_weights), "-o", "one.npy",
+                                   "--binary"])  # fmt: skip
+    assert one.exit_code == 0, one.output
+    assert similar(runner, "imgs/im0.png", "-i", "one.npy").stdout == "imgs/im0.png: (hamming distance)\n"
     text = similar(runner, "imgs/im0.png", "-i", "vecs.npy", "-k", "1").stdout.splitlines()
     assert (
         text[0] == "imgs/im0.png: (cosine similarity)"

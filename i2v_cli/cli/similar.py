@@ -36,16 +36,18 @@ class TextWriter(Writer):
     ``hamming`` distance, said in the query's line), a blank line between queries. Paths are shown as they
     open from the current folder."""
 
-    def __init__(self, path: str | None = None, *, keep: int | None = None, base: str = ".") -> None:
+    def __init__(
+        self, path: str | None = None, *, keep: int | None = None, base: str = ".", binary: bool = False
+    ) -> None:
         self.base = base
+        self.measure = "hamming distance" if binary else "cosine similarity"  # the index's, even with no result
         super().__init__(path, keep=keep)
 
     def _format(self, record: dict[str, Any], buf: io.StringIO) -> None:
         if "error" in record:
             return  # reported on stderr
         hits = record["results"]
-        measure = "hamming distance" if hits and "distance" in hits[0] else "cosine similarity"
-        buf.write(("" if self.count == 0 else "\n") + f"{one_line(record['query'])}: ({measure})\n")
+        buf.write(("" if self.count == 0 else "\n") + f"{one_line(record['query'])}: ({self.measure})\n")
         for hit in hits:
             score = f"{hit['distance']:5d}" if "distance" in hit else f"{hit['score']:.6f}"
             buf.write(f"  {score}  {one_line(_from_here(self.base, hit['path']))}\n")
@@ -207,7 +209,7 @@ def similar(
     neighbors = dict(zip(order, found, strict=True))
     base = index.base
     with claim_output(output, make_job("similar", fmt, {}, {})):
-        writer = TextWriter(output, base=base) if fmt == "text" else open_writer(fmt, output)
+        writer = TextWriter(output, base=base, binary=index.binary) if fmt == "text" else open_writer(fmt, output)
         with writer:
             for i, path in enumerate(paths):
                 if i in errors:
