@@ -40,7 +40,7 @@ from .index import (
 from .sketch import sketch
 
 _TOKEN = re.compile(r'(?:"[^"]*"|[^\s"])+|"[^"]*$')
-_BOUND = re.compile(r"^(?P<tag>.+?)(?P<op>>=|<=|>|<)(?P<value>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
+_BOUND = re.compile(r"^(?P<tag>.+?)(?P<op>>=|<=|>|<)(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
 RATINGS = ("safe", "questionable", "explicit")
 #: Rows whose features are scored at a time by ``--like``.
 LIKE_CHUNK = 4096
@@ -115,7 +115,7 @@ def parse(query: str, tags: Sequence[str], threshold: float = 0.5) -> list[Term]
             continue
         name, op, value = body, ">=", threshold
         if body.casefold().replace("_", " ") not in lookup and (m := _BOUND.match(body)):
-            name, op, value = m["tag"], m["op"], float(m["value"])
+            name, op, value = m["tag"], m["op"], float(m["value"]) + 0.0  # -0 as 0
             if not 0.0 <= value <= 1.0:
                 raise QueryError(f"{token!r}: a score bound is between 0 and 1")
         key = name.casefold().replace("_", " ")

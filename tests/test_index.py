@@ -386,6 +386,7 @@ def test_grammar():
         ("-blue_eyse", "unknown tag 'blue_eyse': did you mean blue_eyes"),
         ("rating:sfe", "unknown rating 'sfe'"),
         ("solo>=1.5", "between 0 and 1"),
+        ("solo>=-0.1", "'solo>=-0.1': a score bound is between 0 and 1"),  # was "unknown tag 'solo>=-0.1'"
         ('"long hair', "unbalanced double quote"),
         ("zzzzqqq", "unknown tag 'zzzzqqq' (no tag is close)"),
     ],
