@@ -492,9 +492,9 @@ def check_output(
     i2v's to replace: a folder, one of the inputs (the same file by device and inode: a symlink or hard link to an
     input counts), the paths file of a feature pair (``vecs.paths.jsonl``: its vectors would lose their paths)
     unless ``pair`` says the pair itself is being written, standard error (``/dev/stderr``, ``2> x`` with ``-o x``:
-    the messages would spoil the output; standard output is what ``-o -`` is for), or an existing file whose content is not of a kind the
-    command writes (``writes``: ``text``, ``npy``, ``safetensors``, ``zip`` for ``.npz``; empty files always pass;
-    None: not looked at) unless i2v's job file is beside it.
+    the messages would spoil the output; standard output is what ``-o -`` is for), or an existing file whose
+    content is not of a kind the command writes (``writes``: ``text``, ``npy``, ``safetensors``, ``zip`` for
+    ``.npz``; empty files always pass; None: not looked at) unless i2v's job file is beside it.
     An allowlist, not a list of foreign kinds: ``-o other.ico`` or ``-o library.db`` by mistake is refused
     whatever the format, and a text output whose first bytes look like a magic number still counts as text."""
     if output is not None and not is_stdout(output):

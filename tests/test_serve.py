@@ -482,7 +482,7 @@ def test_files_that_failed_indexing_are_never_served(tag_weights, feature_weight
         ids = [row[0] for row in reader.index.conn.execute("SELECT id FROM images WHERE error IS NOT NULL")]
         assert len(ids) == 2
         for image in ids:
-            with pytest.raises(NotFound, match="could not be indexed .*: it is not served"):
+            with pytest.raises(NotFound, match=r"could not be indexed .*: it is not served"):
                 reader.open_file(image)
             with pytest.raises(NotFound):
                 reader.thumbnail(image)
@@ -504,7 +504,7 @@ def test_a_costly_query_stops_at_the_timeout_and_holds_no_one_else(db):
     query = " ".join(f"solo>={i / 10**4:.4f}" for i in range(MAX_TERMS))
     reader = IndexReader(Index(str(db), readonly=True), timeout_s=1e-4)  # far less than the query's SQL takes
     try:
-        with pytest.raises(Busy, match="took over 0.0001 s"):
+        with pytest.raises(Busy, match=r"took over 0\.0001 s"):
             reader.search(query)
         reader.timeout_s = None  # no timeout: the same query is answered
         assert reader.search(query) == reader.search(f"solo>={(MAX_TERMS - 1) / 10**4:.4f}")  # the strictest bound
