@@ -48,10 +48,18 @@ _ARRAY_TYPES = (np.ndarray, torch.Tensor)
 _WHAT_TO_PASS = "pass a PIL image, an (H, W[, C]) array, a file path, or a list of them (or an (N, H, W, C) array)"
 
 
+def _is_open_file(obj: object) -> bool:
+    """Whether ``obj`` is an open file: an ``io`` stream, or anything with ``read`` that is not an image (the
+    wrapper of ``tempfile.NamedTemporaryFile`` is no ``io.IOBase``)."""
+    return isinstance(obj, io.IOBase) or (
+        callable(getattr(obj, "read", None)) and not isinstance(obj, (Image.Image, *_PATH_TYPES, *_ARRAY_TYPES))
+    )
+
+
 def _is_single(images: object) -> bool:
     """Whether ``images`` is one image rather than a collection of them (see :data:`Images`). An open file is one
     (refused by :func:`_check_item`): iterated, it gave its bytes' lines, each taken as a path."""
-    if isinstance(images, (Image.Image, *_PATH_TYPES, io.IOBase)):
+    if isinstance(images, (Image.Image, *_PATH_TYPES)) or _is_open_file(images):
         return True
     if isinstance(images, _ARRAY_TYPES):
         if images.ndim == 2:
@@ -93,7 +101,7 @@ def _check_item(item: object, index: int | None) -> None:
             "channels",
             index=index,
         )
-    if isinstance(item, io.IOBase):
+    if _is_open_file(item):
         raise ImageInputError(
             f"{where} is an open file ({type(item).__name__}): pass its path, or PIL.Image.open(file)", index=index
         )

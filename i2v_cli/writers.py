@@ -27,6 +27,7 @@ import io
 import json
 import os
 import select
+import stat
 import sys
 from collections.abc import Collection, Iterable, Mapping
 from typing import IO, Any, TypeVar
@@ -503,7 +504,9 @@ def check_output(
         except OSError:
             pass
         else:
-            if _same_as_fd(out, 2) and not _same_as_fd(out, 1):
+            # A file or pipe that the messages go to as well (a terminal shows both; /dev/null keeps neither)
+            mixes = stat.S_ISREG(out.st_mode) or stat.S_ISFIFO(out.st_mode) or stat.S_ISSOCK(out.st_mode)
+            if mixes and _same_as_fd(out, 2) and not _same_as_fd(out, 1):
                 raise OutputError(
                     f"-o {display(output)} is where i2v writes its messages (standard error): they would mix with "
                     "the output and spoil it; name a file, or write to standard output (-o -)"

@@ -282,6 +282,7 @@ def test_messages_are_readable_anywhere_and_open_files_are_refused(tagger, image
     """A name that is not UTF-8 made a message of lone surrogates (printing it to a strict UTF-8 stream raised), and
     an open file was iterated line by line, each line of its bytes taken as a path ("\\x89PNG: no such file")."""
     import io
+    import tempfile
 
     missing = os.path.join(os.fsencode(tmp_path), b"missing\xff.png")
     with pytest.raises(i2v.ImageInputError) as info:
@@ -292,7 +293,9 @@ def test_messages_are_readable_anywhere_and_open_files_are_refused(tagger, image
     png = tmp_path / "a.png"
     Image.new("RGB", (8, 8)).save(png)
     with open(png, "rb") as f:
-        cases = ((f, None, "the image"), (io.BytesIO(f.read()), None, "the image"), ([f], 0, "image at index 0"))
+        temporary = tempfile.NamedTemporaryFile()  # noqa: SIM115 (not an io.IOBase: a wrapper of one)
+        cases = ((f, None, "the image"), (io.BytesIO(f.read()), None, "the image"), ([f], 0, "image at index 0"),
+                 (temporary, None, "the image"), ([temporary], 0, "image at index 0"))  # fmt: skip
         for given, index, where in cases:
             with pytest.raises(i2v.ImageInputError) as info:
                 tagger.estimate_probabilities(given)

@@ -168,6 +168,10 @@ def test_standard_error_as_output_is_refused(tmp_path, folder, tag_weights, out,
         f"Error: -o {target} is where i2v writes its messages (standard error): they would mix with the output and "
         "spoil it; name a file, or write to standard output (-o -)\n"
     )
+    # /dev/null for both (cron, subprocess.DEVNULL) keeps nothing to spoil: written (it was refused, exit 2)
+    with open(os.devnull, "wb") as null:
+        proc = subprocess.run(_i2v(*args, "-o", "/dev/null"), stdout=subprocess.PIPE, stderr=null)
+    assert proc.returncode in (0, 1)
     # standard error that is standard output too (2>&1) is -o -: written, messages after the records
     proc = subprocess.run(_i2v(*args, "-o", "/dev/stderr"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.returncode in (0, 1) and len(proc.stdout) > 1000
