@@ -502,11 +502,14 @@ def int8_cache_key(model: nn.Module, calibration: Calibration, digest: str | Non
 _LEGACY_INT8 = re.compile(r"(tag-int8|feature-int8|feature-int8-trunk)-[0-9a-f]{32}\.onnx")
 
 
-def cached_int8(model: nn.Module, name: str, calibration: Calibration, cache_dir: Path | None = None) -> str | bytes:
+def cached_int8(
+    model: nn.Module, name: str, calibration: Calibration, cache_dir: Path | None = None, *, remake: bool = False
+) -> str | bytes:
     """``model``'s int8 ONNX file in the cache (``int8/NAME-WEIGHTS-KEY.onnx``, made once), or its bytes when the
     cache cannot be written or its name is not UTF-8 (the runtimes take file names as UTF-8 text only). Making one
     removes the files no run will open again: the same weights' with another calibration set, recipe or library
-    version, and those named before the weights were in the name (tens of MB each)."""
+    version, and those named before the weights were in the name (tens of MB each). ``remake``: quantise again
+    whatever the cache holds (a damaged file: replaced where the cache can be written, else run from memory)."""
     from .inference import _is_utf8, export_onnx, weights_digest
     from .weights import default_weights_dir
 
@@ -514,7 +517,7 @@ def cached_int8(model: nn.Module, name: str, calibration: Calibration, cache_dir
     digest = weights_digest(model)
     same_weights = f"{name}-{digest[:16]}-"
     path = folder / f"{same_weights}{int8_cache_key(model, calibration, digest)}.onnx"
-    if path.is_file():
+    if path.is_file() and not remake:
         return str(path) if _is_utf8(str(path)) else path.read_bytes()
     buffer = io.BytesIO()
     export_onnx(model, buffer)
@@ -589,15 +592,13 @@ class Int8Net:
         try:
             self._run = self._open(onnx_model, threads)
         except _load_errors() as exc:
-            if not isinstance(onnx_model, str):
-                raise I2VError(f"the {self.runtime} runtime cannot load the int8 network ({first_line(exc)})") from None
-            # A damaged cache entry (a cut copy, say): quantised again, as a damaged fp32 export is exported again.
-            note = f"the cached int8 network {onnx_model} could not be loaded ({first_line(exc)}): quantised it again"
+            # A damaged cache entry (a cut copy, say): quantised again, as a damaged fp32 export is exported again;
+            # replaced in the cache, or run from memory where the cache is read-only (or named in other than UTF-8).
+            where = f" {onnx_model}" if isinstance(onnx_model, str) else ""
+            note = f"the cached int8 network{where} could not be loaded ({first_line(exc)}): quantised it again"
             self.notes.append(note)
             warnings.warn(note, BackendWarning, stacklevel=2)
-            with contextlib.suppress(OSError):
-                os.unlink(onnx_model)
-            onnx_model = cached_int8(exported, name, self.calibration, cache_dir)
+            onnx_model = cached_int8(exported, name, self.calibration, cache_dir, remake=True)
             try:
                 self._run = self._open(onnx_model, threads)
             except _load_errors() as again:

@@ -260,6 +260,33 @@ def test_a_damaged_int8_cache_file_is_quantised_again(damage, tag_weights, input
     assert quantize.Int8Net(model, calibration, tmp_path).notes == []  # and it is good for the next run
 
 
+@needs_ort
+@pytest.mark.parametrize("cache", ["not UTF-8", "read-only"])
+def test_a_damaged_int8_cache_file_is_quantised_again_where_it_cannot_be_opened_or_replaced(
+    cache, tag_weights, inputs, tmp_path, monkeypatch
+):
+    """In a cache folder named in other than UTF-8 (the file is read as bytes) or one that cannot be written (the
+    damaged file stays), a damaged file failed every run: it is quantised again and run from memory."""
+    model, _ = load_model(tag_weights)
+    calibration = quantize.find_calibration(_save_small_set(tmp_path))
+    folder = tmp_path / os.fsdecode(b"cache\xff") if cache == "not UTF-8" else tmp_path / "cache"
+    want = _scores(quantize.Int8Net(model, calibration, folder), inputs[:2])
+    (path,) = (folder / "int8").glob("*.onnx")
+    damaged = path.read_bytes()[: path.stat().st_size // 3]
+    path.write_bytes(damaged)
+    if cache == "read-only":
+
+        def refuse(*args, **kwargs):
+            raise OSError(30, "Read-only file system")
+
+        monkeypatch.setattr(quantize, "write_bytes", refuse)  # as a read-only folder does (root ignores modes)
+    with pytest.warns(BackendWarning, match="quantised it again"):
+        net = quantize.Int8Net(model, calibration, folder)
+    np.testing.assert_array_equal(_scores(net, inputs[:2]), want)
+    if cache == "read-only":
+        assert path.read_bytes() == damaged  # left as it was: the cache cannot be written
+
+
 def _save_small_set(folder):
     path = folder / "small.npz"
     quantize.save_calibration(quantize.synthetic_images(8, seed=1), path)
