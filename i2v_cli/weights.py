@@ -222,6 +222,7 @@ def _read_caffemodel(path: Path) -> tuple[dict[str, torch.Tensor], int, str]:
     if not state_dict:
         raise WeightsError(f"{path} holds none of Illustration2Vec's layers (conv1_1 ... conv6_4, encode1)")
     _check_layer_types(layers, version, path)
+    _check_layers_present(layers, TAG if layer_key("conv6_4", "weight") in state_dict else FEATURE, path)
     return state_dict, version, sha256
 
 
@@ -291,7 +292,7 @@ def _settings_differing(layer: Any, kind: str) -> Iterator[tuple[str, object, ob
         yield from _differing("dilation", tuple(c.dilation) or (1,), (1,) * max(1, len(c.dilation)))
         yield from _differing("group", c.group, 1)
         yield from _differing("bias_term", c.bias_term, True)
-        yield from _differing("axis", c.axis, 1)
+        yield from _differing("axis", 1 if c.axis == -3 else c.axis, 1)  # -3: axis 1 of (N, C, H, W), as Caffe counts
     elif kind == "pooling" and layer.HasField("pooling_param"):
         p = layer.pooling_param
         enum = p.DESCRIPTOR.fields_by_name["pool"].enum_type
@@ -316,7 +317,8 @@ def _settings_differing(layer: Any, kind: str) -> Iterator[tuple[str, object, ob
         q = layer.inner_product_param
         yield from _differing("transpose", q.transpose, False)
         yield from _differing("bias_term", q.bias_term, True)
-        yield from _differing("axis", q.axis, 1)
+        # the input's axis 1 counted from the end: -3 of encode1's (N, C, H, W), -1 of encode2's (N, 4096)
+        yield from _differing("axis", 1 if q.axis == (-3 if layer.name == "encode1" else -1) else q.axis, 1)
 
 
 def _differing(setting: str, value: object, want: object) -> Iterator[tuple[str, object, object]]:
@@ -332,6 +334,23 @@ def _shown(value: object) -> object:
     if isinstance(value, bool):
         return str(value).lower()
     return value
+
+
+def _check_layers_present(layers: Any, kind: str, path: Path) -> None:
+    """Refuse a caffemodel without a layer that computes between the weights: a ReLU after a convolution, a max
+    pooling, or the tag model's average pool6 (without them Caffe computes another network; the convolutions and
+    encode1 are checked with the weights). ``prob`` and what follows encode1 are not needed: the outputs are
+    taken before them, and a training net holds a loss layer there."""
+    names = {layer.name for layer in layers}
+    needed = [*("relu" + n.removeprefix("conv") for n in CONV_NAMES), *(f"pool{i}" for i in range(1, 6))]
+    if kind == TAG:
+        needed.append("pool6")
+    missing = [n for n in needed if n not in names]
+    if missing:
+        raise WeightsError(
+            f"{path}: layer {missing[0]} is missing{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+            "Caffe would compute another network than Illustration2Vec without it"
+        )
 
 
 def _check_layer_types(layers: Any, version: int, path: Path) -> None:

@@ -702,6 +702,15 @@ ERRORS: dict[str, tuple[Callable[[Path], Path], str]] = {
         _edit("tag_v2.caffemodel", _set("relu1_1", "relu_param", negative_slope=1.0)),
         "{p}: layer relu1_1 has negative_slope 1.0, where Illustration2Vec has 0.0",
     ),
+    "missing_relu": (
+        _edit("tag_v2.caffemodel", _remove_layer("relu3_1")),
+        "{p}: layer relu3_1 is missing: Caffe would compute another network than Illustration2Vec without it",
+    ),
+    "missing_pools_v1": (
+        _edit("feature_v1.caffemodel", lambda net: [_remove_layer(n)(net) for n in ("pool2", "pool4")]),
+        "{p}: layer pool2 is missing (and 1 more): Caffe would compute",
+    ),
+    "missing_pool6": (_edit("tag_v1.caffemodel", _remove_layer("pool6")), "{p}: layer pool6 is missing"),
     "transposed_inner_product": (
         _edit("feature_v1.caffemodel", _set("encode1", "inner_product_param", transpose=True)),
         "{p}: layer encode1 has transpose true, where Illustration2Vec has false",
@@ -816,6 +825,20 @@ def test_errors_are_one_line_and_name_the_file(tmp_path: Path, case: str) -> Non
     assert not [p for p in tmp_path.iterdir() if is_temp_name(p.name)]  # no temporary file left
 
 
+@pytest.mark.parametrize(
+    ("layer", "param", "axis"),
+    [
+        ("conv1_1", "convolution_param", -3),
+        ("encode1", "inner_product_param", -3),
+        ("encode2", "inner_product_param", -1),
+    ],
+)
+def test_an_axis_counted_from_the_end_is_the_same_layer(tmp_path: Path, golden_sd: dict, layer, param, axis) -> None:
+    """Caffe counts a negative axis from the end: -3 of a (N, C, H, W) input, -1 of encode2's (N, 4096), are axis 1."""
+    path = _edit("feature_v1.caffemodel", _set(layer, param, axis=axis))(tmp_path / "axis.caffemodel")
+    assert_same(load_weights(path)[0], golden_sd["feature_v1"])
+
+
 def test_layers_that_do_not_compute_are_accepted(tmp_path: Path, golden_sd: dict) -> None:
     """Data, dropout and loss layers (as a training snapshot holds them) change nothing at inference."""
     net = parse(MODELS / "tag_v2.caffemodel")
@@ -823,6 +846,9 @@ def test_layers_that_do_not_compute_are_accepted(tmp_path: Path, golden_sd: dict
         _insert_layer(after, name, layer_type)(net)
     net.layer.insert(0, caffe_message("LayerParameter")(name="data", type="Input", top=["data"]))
     assert_same(read_caffemodel(write(net, tmp_path / "v2.caffemodel")), golden_sd["tag_v2"])
+    # a training snapshot's head: the loss on pool6, no prob (the scores are taken before it)
+    _remove_layer("prob")(net)
+    assert_same(read_caffemodel(write(net, tmp_path / "train.caffemodel")), golden_sd["tag_v2"])
     v1 = parse(MODELS / "feature_v1.caffemodel")
     v1.layers.add(name="data", type=5)  # DATA
     v1.layers.add(name="loss", type=27)  # SIGMOID_CROSS_ENTROPY_LOSS
