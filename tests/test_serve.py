@@ -312,6 +312,31 @@ def test_pages_of_other_origins_cannot_post(db, tag_weights, feature_weights, co
         assert anonymous.get("/healthz").headers["cross-origin-resource-policy"] == "same-origin"
 
 
+def test_allowed_origins_behind_a_proxy_that_rewrites_host(tag_weights, feature_weights, collection):
+    """nginx's default proxy_pass sends Host: 127.0.0.1:PORT and no X-Forwarded-Host: the page's own posts, from its
+    public origin, were refused. --allow-origin names that origin; others stay refused, with the option named."""
+    from i2v_cli.serve.guard import origin_of
+
+    assert origin_of("HTTPS://Tagger.Example.org:443/") == "https://tagger.example.org"
+    for bad in ("tagger.example.org", "ftp://x", "https://x/page"):
+        with pytest.raises(I2VError, match="is not an origin"):
+            origin_of(bad)
+    result = CliRunner().invoke(cli, ["serve", "--allow-origin", "tagger.example.org", "--tag-weights",
+                                      str(tag_weights), "--feature-weights", str(feature_weights)])  # fmt: skip
+    assert result.exit_code == 2 and "is not an origin" in result.output and "Traceback" not in result.output
+    service = load_service(str(tag_weights), str(feature_weights), device="cpu", settings=Settings())
+    good = images(collection)[0]
+    body, ctype = multipart([(good.name, good.read_bytes())])
+    with running(create_app(service, allowed_origins=[origin_of("https://Tagger.example.org")])) as url:
+        client = Client(url)
+        for origin, status in (("https://tagger.example.org", 200), ("https://TAGGER.example.org:443", 200),
+                               ("http://tagger.example.org", 403), ("https://evil.example", 403)):  # fmt: skip
+            reply = client.request("POST", "/v1/tag", body, {"Content-Type": ctype, "Origin": origin})
+            assert reply.status == status, origin
+            if status == 403:
+                assert "--allow-origin ORIGIN" in reply.json()["error"]
+
+
 def test_loopback_server_refuses_foreign_host_names(client):
     """Without a token, a request naming another host (DNS rebinding from a web page) is refused."""
     reply = client.get("/v1/search?q=", headers={"Host": "evil.example.com:8000"})

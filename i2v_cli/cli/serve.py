@@ -76,6 +76,9 @@ from .common import CONTEXT_SETTINGS, FiniteRange, UsageFailure, default_workers
 @click.option("--max-connections", type=click.IntRange(1), default=64, show_default=True,
               help="Most connections and requests at once (more: 503); with --max-upload-mb, it bounds the memory "
               "uploads take.")  # fmt: skip
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="A page origin whose browser POSTs are taken (repeatable), e.g. https://tagger.example.org behind "
+              "a proxy that rewrites Host. Other origins' are refused (403).")  # fmt: skip
 def serve(
     db: str | None,
     host: str,
@@ -93,6 +96,7 @@ def serve(
     max_files: int,
     timeout_s: float,
     max_connections: int,
+    allow_origins: tuple[str, ...],
 ) -> None:
     """Serve the tagger, the feature model and an index over HTTP: a JSON API and a web page.
 
@@ -119,7 +123,7 @@ def serve(
         ) from None
     from ..errors import I2VError
     from ..inference import describe
-    from ..serve.guard import check_bind, guarded_protocol, listening_sockets
+    from ..serve.guard import check_bind, guarded_protocol, listening_sockets, origin_of
     from ..serve.server import Server
     from ..serve.service import Settings, load_service
     from ..writers import display
@@ -134,6 +138,7 @@ def serve(
     )
     try:
         check_bind(host, token)
+        origins = [origin_of(o) for o in allow_origins]
     except I2VError as exc:
         raise UsageFailure(str(exc)) from None
     try:  # before the models load: an address in use is said at once
@@ -147,7 +152,7 @@ def serve(
         for sock in socks:
             sock.close()
         raise UsageFailure(str(exc)) from None
-    app = create_app(service, token=token)
+    app = create_app(service, token=token, allowed_origins=origins)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", server_header=False,
                             timeout_graceful_shutdown=int(timeout_s) + 1, timeout_keep_alive=5,
                             http=guarded_protocol(timeout_s, max_connections), ws="none")  # fmt: skip

@@ -88,8 +88,9 @@ class SearchBody(BaseModel):
     threshold: float = Field(0.5, ge=0.0, le=1.0)
 
 
-def create_app(service: Service, *, token: str | None = None) -> Any:
-    """The ASGI application: routes over ``service``, wrapped in the guard (token, Host, body limit)."""
+def create_app(service: Service, *, token: str | None = None, allowed_origins: Sequence[str] = ()) -> Any:
+    """The ASGI application: routes over ``service``, wrapped in the guard (token, Host, Origin, body limit);
+    ``allowed_origins`` (as :func:`~i2v_cli.serve.guard.origin_of` spells them) may POST from a browser too."""
     settings = service.settings
     throttle = Throttle()
 
@@ -306,4 +307,4 @@ def create_app(service: Service, *, token: str | None = None) -> Any:
         return response
 
     return Guard(app, token=token, max_body=settings.max_upload_bytes, timeout=settings.request_timeout_s,
-                 throttle=throttle)  # fmt: skip
+                 throttle=throttle, allowed_origins=allowed_origins)  # fmt: skip

@@ -6,10 +6,10 @@ the time limit on receiving the body. A plain ASGI middleware, so it holds for e
 - **Host**: without a token the server is loopback-only, and a request whose ``Host`` is not a loopback name is
   refused (421), so a web page cannot reach it by DNS rebinding.
 - **Origin**: a request other than GET or HEAD that a browser sends from another origin (its ``Origin``, else its
-  ``Sec-Fetch-Site``, says so) is refused (403) before anything else: a page elsewhere cannot make the browser post
-  wrong tokens to ``/login`` (locking the real clients out) or images to the API. Scripts and curl send neither
-  header and are not concerned. Every answer carries ``Cross-Origin-Resource-Policy: same-origin``, so other
-  origins cannot embed the index's images either.
+  ``Sec-Fetch-Site``, says so) is refused (403) before anything else, unless ``--allow-origin`` names it: a page
+  elsewhere cannot make the browser post wrong tokens to ``/login`` (locking the real clients out) or images to
+  the API. Scripts and curl send neither header and are not concerned. Every answer carries
+  ``Cross-Origin-Resource-Policy: same-origin``, so other origins cannot embed the index's images either.
 - **Body**: larger than the limit is 413 (from Content-Length before reading, or counted while reading); a body
   that does not arrive within the request timeout is 408. The body is read whole here, then handed on; a
   multipart/form-data body without its closing boundary (cut short) is 400.
@@ -23,7 +23,7 @@ import ipaddress
 import json
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, MutableMapping
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import urlsplit
@@ -160,10 +160,22 @@ def _netloc(host: str, scheme: str) -> str:
     return host[: -len(default) - 1] if default and host.endswith(":" + default) else host
 
 
-def foreign_origin(scope: Scope) -> str | None:
-    """Why a request comes from a page of another origin, or None: its ``Origin`` is not this server's (as the
-    ``Host`` header, or a proxy's ``X-Forwarded-Host``, names it), or without one, ``Sec-Fetch-Site`` says
-    cross-site or same-site (another port or subdomain is another origin)."""
+def origin_of(text: str) -> str:
+    """An origin (``scheme://host[:port]``) in one spelling: lower case, without the scheme's default port or a
+    trailing slash; I2VError for what is not one (a path, another scheme)."""
+    from ..errors import I2VError
+
+    parts = urlsplit(text.strip())
+    if parts.scheme.casefold() not in _DEFAULT_PORTS or not parts.netloc or parts.path not in ("", "/"):
+        raise I2VError(f"--allow-origin {text!r} is not an origin: give scheme://host[:port], as a browser sends it")
+    scheme = parts.scheme.casefold()
+    return f"{scheme}://{_netloc(parts.netloc, scheme)}"
+
+
+def foreign_origin(scope: Scope, allowed: Collection[str] = ()) -> str | None:
+    """Why a request comes from a page of another origin, or None: its ``Origin`` is neither this server's (as the
+    ``Host`` header, or a proxy's ``X-Forwarded-Host``, names it) nor one of ``allowed`` (:func:`origin_of`), or
+    without one, ``Sec-Fetch-Site`` says cross-site or same-site (another port or subdomain is another origin)."""
     origin = _header(scope, b"origin")
     if origin is None:
         site = (_header(scope, b"sec-fetch-site") or "").strip().casefold()
@@ -171,9 +183,10 @@ def foreign_origin(scope: Scope) -> str | None:
             return f"a request from a page of another site (Sec-Fetch-Site: {site})"
         return None
     parts = urlsplit(origin.strip())
-    if origin.strip() != "null" and parts.scheme in _DEFAULT_PORTS and parts.netloc:
-        ours = {_netloc(h, parts.scheme) for h in (_header(scope, b"host"), _header(scope, b"x-forwarded-host")) if h}
-        if _netloc(parts.netloc, parts.scheme) in ours:
+    scheme = parts.scheme.casefold()
+    if origin.strip() != "null" and scheme in _DEFAULT_PORTS and parts.netloc:
+        ours = {_netloc(h, scheme) for h in (_header(scope, b"host"), _header(scope, b"x-forwarded-host")) if h}
+        if _netloc(parts.netloc, scheme) in ours or f"{scheme}://{_netloc(parts.netloc, scheme)}" in allowed:
             return None
     return f"a request from a page of another origin ({origin.strip()[:100]!r})"
 
@@ -187,9 +200,17 @@ class Guard:
     ``throttle`` counts wrong tokens (shared with ``POST /login``)."""
 
     def __init__(
-        self, app: ASGIApp, *, token: str | None, max_body: int, timeout: float, throttle: Throttle | None = None
+        self,
+        app: ASGIApp,
+        *,
+        token: str | None,
+        max_body: int,
+        timeout: float,
+        throttle: Throttle | None = None,
+        allowed_origins: Collection[str] = (),
     ) -> None:
         self.app = app
+        self.allowed_origins = frozenset(allowed_origins)
         self.token = token or None
         self.max_body = max_body
         self.timeout = timeout
@@ -212,8 +233,9 @@ class Guard:
             if host and not is_loopback(name):
                 await send_error(send, 421, f"this server answers only to loopback host names, not {host!r}")
                 return
-        if scope.get("method") not in ("GET", "HEAD") and (why := foreign_origin(scope)):
-            await send_error(send, 403, f"{why} is refused: use the page this server serves, or a script")
+        if scope.get("method") not in ("GET", "HEAD") and (why := foreign_origin(scope, self.allowed_origins)):
+            hint = "a page behind a proxy that rewrites Host: start i2v serve with --allow-origin ORIGIN"
+            await send_error(send, 403, f"{why} is refused: use the page this server serves, or a script ({hint})")
             return
         path = scope.get("path", "")
         authorization, cookie = _header(scope, b"authorization"), _cookie(scope)
