@@ -271,3 +271,34 @@ def same_file(a: PathLike, b: PathLike) -> bool:
         return os.path.samestat(os.stat(a), os.stat(b))
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def folder_lock(folder: PathLike, *, wait: bool = True, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold ``folder``'s lock (an exclusive ``flock`` on the folder itself: no file is left behind) for one writer
+    of files in it at a time. Taken by another process: with ``wait``, ``on_wait()`` is called, then it waits;
+    without, BlockingIOError. Where the file system has no locks (or the folder cannot be opened), nothing is held."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield  # the folder's own errors are met, and reported, where its files are written
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks here (some network file systems)
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock

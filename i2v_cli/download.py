@@ -25,11 +25,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from .atomic import AtomicFile, is_special, resolve_target, write_text
+from .atomic import AtomicFile, folder_lock, is_special, resolve_target, write_text
 from .config import FEATURE, TAG
 from .errors import DownloadError, I2VError, I2VWarning, ServerUnreachableError, WeightsError
 from .hashing import sha256_file
@@ -72,34 +72,15 @@ ProgressFactory = Callable[[str, "int | None"], Progress]
 # One download into a folder at a time
 
 
-@contextlib.contextmanager
-def one_at_a_time(folder: Path) -> Iterator[None]:
-    """Hold the folder's download lock (an exclusive ``flock`` on the folder itself: no file is left behind).
-    Two downloads into one folder shared its ``.part`` files: each truncated and removed the other's, and both
-    failed, blaming the server. A second one now waits (saying so, as a warning) and then finds the file done.
-    Where the file system has no locks, downloads are not kept apart."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        yield  # the folder's own errors are met, and reported, where its files are written
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            warnings.warn(f"another i2v is downloading into {folder}: waiting for it to finish", I2VWarning,
-                          stacklevel=3)  # fmt: skip
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # no locks here (some network file systems)
-            pass
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+def one_at_a_time(folder: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the folder's download lock (:func:`~i2v_cli.atomic.folder_lock`). Two downloads into one folder shared
+    its ``.part`` files: each truncated and removed the other's, and both failed, blaming the server. A second one
+    now waits (saying so, as a warning) and then finds the file done."""
+
+    def waiting() -> None:
+        warnings.warn(f"another i2v is downloading into {folder}: waiting for it to finish", I2VWarning, stacklevel=5)
+
+    return folder_lock(folder, on_wait=waiting)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .atomic import is_temp_name, write_bytes, write_text
+from .atomic import folder_lock, is_temp_name, write_bytes, write_text
 from .config import FEATURE, INPUT_SIZE, MEAN_BGR, TAG
 from .errors import I2VError, InputError
 from .features import FeatureWriter
@@ -156,7 +156,7 @@ def _plan(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> dict[
         "inputs_digest": _digest(inputs),
         "shard_size": job.shard_size,
         "model": dict(model),
-        "options": {**job.options, "transfer": job.transfer},
+        "options": {**job.options, "transfer": job.transfer, "precision": job.precision},
         **manifest_cwd(),
     }
 
@@ -184,12 +184,37 @@ def cwd_of(manifest: Mapping[str, Any]) -> str:
     return value
 
 
-def prepare_output(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> tuple[dict[str, Any], set[int]]:
-    """Create (or, resuming, check) the output folder; return the run's manifest and the shards already done."""
+def _same_as_an_input_folder(out: Path, inputs: Sequence[str]) -> str | None:
+    """The input folder that ``out`` is (the same folder by device and inode), or None."""
+    try:
+        st = os.stat(out)
+    except OSError:
+        return None
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in inputs):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(st, os.stat(folder)):
+                return folder
+    return None
+
+
+def check_output_folder(
+    job: RayJob, inputs: Sequence[str], model: Mapping[str, str]
+) -> tuple[dict[str, Any], set[int]]:
+    """Check the output folder before anything is written or Ray is reached: a folder of the inputs, another run's
+    output (without --resume), or, resuming, a run with other settings are refused. Returns the run's manifest and
+    the shards already done."""
     out = Path(job.out)
     plan = _plan(job, inputs, model)
     manifest = out / MANIFEST
     done: set[int] = set()
+    if out.exists() and not out.is_dir():
+        raise RayEngineError(f"-o {display(str(out))} is not a folder: --engine ray writes a folder of shards")
+    folder = _same_as_an_input_folder(out, inputs)
+    if folder is not None:
+        raise RayEngineError(
+            f"-o {display(str(out))} is the folder of inputs {display(folder)}: the shards would lie among the "
+            "images; choose another folder"
+        )
     if manifest.exists():
         if not job.resume:
             raise RayEngineError(f"{out} holds the output of an earlier run: add --resume, or choose another folder")
@@ -197,31 +222,98 @@ def prepare_output(job: RayJob, inputs: Sequence[str], model: Mapping[str, str])
             old = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise RayEngineError(f"cannot resume: {manifest} is not readable: {exc}") from None
-        if isinstance(old.get("options"), dict):
-            old["options"] = {"transfer": "float32", **old["options"]}  # written before the transfer was recorded
+        if not isinstance(old, dict) or old.get("format") != FORMAT_NAME or not isinstance(old.get("model"), dict):
+            raise RayEngineError(
+                f"cannot resume: {manifest} is not the manifest of an i2v run (--engine ray): choose another folder"
+            )
+        if isinstance(old.get("options"), dict):  # written before the transfer and the precision were recorded
+            old["options"] = {"transfer": "float32", "precision": "fp32", **old["options"]}
         differ = [k for k in ("command", "output_format", "inputs_digest", "shard_size", "options")
                   if old.get(k) != plan[k]]  # fmt: skip
-        if not same_weights(old.get("model") or {}, plan["model"]):
+        if not same_weights(old["model"], plan["model"]):
             differ.append("model")
         if differ:
             raise RayEngineError(
                 f"cannot resume: {out} was written with other {', '.join(differ)}; rerun the same command, "
                 "or choose another folder"
             )
-        for tmp in out.iterdir():  # a shard cut off by a kill
-            if is_temp_name(tmp.name) and ".part-" in tmp.name:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
         n = -(-len(inputs) // job.shard_size)
         done = {k for k in range(n) if (out / shard_files(job.kind, job.fmt, k)[-1]).exists()}
-    elif any(out.glob("part-*")):
+    elif out.is_dir() and any(out.glob("part-*")):
         raise RayEngineError(f"{out} holds shard files but no {MANIFEST}: choose an empty or new folder")
+    return plan, done
+
+
+def prepare_output(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> tuple[dict[str, Any], set[int]]:
+    """:func:`check_output_folder` (again, now that the folder is held), then the folder made (or, resuming, its
+    shards cut off by a kill removed) and the manifest written as running. The caller holds the folder's lock
+    (:func:`output_lock`)."""
+    plan, done = check_output_folder(job, inputs, model)
+    out = Path(job.out)
+    for tmp in out.iterdir() if out.is_dir() else ():  # a shard cut off by a kill
+        if is_temp_name(tmp.name) and ".part-" in tmp.name:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(manifest, {**plan, "status": "running"})
+        _write_json(out / MANIFEST, {**plan, "status": "running"})
     except OSError as exc:
-        raise RayEngineError(f"cannot write {manifest}: {exc.strerror or exc}") from None
+        raise RayEngineError(f"cannot write {out / MANIFEST}: {exc.strerror or exc}") from None
     return plan, done
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """One run writes a folder of shards at a time (its lock: :func:`~i2v_cli.atomic.folder_lock`); another is
+    refused. The folder is made here, empty, if it does not exist."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RayEngineError(f"cannot make the folder {display(str(out))}: {exc.strerror or exc}") from None
+    try:
+        with folder_lock(out, wait=False):
+            yield
+    except BlockingIOError:
+        raise RayEngineError(
+            f"another i2v is writing into {display(str(out))}: wait for it to finish, or choose another folder"
+        ) from None
+
+
+@contextlib.contextmanager
+def _as_ray_wants() -> Iterator[None]:
+    """What ``ray.init`` needs and changes, set right around it: it records the command line and the current folder
+    as strict UTF-8 (a name of other bytes failed every run, "cannot reach the Ray cluster"), so they are shown
+    (\\xNN) and the folder left for a moment; and it replaces the SIGTERM handler with its own, which exited 15
+    without keeping the work: i2v's handlers are put back."""
+    import signal
+    import sys
+    import threading
+
+    argv, cwd = sys.argv, os.getcwd()
+    named = [getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n)]
+    handlers = {n: signal.getsignal(n) for n in named}
+    sys.argv = [display(a) for a in argv]
+    moved = display(cwd) != cwd
+    if moved:
+        os.chdir("/")
+    # The job's entry point is the process's command line as the system gives it (psutil), not sys.argv: shown too.
+    # A private function of Ray's; where a version has none, nothing is changed.
+    utils = getattr(getattr(sys.modules.get("ray"), "_private", None), "utils", None)
+    entrypoint = getattr(utils, "get_entrypoint_name", None)
+    if entrypoint is not None:
+        utils.get_entrypoint_name = lambda: display(entrypoint())
+    try:
+        yield
+    finally:
+        if entrypoint is not None:
+            utils.get_entrypoint_name = entrypoint
+        sys.argv = argv
+        if moved:
+            os.chdir(cwd)
+        if threading.current_thread() is threading.main_thread():
+            for number, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(number, handler)
 
 
 def _count_errors(out: Path, kind: str, fmt: str, k: int) -> int:
@@ -512,56 +604,72 @@ def run_job(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> Ite
         raise RayEngineError(
             "--engine ray needs Ray: pip install 'ray[data]' pyarrow (or, in the i2v checkout, pip install '.[ray]')"
         ) from None
+    check_output_folder(job, inputs, model)  # before Ray is reached: a refused folder is said at once, nothing written
+    with output_lock(Path(job.out)):
+        try:
+            with _as_ray_wants():
+                ray.init(address=job.address, logging_level="WARNING", log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"cannot reach the Ray cluster {job.address or ''}".replace("  ", " ").rstrip()
+            raise RayEngineError(f"{where}: {exc}") from None
+        try:
+            yield from _run(ray, job, inputs, model)
+        finally:
+            ray.shutdown()
+
+
+def _run(ray: Any, job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> Iterator[RaySummary]:
+    """:func:`run_job` once Ray is reached and the folder is held."""
+    size = job.shard_size
+    # Each decoding task holds a shard's inputs twice: a --shard-size the cluster cannot hold waited for ever.
+    memory = (256 << 20) + 2 * min(size, max(1, len(inputs))) * _INPUT_BYTES
+    have = ray.cluster_resources().get("memory")
+    if have is not None and memory > have:
+        raise RayEngineError(
+            f"--shard-size {size}: a decoding task needs {memory / 2**30:.1f} GiB, more than the cluster's "
+            f"{have / 2**30:.1f} GiB: use a smaller --shard-size"
+        )
     plan, done = prepare_output(job, inputs, model)
     started = time.perf_counter()
     n = -(-len(inputs) // job.shard_size)
     todo = [k for k in range(n) if k not in done]
-    size = job.shard_size
-    try:
-        ray.init(address=job.address, logging_level="WARNING", log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise RayEngineError(f"cannot reach the Ray cluster {job.address or ''}: {exc}".replace("  ", " ")) from None
-    try:
-        from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy, DataContext
 
-        DataContext.get_current().enable_progress_bars = job.progress
-        workers, gpus = _resources(job)
-        if job.require_gpus and not ray.cluster_resources().get("GPU"):
-            raise RayEngineError("--device cuda asked for, but the Ray cluster has no GPU: use --device cpu")
-        summary = RaySummary(0, [], sum(min(size, len(inputs) - k * size) for k in done), len(done), 0.0, workers, gpus)
-        if todo:
-            items = [{"shard": k, "paths": [os.fsencode(p) for p in inputs[k * size : (k + 1) * size]]} for k in todo]
-            cwd = os.getcwd()
-            ds = ray.data.from_items(items, override_num_blocks=len(items))
-            # Decoding runs in tasks of its own: its memory reservation (a worker with torch, and a shard's inputs
-            # twice) also keeps Ray from fusing it into the actors.
-            ds = ds.map_batches(decode_shards, fn_kwargs={"cwd": cwd, "transfer": job.transfer}, batch_size=1,
-                                batch_format="pyarrow", num_cpus=1,
-                                memory=(256 << 20) + 2 * size * _INPUT_BYTES)  # fmt: skip
-            ds = ds.map_batches(
-                NetworkWorker,
-                fn_constructor_kwargs={"job": job, "cwd": cwd, "device": "cuda" if gpus > 0 else "cpu"},
-                batch_size=1,
-                batch_format="pyarrow",
-                compute=ActorPoolStrategy(size=workers),
-                num_gpus=gpus,
-                num_cpus=0.5 if gpus > 0 else 1,
-            )
-            for batch in ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=0):
-                for row in batch.to_pylist():
-                    summary.images += row["count"]
-                    summary.input_bytes += row["input_bytes"]
-                    summary.shards += 1
-                    summary.errors.extend(zip(map(os.fsdecode, row["error_paths"]), row["error_messages"], strict=True))
-                    summary.seconds = time.perf_counter() - started
-                    yield summary
-        summary.seconds = time.perf_counter() - started
-        out = Path(job.out)
-        earlier = sum(_count_errors(out, job.kind, job.fmt, k) for k in done)
-        shards = [{"file": shard_files(job.kind, job.fmt, k)[1 if job.kind == FEATURE else 0], "first": k * size,
-                   "count": min(size, len(inputs) - k * size)} for k in range(n)]  # fmt: skip
-        _write_json(out / MANIFEST, {**plan, "status": "complete", "records": len(inputs),
-                                     "errors": earlier + len(summary.errors), "shards": shards})  # fmt: skip
-        yield summary
-    finally:
-        ray.shutdown()
+    DataContext.get_current().enable_progress_bars = job.progress
+    workers, gpus = _resources(job)
+    if job.require_gpus and not ray.cluster_resources().get("GPU"):
+        raise RayEngineError("--device cuda asked for, but the Ray cluster has no GPU: use --device cpu")
+    summary = RaySummary(0, [], sum(min(size, len(inputs) - k * size) for k in done), len(done), 0.0, workers, gpus)
+    if todo:
+        items = [{"shard": k, "paths": [os.fsencode(p) for p in inputs[k * size : (k + 1) * size]]} for k in todo]
+        cwd = os.getcwd()
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # Decoding runs in tasks of its own: its memory reservation (a worker with torch, and a shard's inputs
+        # twice) also keeps Ray from fusing it into the actors.
+        ds = ds.map_batches(decode_shards, fn_kwargs={"cwd": cwd, "transfer": job.transfer}, batch_size=1,
+                            batch_format="pyarrow", num_cpus=1, memory=memory)  # fmt: skip
+        ds = ds.map_batches(
+            NetworkWorker,
+            fn_constructor_kwargs={"job": job, "cwd": cwd, "device": "cuda" if gpus > 0 else "cpu"},
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=workers),
+            num_gpus=gpus,
+            num_cpus=0.5 if gpus > 0 else 1,
+        )
+        for batch in ds.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=0):
+            for row in batch.to_pylist():
+                summary.images += row["count"]
+                summary.input_bytes += row["input_bytes"]
+                summary.shards += 1
+                summary.errors.extend(zip(map(os.fsdecode, row["error_paths"]), row["error_messages"], strict=True))
+                summary.seconds = time.perf_counter() - started
+                yield summary
+    summary.seconds = time.perf_counter() - started
+    out = Path(job.out)
+    earlier = sum(_count_errors(out, job.kind, job.fmt, k) for k in done)
+    shards = [{"file": shard_files(job.kind, job.fmt, k)[1 if job.kind == FEATURE else 0], "first": k * size,
+               "count": min(size, len(inputs) - k * size)} for k in range(n)]  # fmt: skip
+    _write_json(out / MANIFEST, {**plan, "status": "complete", "records": len(inputs),
+                                 "errors": earlier + len(summary.errors), "shards": shards})  # fmt: skip
+    yield summary

@@ -251,8 +251,8 @@ def test_resume_checks_the_transfer(tmp_path):
     prepare_output(job, inputs, model)
     manifest = tmp_path / "manifest.json"
     old = json.loads(manifest.read_text())
-    assert old["options"] == {"top_k": None, "transfer": "float32"}
-    del old["options"]["transfer"]
+    assert old["options"] == {"top_k": None, "transfer": "float32", "precision": "fp32"}
+    del old["options"]["transfer"], old["options"]["precision"]
     manifest.write_text(json.dumps(old))
     resume = RayJob(kind="tag", weights="w", out=str(tmp_path), fmt="jsonl", options={"top_k": None}, resume=True)
     assert prepare_output(resume, inputs, model)[1] == set()
@@ -344,6 +344,75 @@ def test_resume_finishes_an_interrupted_run(cluster, images, tag_weights, tmp_pa
     assert f"i2v: ray: 7 images, {failing} failed" in err and "6 skipped" in err
     assert_same_records(_records(_joined(tmp_path / "out")), _records(local))
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["errors"] == 1
+
+
+def test_sigterm_keeps_the_work_and_odd_names_and_shard_sizes(cluster, images, tag_weights, tmp_path):
+    """ray.init replaced i2v's SIGTERM handler (exit 15, no "terminated", Ray's dump); a folder or argument named in
+    other than UTF-8 failed every run ("cannot reach the Ray cluster": Ray records both as strict UTF-8); a
+    --shard-size whose reservation the cluster cannot hold waited for ever."""
+    address, hold = cluster
+    for f in hold.iterdir():
+        f.unlink()
+    odd = tmp_path / os.fsdecode(b"cwd-\xfe")
+    odd.mkdir()
+    args = ["tag", images, "-t", "0", "-w", tag_weights, "--shard-size", "2", "--num-workers", "1"]
+    (hold / "hold").write_text("1")
+    try:
+        proc = _ray([*args, "-o", os.fsdecode(b"out-\xff")], address, odd)
+        _wait_for("holding-*", hold, proc)
+        proc.send_signal(signal.SIGTERM)
+        code, err = _finish(proc)
+    finally:
+        (hold / "hold").unlink()
+    assert code == 143 and "i2v: terminated (SIGTERM)" in err, err
+    out = odd / os.fsdecode(b"out-\xff")
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    code, err = _finish(_ray([*args, "-o", os.fsdecode(b"out-\xff"), "--resume"], address, odd))
+    assert code == 1 and "i2v: ray: 11 images, 1 failed" in err and "2 skipped (already in out-\\xff)" in err, err
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    # a shard size far beyond the inputs reserves for the inputs there are (it waited for ever on a 15-image run)
+    code, err = _finish(_ray([*args[:-4], "--shard-size", "100000000", "-o", "big"], address, tmp_path))
+    assert code == 1 and "i2v: ray: 13 images, 1 failed" in err, err
+    # one shard of 200,000 inputs (the same file listed over and over) would need 240 GB: said, not waited for
+    many = (str(images / "im00.png") + "\n") * 200_000
+    proc = _ray(["tag", "-", "-w", tag_weights, "--shard-size", "200000", "-o", "huge"], address, tmp_path,
+                stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        _, err = proc.communicate(many, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("a shard the cluster cannot hold was waited for")
+    assert proc.returncode == 2 and "--shard-size 200000: a decoding task needs" in err, err
+    assert "use a smaller --shard-size" in err
+
+
+def test_the_output_folder_is_checked_before_ray_is_reached(tmp_path, images):
+    """A foreign manifest.json was a traceback on --resume; -o naming the inputs' folder wrote the shards among the
+    images; --resume with another --precision mixed fp32 and bf16 records; a second run wrote into the folder of a
+    run under way. All are refused before Ray is reached (the address here leads nowhere)."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    from i2v_cli.atomic import folder_lock
+    from i2v_cli.ray_engine import RayEngineError, RayJob, prepare_output, run_job
+
+    inputs, model = [str(images / "im00.png")], {"source": "m", "sha256": "0"}
+
+    def job(out, **kw):
+        return RayJob(kind="tag", weights="w", out=str(out), fmt="jsonl", address="127.0.0.1:1", **kw)
+
+    for content in ("[1, 2]", '{"model": "abc"}', '{"format": "other"}'):
+        (tmp_path / "f").mkdir(exist_ok=True)
+        (tmp_path / "f" / "manifest.json").write_text(content)
+        with pytest.raises(RayEngineError, match="is not the manifest of an i2v run"):
+            next(run_job(job(tmp_path / "f", resume=True), inputs, model))
+    with pytest.raises(RayEngineError, match=r"is the folder of inputs .*: the shards would lie among the images"):
+        next(run_job(job(images), inputs, model))
+    assert not (images / "manifest.json").exists()
+    prepare_output(job(tmp_path / "p"), inputs, model)
+    with pytest.raises(RayEngineError, match="written with other options"):
+        prepare_output(job(tmp_path / "p", resume=True, precision="bf16"), inputs, model)
+    busy = pytest.raises(RayEngineError, match=r"another i2v is writing into .*: wait for it to finish")
+    with folder_lock(tmp_path / "p", wait=False), busy:  # a run under way
+        next(run_job(job(tmp_path / "p", resume=True), inputs, model))
 
 
 def test_engine_options_are_checked(tag_weights, images, tmp_path, monkeypatch):

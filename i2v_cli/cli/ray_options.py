@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from ..config import FEATURE
 from ..store import model_identity
-from .common import EXIT_SOME_FAILED, F, FiniteRange, UsageFailure, report_failure, stdin_for
+from .common import EXIT_SOME_FAILED, F, FiniteRange, UsageFailure, one_line, report_failure, stdin_for
 
 NEEDS_EXTRA = "--engine ray needs Ray: pip install 'ray[data]' pyarrow (or, in the i2v checkout, pip install '.[ray]')"
 _RAY_ONLY = ("ray_address", "num_workers", "gpus_per_worker", "shard_size", "ray_transfer")
@@ -165,9 +165,11 @@ def _run(kind: str, params: dict[str, Any]) -> None:
     assert summary is not None
     skipped = f"; {summary.skipped} skipped (already in {out})" if summary.skipped else ""
     click.echo(
-        f"i2v: ray: {summary.images} images, {len(summary.errors)} failed, in {summary.seconds:.1f} s "
-        f"({summary.throughput:.1f} images/s, {summary.workers} workers x {summary.gpus_per_worker:g} GPU)"
-        f"{skipped}; shards and manifest.json in {os.path.join(out, '')}",
+        one_line(
+            f"i2v: ray: {summary.images} images, {len(summary.errors)} failed, in {summary.seconds:.1f} s "
+            f"({summary.throughput:.1f} images/s, {summary.workers} workers x {summary.gpus_per_worker:g} GPU)"
+            f"{skipped}; shards and manifest.json in {os.path.join(out, '')}"
+        ),
         err=True,
     )
     if summary.errors:
