@@ -279,6 +279,25 @@ def output_lock(out: Path) -> Iterator[None]:
         ) from None
 
 
+def _unreachable(address: str | None, timeout: float = 10.0) -> str | None:
+    """Why nothing answers at a ``host:port`` (or ``ray://host:port``) cluster address, or None (it answers, or the
+    address is of another kind: ``auto``, none). ray.init retried a wrong address for ever, its own SIGTERM handler
+    in place (exit 15)."""
+    import socket
+
+    if not address:
+        return None
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
+
+
 @contextlib.contextmanager
 def _as_ray_wants() -> Iterator[None]:
     """What ``ray.init`` needs and changes, set right around it: it records the command line and the current folder
@@ -605,6 +624,9 @@ def run_job(job: RayJob, inputs: Sequence[str], model: Mapping[str, str]) -> Ite
             "--engine ray needs Ray: pip install 'ray[data]' pyarrow (or, in the i2v checkout, pip install '.[ray]')"
         ) from None
     check_output_folder(job, inputs, model)  # before Ray is reached: a refused folder is said at once, nothing written
+    unreachable = _unreachable(job.address)
+    if unreachable is not None:
+        raise RayEngineError(f"cannot reach the Ray cluster {job.address}: {unreachable}")
     with output_lock(Path(job.out)):
         try:
             with _as_ray_wants():

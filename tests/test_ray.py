@@ -399,6 +399,10 @@ def test_the_output_folder_is_checked_before_ray_is_reached(tmp_path, images):
     def job(out, **kw):
         return RayJob(kind="tag", weights="w", out=str(out), fmt="jsonl", address="127.0.0.1:1", **kw)
 
+    # an address where nothing listens: said at once (ray.init retried it for ever), no folder left to block a rerun
+    with pytest.raises(RayEngineError, match=r"^cannot reach the Ray cluster 127\.0\.0\.1:1: Connection refused$"):
+        next(run_job(job(tmp_path / "nowhere"), inputs, model))
+    assert not (tmp_path / "nowhere").exists()
     for content in ("[1, 2]", '{"model": "abc"}', '{"format": "other"}'):
         (tmp_path / "f").mkdir(exist_ok=True)
         (tmp_path / "f" / "manifest.json").write_text(content)
@@ -411,8 +415,8 @@ def test_the_output_folder_is_checked_before_ray_is_reached(tmp_path, images):
     with pytest.raises(RayEngineError, match="written with other options"):
         prepare_output(job(tmp_path / "p", resume=True, precision="bf16"), inputs, model)
     busy = pytest.raises(RayEngineError, match=r"another i2v is writing into .*: wait for it to finish")
-    with folder_lock(tmp_path / "p", wait=False), busy:  # a run under way
-        next(run_job(job(tmp_path / "p", resume=True), inputs, model))
+    with folder_lock(tmp_path / "p", wait=False), busy:  # a run under way (refused before a local Ray starts)
+        next(run_job(RayJob(**{**job(tmp_path / "p", resume=True).__dict__, "address": None}), inputs, model))
 
 
 def test_engine_options_are_checked(tag_weights, images, tmp_path, monkeypatch):
