@@ -265,12 +265,16 @@ def _canonical(layer_type: str) -> str:
     return layer_type.replace("_", "").lower()
 
 
-def _pair(single: Any, h: int, w: int, default: int, has_hw: bool) -> tuple[int, int]:
-    """A Caffe 2-D setting as (height, width): ``kernel_h``/``kernel_w`` when given, else the one value (or
-    two, for a repeated field) or Caffe's default."""
-    if has_hw:
-        return h, w
-    values = list(single) if not isinstance(single, int) else [single]
+def _pair(message: Any, setting: str, default: int) -> tuple[int, int]:
+    """A Caffe 2-D setting (``kernel``, ``pad``, ``stride``) as (height, width): ``SETTING_h``/``SETTING_w`` when
+    either is given (the other then ``default``), else the one value (or two, for a repeated field), else the
+    default (Caffe's)."""
+    h, w = f"{setting}_h", f"{setting}_w"
+    if message.HasField(h) or message.HasField(w):
+        h_value = getattr(message, h) if message.HasField(h) else default
+        return h_value, getattr(message, w) if message.HasField(w) else default
+    single = getattr(message, "kernel_size" if setting == "kernel" else setting)
+    values = [single] if isinstance(single, int) else list(single)
     if not values:
         return default, default
     return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
@@ -283,12 +287,9 @@ def _settings_differing(layer: Any, kind: str) -> Iterator[tuple[str, object, ob
     settings is taken as the release's (its caffemodels state them all)."""
     if kind == "convolution" and layer.HasField("convolution_param"):
         c = layer.convolution_param
-        has_hw = c.HasField("kernel_h") or c.HasField("kernel_w")
-        yield from _differing("kernel", _pair(c.kernel_size, c.kernel_h, c.kernel_w, 0, has_hw), (3, 3))
-        has_hw = c.HasField("pad_h") or c.HasField("pad_w")
-        yield from _differing("pad", _pair(c.pad, c.pad_h, c.pad_w, 0, has_hw), (1, 1))
-        has_hw = c.HasField("stride_h") or c.HasField("stride_w")
-        yield from _differing("stride", _pair(c.stride, c.stride_h or 1, c.stride_w or 1, 1, has_hw), (1, 1))
+        yield from _differing("kernel", _pair(c, "kernel", 0), (3, 3))
+        yield from _differing("pad", _pair(c, "pad", 0), (1, 1))
+        yield from _differing("stride", _pair(c, "stride", 1), (1, 1))
         yield from _differing("dilation", tuple(c.dilation) or (1,), (1,) * max(1, len(c.dilation)))
         yield from _differing("group", c.group, 1)
         yield from _differing("bias_term", c.bias_term, True)
@@ -297,20 +298,16 @@ def _settings_differing(layer: Any, kind: str) -> Iterator[tuple[str, object, ob
         p = layer.pooling_param
         enum = p.DESCRIPTOR.fields_by_name["pool"].enum_type
         method = enum.values_by_number[p.pool].name if p.pool in enum.values_by_number else str(p.pool)
-        has_pad = p.HasField("pad_h") or p.HasField("pad_w")
-        yield from _differing("pad", _pair(p.pad, p.pad_h, p.pad_w, 0, has_pad), (0, 0))
+        yield from _differing("pad", _pair(p, "pad", 0), (0, 0))
         if layer.name == "pool6":  # the tag head: the mean over conv6_4's 7x7 map
             yield from _differing("pool", method, "AVE")
             if not p.global_pooling:
-                has_hw = p.HasField("kernel_h") or p.HasField("kernel_w")
-                yield from _differing("kernel", _pair(p.kernel_size, p.kernel_h, p.kernel_w, 0, has_hw), (7, 7))
+                yield from _differing("kernel", _pair(p, "kernel", 0), (7, 7))
             return
         yield from _differing("pool", method, "MAX")
         yield from _differing("global_pooling", p.global_pooling, False)
-        has_hw = p.HasField("kernel_h") or p.HasField("kernel_w")
-        yield from _differing("kernel", _pair(p.kernel_size, p.kernel_h, p.kernel_w, 0, has_hw), (2, 2))
-        has_hw = p.HasField("stride_h") or p.HasField("stride_w")
-        yield from _differing("stride", _pair(p.stride, p.stride_h or 1, p.stride_w or 1, 1, has_hw), (2, 2))
+        yield from _differing("kernel", _pair(p, "kernel", 0), (2, 2))
+        yield from _differing("stride", _pair(p, "stride", 1), (2, 2))
     elif kind == "relu" and layer.HasField("relu_param"):
         yield from _differing("negative_slope", layer.relu_param.negative_slope, 0.0)
     elif kind == "innerproduct" and layer.HasField("inner_product_param"):
