@@ -498,27 +498,25 @@ def check_output(
     ``.npz``; empty files always pass; None: not looked at) unless i2v's job file is beside it.
     An allowlist, not a list of foreign kinds: ``-o other.ico`` or ``-o library.db`` by mistake is refused
     whatever the format, and a text output whose first bytes look like a magic number still counts as text."""
-    if output is not None and not is_stdout(output):
-        try:
-            out = os.stat(output)
-        except OSError:
-            pass
-        else:
-            # A file or pipe that the messages go to as well (a terminal shows both; /dev/null keeps neither)
-            mixes = stat.S_ISREG(out.st_mode) or stat.S_ISFIFO(out.st_mode) or stat.S_ISSOCK(out.st_mode)
-            if mixes and _same_as_fd(out, 2) and not _same_as_fd(out, 1):
-                raise OutputError(
-                    f"-o {display(output)} is where i2v writes its messages (standard error): they would mix with "
-                    "the output and spoil it; name a file, or write to standard output (-o -)"
-                )
-    if writes_in_place(output):
+    if is_stdout(output):
         return
     assert output is not None
-    if os.path.isdir(output):
-        raise OutputError(f"-o {display(output)} is a folder: name a file")
     try:
-        out = os.stat(output)
+        out: os.stat_result | None = os.stat(output)
     except OSError:
+        out = None
+    # A file or pipe that the messages go to as well (a terminal shows both; /dev/null keeps neither)
+    mixes = out is not None and (stat.S_ISREG(out.st_mode) or stat.S_ISFIFO(out.st_mode) or stat.S_ISSOCK(out.st_mode))
+    if mixes and _same_as_fd(out, 2) and not _same_as_fd(out, 1):
+        raise OutputError(
+            f"-o {display(output)} is where i2v writes its messages (standard error): they would mix with the "
+            "output and spoil it; name a file, or write to standard output (-o -)"
+        )
+    if writes_in_place(output):
+        return
+    if out is not None and stat.S_ISDIR(out.st_mode):
+        raise OutputError(f"-o {display(output)} is a folder: name a file")
+    if out is None:
         return
     for path in inputs:
         try:
