@@ -578,6 +578,7 @@ class Int8Net:
         self.calibration = calibration or find_calibration()
         self.runtime = runtime or default_runtime()
         from .inference import FeatureTrunk, pack_encode1
+        from .ortcache import ort_errors  # what the runtimes raise for a file they cannot load (OpenVINO: RuntimeError)
 
         exported: nn.Module = model
         name = "tag-int8"
@@ -591,7 +592,7 @@ class Int8Net:
         onnx_model = cached_int8(exported, name, self.calibration, cache_dir)
         try:
             self._run = self._open(onnx_model, threads)
-        except _load_errors() as exc:
+        except ort_errors() as exc:
             # A damaged cache entry (a cut copy, say): quantised again, as a damaged fp32 export is exported again;
             # replaced in the cache, or run from memory where the cache is read-only (or named in other than UTF-8).
             where = f" {onnx_model}" if isinstance(onnx_model, str) else ""
@@ -601,7 +602,7 @@ class Int8Net:
             onnx_model = cached_int8(exported, name, self.calibration, cache_dir, remake=True)
             try:
                 self._run = self._open(onnx_model, threads)
-            except _load_errors() as again:
+            except ort_errors() as again:
                 raise I2VError(
                     f"the {self.runtime} runtime cannot load the int8 network ({first_line(again)})"
                 ) from None
@@ -644,13 +645,6 @@ class Int8Net:
 
         with fp32_mode("ieee"), torch.inference_mode():
             return self.head(out)
-
-
-def _load_errors() -> tuple[type[BaseException], ...]:
-    """What the runtimes raise for a file they cannot load (OpenVINO's errors are RuntimeErrors)."""
-    from .ortcache import ort_errors
-
-    return ort_errors()
 
 
 def prepare_int8(

@@ -186,7 +186,8 @@ def foreign_origin(scope: Scope, allowed: Collection[str] = ()) -> str | None:
     scheme = parts.scheme.casefold()
     if origin.strip() != "null" and scheme in _DEFAULT_PORTS and parts.netloc:
         ours = {_netloc(h, scheme) for h in (_header(scope, b"host"), _header(scope, b"x-forwarded-host")) if h}
-        if _netloc(parts.netloc, scheme) in ours or f"{scheme}://{_netloc(parts.netloc, scheme)}" in allowed:
+        netloc = _netloc(parts.netloc, scheme)
+        if netloc in ours or f"{scheme}://{netloc}" in allowed:
             return None
     return f"a request from a page of another origin ({origin.strip()[:100]!r})"
 
